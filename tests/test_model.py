@@ -1,0 +1,125 @@
+"""The model as data: reference UNet, ONNX round trip, import of foreign files, clear errors."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from workbench.intensity import layer_table
+from workbench.model import (ModelError, UNetSpec, UnsupportedOpError, load_onnx, reference_output,
+                             reference_unet, relax_module, sample_input, save_onnx)
+
+
+def test_reference_unet_has_the_studied_structure():
+    model = reference_unet()
+    convs = model.convs
+    assert len(convs) == 19
+    assert [c.out_channels for c in convs[:2]] == [16, 16]
+    assert convs[-1].out_channels == 2 and convs[-1].output_shape == (1, 2, 192, 192)
+    assert {l.op for l in model.layers} == {"conv", "relu", "maxpool", "resize", "add"}
+    # every conv weight matches its layer
+    for conv in convs:
+        weight, bias = model.params[conv.name]
+        assert weight.shape == (conv.out_channels, conv.in_channels, 3, 3) and bias.shape == (conv.out_channels,)
+
+
+def test_family_scales_with_spec():
+    model = reference_unet(UNetSpec(widths=(8, 16, 32, 64), in_channels=1, classes=5, height=64, width=96))
+    assert len(model.convs) == 4 * 2 + 3 * 2 + 1
+    assert model.layers[-1].output_shape == (1, 5, 64, 96)
+
+
+def test_spec_rejects_sizes_that_cannot_pool_evenly():
+    with pytest.raises(ModelError, match="divisible by 16"):
+        UNetSpec(height=100, width=192)
+
+
+def test_onnx_round_trip_gives_the_same_layer_table(tmp_path, small_model):
+    path = save_onnx(small_model, tmp_path / "small.onnx")
+    imported = load_onnx(path)
+    assert layer_table(imported).equals(layer_table(small_model))
+    for name, (weight, bias) in small_model.params.items():
+        np.testing.assert_array_equal(imported.params[name][0], weight)
+        np.testing.assert_array_equal(imported.params[name][1], bias)
+
+
+def test_onnx_runtime_agrees_with_the_pytorch_reference(tmp_path, small_model):
+    import onnxruntime as ort
+
+    path = save_onnx(small_model, tmp_path / "small.onnx")
+    x = sample_input(small_model)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {small_model.input_name: x})[0]
+    np.testing.assert_allclose(ours, reference_output(small_model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_relax_module_computes_the_reference(small_model):
+    import tvm
+    from tvm import relax
+
+    executable = tvm.compile(relax_module(small_model), target=tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    x = sample_input(small_model)
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(out, reference_output(small_model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_torch_exported_unet_with_concat_imports(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.head = torch.nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            a = F.relu(self.c1(x))
+            b = self.c2(F.relu(F.max_pool2d(a, 2)))
+            up = F.interpolate(b, scale_factor=2, mode="nearest")
+            return self.head(torch.cat([up + a, a], 1))
+
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(Tiny().eval(), torch.randn(1, 3, 32, 40), str(path), dynamo=False, input_names=["x"])
+    model = load_onnx(path)
+    assert [l.op for l in model.layers] == ["conv", "relu", "maxpool", "relu", "conv", "resize", "add", "concat", "conv"]
+    assert model.layers[-1].output_shape == (1, 2, 32, 40) and model.layers[-1].kernel == 1
+    import onnxruntime as ort
+
+    x = sample_input(model)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(reference_output(model, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def _graph_with(node, extra_inits=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph([node], "g", [x], [y], list(extra_inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_unsupported_op_names_the_op_and_the_node(tmp_path):
+    path = tmp_path / "sigmoid.onnx"
+    onnx.save(_graph_with(helper.make_node("Sigmoid", ["x"], ["y"], name="gate")), str(path))
+    with pytest.raises(UnsupportedOpError) as err:
+        load_onnx(path)
+    assert "'Sigmoid'" in str(err.value) and "'gate'" in str(err.value) and "Conv" in str(err.value)
+
+
+def test_grouped_conv_is_refused_with_the_node_name(tmp_path):
+    weight = onnx.numpy_helper.from_array(np.zeros((3, 1, 3, 3), np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=3, pads=[1, 1, 1, 1])
+    path = tmp_path / "grouped.onnx"
+    onnx.save(_graph_with(node, [weight]), str(path))
+    with pytest.raises(ModelError, match=r"node 'dw' \(Conv\): grouped convolution"):
+        load_onnx(path)
+
+
+def test_malformed_and_missing_files_fail_clearly(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x01this is not a protobuf\xff\xfe")
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        load_onnx(garbage)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")

@@ -1,0 +1,81 @@
+"""Local RPC cluster, remote-tracker path, and ceilings measured through them."""
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from workbench.ceilings import measure_ceilings
+from workbench.rpc import DeviceError, LocalCluster, open_device, parse_tracker, serve
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
+def test_cluster_stops_every_process_it_started():
+    with LocalCluster(threads=1) as cluster:
+        groups = list(cluster.pids)
+        session = cluster.device().session()
+        assert session.cpu(0).exist
+        # the server forked workers: more processes than the ones we started directly
+        assert sum(len(_group_alive(g)) for g in groups) > len(groups)
+    for group in groups:
+        assert _group_alive(group) == [], "an RPC process outlived the cluster"
+
+
+def test_a_kernel_runs_on_the_device_and_the_server_registered_workbench_functions(device):
+    session = device.session()
+    assert session.get_function("workbench.ceilings.gemm_gflops")(64, 1) > 0
+
+
+def test_ceilings_measured_through_the_local_cluster(device):
+    result = measure_ceilings(device, quick=True)
+    assert len(result.peak_samples) == 3 and len(result.bandwidth_samples) == 3
+    assert result.peak_gflops == max(result.peak_samples) > 1.0
+    assert result.bandwidth_gbs == max(result.bandwidth_samples) > 0.5
+    assert result.ridge_intensity == pytest.approx(result.peak_gflops / result.bandwidth_gbs)
+    # A scalar-free FMA kernel should beat a memory-bound triad by a wide margin on any CPU.
+    assert result.peak_gflops / 4 > result.bandwidth_gbs / 4  # GFLOP/s vs GFLOAT/s streamed
+    assert result.gemm_gflops and result.gemm_gflops > 1.0
+
+
+def test_a_tracker_given_by_address_is_used_as_a_remote_device(cluster):
+    with open_device(tracker=f"127.0.0.1:{cluster.port}", key=cluster.key) as device:
+        assert device.tracker == f"127.0.0.1:{cluster.port}"
+        assert device.session().cpu(0).exist
+
+
+def test_a_wrong_key_fails_with_advice(cluster):
+    with open_device(tracker=f"127.0.0.1:{cluster.port}", key="no-such-board") as device:
+        device.session_timeout = 0
+        import threading
+
+        # The tracker queues requests for unknown keys forever; ask on a thread and give up.
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("s", _try_session(device)), daemon=True)
+        thread.start()
+        thread.join(5)
+        assert "s" not in result or isinstance(result["s"], DeviceError)
+
+
+def _try_session(device):
+    try:
+        return device.session(retries=1)
+    except DeviceError as err:
+        return err
+
+
+def test_bad_addresses_and_remote_binding_are_refused():
+    with pytest.raises(DeviceError, match="HOST:PORT"):
+        parse_tracker("localhost")
+    with pytest.raises(DeviceError, match="--allow-remote"):
+        serve(host="0.0.0.0", port=9999)

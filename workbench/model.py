@@ -1,0 +1,497 @@
+"""The model as data: a layer list with weights, built from a UNet spec or imported from ONNX.
+
+One `Model` feeds everything else: the layer table (intensity.py), the PyTorch reference
+(`torch_module`), the ONNX file the peers run (`to_onnx`) and TVM's Relax module (`relax_module`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_OPS = ("Conv", "Relu", "MaxPool", "Resize", "Add", "Concat")
+# ONNX ops that carry no computation of their own (constants feeding Resize, say).
+_PASSIVE_OPS = ("Constant", "Identity")
+
+
+class ModelError(ValueError):
+    """A model the workbench cannot read; the message names the problem and what to do."""
+
+
+class UnsupportedOpError(ModelError):
+    """The model uses an operator outside the supported family."""
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """The reference person-segmentation UNet and the family around it (DESIGN.md)."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    in_channels: int = 3
+    classes: int = 2
+    height: int = 192
+    width: int = 192
+
+    def __post_init__(self):
+        depth = len(self.widths)
+        if depth < 1 or any(w < 1 for w in self.widths):
+            raise ModelError(f"widths must be positive channel counts, got {self.widths}")
+        if self.in_channels < 1 or self.classes < 1:
+            raise ModelError("in_channels and classes must be at least 1")
+        factor = 2 ** (depth - 1)
+        if self.height % factor or self.width % factor:
+            raise ModelError(
+                f"input {self.height}x{self.width} must be divisible by {factor} "
+                f"(2**(depth-1)) so that every pooled level upsamples back exactly; "
+                f"pick a size that is a multiple of {factor}"
+            )
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One operator of the network. Shapes are NCHW with batch 1."""
+
+    name: str
+    op: str  # conv, relu, maxpool, resize, add, concat
+    inputs: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    kernel: int = 0  # conv and maxpool: square kernel size
+    stride: int = 1
+    pad: int = 0  # symmetric padding on every side
+    scale: int = 1  # resize: integer nearest-neighbour factor
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.output_shape[1]
+
+
+@dataclass
+class Model:
+    """Layers in execution order, conv weights by layer name, one input and one output."""
+
+    name: str
+    layers: list[Layer]
+    params: dict[str, tuple[np.ndarray, np.ndarray]]  # conv name -> (weight OIHW, bias)
+    input_shape: tuple[int, ...]
+    input_name: str = "input"
+    source: str = "spec"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_name(self) -> str:
+        return self.layers[-1].name
+
+    @property
+    def convs(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.op == "conv"]
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        known = ", ".join(l.name for l in self.layers[:8])
+        raise KeyError(f"no layer named {name!r} in model {self.name!r} (first layers: {known}, ...)")
+
+    def select_convs(self, names: list[str] | None) -> list[Layer]:
+        """The convs named (all when `names` is empty), failing clearly on unknown names."""
+        if not names:
+            return self.convs
+        convs = {l.name: l for l in self.convs}
+        unknown = [n for n in names if n not in convs]
+        if unknown:
+            raise ModelError(
+                f"unknown conv layer(s) {unknown}; this model's convs are: {', '.join(convs)}"
+            )
+        return [convs[n] for n in names]
+
+
+# ---------------------------------------------------------------- shapes of each operator
+
+def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def conv_layer(name, src, shape, out_channels, kernel=3, stride=1, pad=1) -> Layer:
+    n, _, h, w = shape
+    out = (n, out_channels, _conv_out(h, kernel, stride, pad), _conv_out(w, kernel, stride, pad))
+    if out[2] < 1 or out[3] < 1:
+        raise ModelError(f"conv {name!r}: a {kernel}x{kernel} kernel does not fit input {shape}")
+    return Layer(name, "conv", (src,), shape, out, kernel=kernel, stride=stride, pad=pad)
+
+
+def pool_layer(name, src, shape, kernel=2, stride=2, pad=0) -> Layer:
+    n, c, h, w = shape
+    out = (n, c, _conv_out(h, kernel, stride, pad), _conv_out(w, kernel, stride, pad))
+    return Layer(name, "maxpool", (src,), shape, out, kernel=kernel, stride=stride, pad=pad)
+
+
+def unary_layer(name, op, src, shape) -> Layer:
+    return Layer(name, op, (src,), shape, shape)
+
+
+def resize_layer(name, src, shape, scale=2) -> Layer:
+    n, c, h, w = shape
+    return Layer(name, "resize", (src,), shape, (n, c, h * scale, w * scale), scale=scale)
+
+
+def add_layer(name, a, b, shape) -> Layer:
+    return Layer(name, "add", (a, b), shape, shape)
+
+
+def concat_layer(name, srcs, shapes) -> Layer:
+    n, _, h, w = shapes[0]
+    channels = sum(s[1] for s in shapes)
+    return Layer(name, "concat", tuple(srcs), shapes[0], (n, channels, h, w))
+
+
+# ---------------------------------------------------------------- the reference UNet
+
+def unet_layers(spec: UNetSpec) -> list[Layer]:
+    """The UNet of DESIGN.md as a layer list (19 convs for the reference widths)."""
+    layers: list[Layer] = []
+    shapes = {"input": (1, spec.in_channels, spec.height, spec.width)}
+
+    def add(layer: Layer) -> str:
+        layers.append(layer)
+        shapes[layer.name] = layer.output_shape
+        return layer.name
+
+    x, skips = "input", []
+    for i, width in enumerate(spec.widths):
+        if i > 0:
+            x = add(pool_layer(f"enc{i}_pool", x, shapes[x]))
+            x = add(unary_layer(f"enc{i}_pool_relu", "relu", x, shapes[x]))
+        x = add(conv_layer(f"enc{i}_conv1", x, shapes[x], width))
+        x = add(unary_layer(f"enc{i}_relu1", "relu", x, shapes[x]))
+        x = add(conv_layer(f"enc{i}_conv2", x, shapes[x], width))
+        skips.append(x)
+    for i in range(len(spec.widths) - 2, -1, -1):
+        width, skip = spec.widths[i], skips[i]
+        x = add(conv_layer(f"dec{i}_reduce", x, shapes[x], width))
+        x = add(resize_layer(f"dec{i}_resize", x, shapes[x]))
+        x = add(add_layer(f"dec{i}_add", x, skip, shapes[x]))
+        x = add(unary_layer(f"dec{i}_add_relu", "relu", x, shapes[x]))
+        x = add(conv_layer(f"dec{i}_conv", x, shapes[x], width))
+        x = add(unary_layer(f"dec{i}_relu", "relu", x, shapes[x]))
+    add(conv_layer("head_conv", x, shapes[x], spec.classes))
+    return layers
+
+
+def random_params(layers: list[Layer], seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Deterministic He-normal weights, so activations neither vanish nor explode through 19 convs."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for layer in layers:
+        if layer.op != "conv":
+            continue
+        fan_in = layer.in_channels * layer.kernel * layer.kernel
+        shape = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
+        weight = rng.normal(0.0, math.sqrt(2.0 / fan_in), shape).astype(np.float32)
+        bias = rng.uniform(-0.1, 0.1, layer.out_channels).astype(np.float32)
+        params[layer.name] = (weight, bias)
+    return params
+
+
+def reference_unet(spec: UNetSpec | None = None, seed: int = 0) -> Model:
+    spec = spec or UNetSpec()
+    layers = unet_layers(spec)
+    name = "unet-" + "-".join(map(str, spec.widths)) + f"-{spec.height}x{spec.width}"
+    return Model(name, layers, random_params(layers, seed), layers[0].input_shape)
+
+
+def sample_input(model: Model, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + 1).standard_normal(model.input_shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------- PyTorch reference
+
+def torch_module(model: Model):
+    """A torch.nn.Module that runs the layer list with the model's weights (the numerics reference)."""
+    import torch
+    import torch.nn.functional as F
+
+    class GraphModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.ParameterDict()
+            for name, (weight, bias) in model.params.items():
+                self.weights[name + "_w"] = torch.nn.Parameter(torch.from_numpy(weight.copy()), False)
+                self.weights[name + "_b"] = torch.nn.Parameter(torch.from_numpy(bias.copy()), False)
+
+        def forward(self, x):
+            values = {model.input_name: x}
+            for layer in model.layers:
+                args = [values[src] for src in layer.inputs]
+                values[layer.name] = self._run(layer, args)
+            return values[model.output_name]
+
+        def _run(self, layer, args):
+            if layer.op == "conv":
+                w, b = self.weights[layer.name + "_w"], self.weights[layer.name + "_b"]
+                return F.conv2d(args[0], w, b, stride=layer.stride, padding=layer.pad)
+            if layer.op == "relu":
+                return F.relu(args[0])
+            if layer.op == "maxpool":
+                return F.max_pool2d(args[0], layer.kernel, layer.stride, layer.pad)
+            if layer.op == "resize":
+                return F.interpolate(args[0], scale_factor=layer.scale, mode="nearest")
+            if layer.op == "add":
+                return args[0] + args[1]
+            if layer.op == "concat":
+                return torch.cat(args, dim=1)
+            raise AssertionError(layer.op)
+
+    return GraphModule().eval()
+
+
+def reference_output(model: Model, x: np.ndarray, threads: int = 2) -> np.ndarray:
+    import torch
+
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        return torch_module(model)(torch.from_numpy(x)).numpy()
+
+
+# ---------------------------------------------------------------- ONNX export
+
+def to_onnx(model: Model, opset: int = 17):
+    """The model as an ONNX graph whose node names are the layer names."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    for layer in model.layers:
+        nodes.extend(_onnx_nodes(layer, inits, helper, numpy_helper))
+    for name, (weight, bias) in model.params.items():
+        inits.append(numpy_helper.from_array(weight, name + "_w"))
+        inits.append(numpy_helper.from_array(bias, name + "_b"))
+    graph = helper.make_graph(
+        nodes,
+        model.name,
+        [helper.make_tensor_value_info(model.input_name, TensorProto.FLOAT, model.input_shape)],
+        [helper.make_tensor_value_info(model.output_name, TensorProto.FLOAT, model.layers[-1].output_shape)],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="workbench")
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _onnx_nodes(layer: Layer, inits, helper, numpy_helper):
+    ins, out, name = list(layer.inputs), [layer.name], layer.name
+    p = layer.pad
+    if layer.op == "conv":
+        return [helper.make_node("Conv", ins + [name + "_w", name + "_b"], out, name=name,
+                                 kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2)]
+    if layer.op == "maxpool":
+        return [helper.make_node("MaxPool", ins, out, name=name,
+                                 kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2)]
+    if layer.op == "resize":
+        scales = np.array([1, 1, layer.scale, layer.scale], np.float32)
+        inits.append(numpy_helper.from_array(scales, name + "_scales"))
+        return [helper.make_node("Resize", ins + ["", name + "_scales"], out, name=name, mode="nearest",
+                                 coordinate_transformation_mode="asymmetric", nearest_mode="floor")]
+    op = {"relu": "Relu", "add": "Add", "concat": "Concat"}[layer.op]
+    extra = {"axis": 1} if layer.op == "concat" else {}
+    return [helper.make_node(op, ins, out, name=name, **extra)]
+
+
+def save_onnx(model: Model, path: str | Path) -> Path:
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(to_onnx(model), str(path))
+    return path
+
+
+# ---------------------------------------------------------------- ONNX import
+
+def load_onnx(path: str | Path) -> Model:
+    """Read an ONNX file of the supported family into a Model; anything else fails clearly."""
+    proto = _read_onnx(Path(path))
+    return from_onnx_proto(proto, name=Path(path).stem, source=str(path))
+
+
+def _read_onnx(path: Path):
+    import onnx
+
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist; pass the path of an .onnx file")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as err:  # onnx raises several unrelated types for a bad file
+        raise ModelError(
+            f"{path} is not a valid ONNX model ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "re-export it with torch.onnx.export or onnx.save"
+        ) from None
+    return proto
+
+
+def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    _check_supported(graph)
+    real_inputs = [i for i in graph.input if i.name not in consts]
+    if len(real_inputs) != 1 or len(graph.output) != 1:
+        raise ModelError(f"the workbench handles models with one input and one output; "
+                         f"this one has {len(real_inputs)} inputs and {len(graph.output)} outputs")
+    input_name = real_inputs[0].name
+    input_shape = _static_shape(real_inputs[0])
+    shapes = {input_name: input_shape}
+    alias: dict[str, str] = {}  # tensor name -> producing layer name
+    layers, params = [], {}
+    for index, node in enumerate(graph.node):
+        node_name = node.name or f"{node.op_type.lower()}_{index}"
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            continue
+        if node.op_type == "Identity":
+            src = node.input[0]
+            if src in consts:
+                consts[node.output[0]] = consts[src]
+            else:
+                alias[node.output[0]] = alias.get(src, src)
+            continue
+        srcs = [alias.get(i, i) for i in node.input if i and i not in consts]
+        try:
+            layer = _layer_from_node(node, node_name, srcs, shapes, consts, params)
+        except ModelError as err:
+            raise ModelError(f"node {node_name!r} ({node.op_type}): {err}") from None
+        layers.append(layer)
+        shapes[layer.name] = layer.output_shape
+        alias[node.output[0]] = layer.name
+    out = alias.get(graph.output[0].name)
+    if not layers or out != layers[-1].name:
+        raise ModelError("the graph output must be produced by the last node; re-export the model in topological order")
+    return Model(name, layers, params, input_shape, input_name=input_name, source=source)
+
+
+def _check_supported(graph):
+    for index, node in enumerate(graph.node):
+        if node.op_type not in SUPPORTED_OPS + _PASSIVE_OPS:
+            raise UnsupportedOpError(
+                f"node {node.name or index!r} has op type {node.op_type!r}, which the workbench does not "
+                f"support; supported op types: {', '.join(SUPPORTED_OPS)}. Remove or replace that operator "
+                "(for example, keep activations as Relu and do upsampling with nearest Resize)"
+            )
+
+
+def _static_shape(value_info) -> tuple[int, ...]:
+    dims = value_info.type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.dim_value > 0 else (1 if i == 0 else 0) for i, d in enumerate(dims))
+    if len(shape) != 4 or 0 in shape:
+        raise ModelError(
+            f"input {value_info.name!r} must be a static NCHW shape (batch may be dynamic), got "
+            f"{[d.dim_value or d.dim_param for d in dims]}; export with a fixed input size"
+        )
+    if shape[0] != 1:
+        raise ModelError(f"batch size must be 1, got {shape[0]}")
+    return shape
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _square(values, what: str) -> int:
+    values = list(values)
+    if len(set(values)) != 1:
+        raise ModelError(f"{what} {values} is not the same on every side; only symmetric {what} is supported")
+    return int(values[0])
+
+
+def _layer_from_node(node, name, srcs, shapes, consts, params) -> Layer:
+    attrs = _attrs(node)
+    op = node.op_type
+    if op in ("Conv", "MaxPool"):
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise ModelError("auto_pad is not supported; export with explicit pads")
+        if any(d != 1 for d in attrs.get("dilations", [1, 1])):
+            raise ModelError(f"dilations {attrs['dilations']} are not supported (only 1)")
+    if op == "Conv":
+        return _conv_from_node(node, name, srcs, shapes, consts, params, attrs)
+    if op == "MaxPool":
+        if attrs.get("ceil_mode", 0):
+            raise ModelError("ceil_mode=1 is not supported")
+        kernel = _square(attrs["kernel_shape"], "kernel_shape")
+        stride = _square(attrs.get("strides", [1, 1]), "strides")
+        pad = _square(attrs.get("pads", [0] * 4), "pads")
+        return pool_layer(name, srcs[0], shapes[srcs[0]], kernel, stride, pad)
+    if op == "Relu":
+        return unary_layer(name, "relu", srcs[0], shapes[srcs[0]])
+    if op == "Resize":
+        return _resize_from_node(node, name, srcs, shapes, consts, attrs)
+    if op == "Add":
+        a, b = (shapes[s] for s in srcs)
+        if len(srcs) != 2 or a != b:
+            raise ModelError(f"Add needs two inputs of the same shape (no broadcasting), got {a} and {b}")
+        return add_layer(name, srcs[0], srcs[1], a)
+    if op == "Concat":
+        if attrs.get("axis") != 1:
+            raise ModelError(f"Concat is supported along channels (axis 1) only, got axis {attrs.get('axis')}")
+        return concat_layer(name, srcs, [shapes[s] for s in srcs])
+    raise AssertionError(op)
+
+
+def _conv_from_node(node, name, srcs, shapes, consts, params, attrs) -> Layer:
+    if attrs.get("group", 1) != 1:
+        raise ModelError(f"grouped convolution (group={attrs['group']}) is not supported")
+    if node.input[1] not in consts:
+        raise ModelError("the conv weight must be a constant initializer")
+    weight = consts[node.input[1]].astype(np.float32)
+    bias = (consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(weight.shape[0]))
+    kernel = _square(weight.shape[2:], "kernel size")
+    stride = _square(attrs.get("strides", [1, 1]), "strides")
+    pad = _square(attrs.get("pads", [0] * 4), "pads")
+    layer = conv_layer(name, srcs[0], shapes[srcs[0]], weight.shape[0], kernel, stride, pad)
+    if weight.shape[1] != layer.in_channels:
+        raise ModelError(f"weight has {weight.shape[1]} input channels but the input has {layer.in_channels}")
+    params[name] = (np.ascontiguousarray(weight), np.ascontiguousarray(bias, dtype=np.float32))
+    return layer
+
+
+def _resize_from_node(node, name, srcs, shapes, consts, attrs) -> Layer:
+    mode = attrs.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "nearest":
+        raise ModelError(f"Resize mode {mode!r} is not supported; only 'nearest'")
+    shape = shapes[srcs[0]]
+    inputs = list(node.input) + [""] * 4
+    if inputs[2] in consts and consts[inputs[2]].size:
+        factors = [float(f) for f in consts[inputs[2]]]
+    elif inputs[3] in consts and consts[inputs[3]].size:
+        factors = [o / i for o, i in zip(consts[inputs[3]], shape)]
+    else:
+        raise ModelError("Resize needs constant scales or sizes")
+    if factors[:2] != [1.0, 1.0] or factors[2] != factors[3] or not float(factors[2]).is_integer():
+        raise ModelError(f"Resize scales {factors} are not supported; only an equal integer factor on H and W")
+    return resize_layer(name, srcs[0], shape, int(factors[2]))
+
+
+# ---------------------------------------------------------------- TVM Relax
+
+def relax_module(model: Model):
+    """The model as a TVM Relax IRModule, through TVM's own ONNX importer."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = to_onnx(model)
+    return from_onnx(proto, shape_dict={model.input_name: list(model.input_shape)}, keep_params_in_input=False)
+
+
+def with_name(model: Model, name: str) -> Model:
+    return replace(model, name=name)

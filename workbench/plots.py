@@ -1,0 +1,88 @@
+"""Plotly figures from tables and records. Pure functions: data in, figure out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+OP_COLOURS = {"conv": "#1f77b4", "relu": "#2ca02c", "maxpool": "#9467bd", "resize": "#8c564b",
+              "add": "#e377c2", "concat": "#7f7f7f"}
+LIBRARY_COLOURS = {"nnpack": "#d62728", "tvm": "#1f77b4", "onnxruntime": "#ff7f0e", "torch": "#9467bd"}
+
+
+def _ceiling_values(ceilings) -> dict:
+    return ceilings if isinstance(ceilings, dict) else ceilings.to_dict()
+
+
+def attainable(intensity, peak_gflops: float, bandwidth_gbs: float):
+    """The roofline: min(peak, bandwidth x intensity), in GFLOP/s."""
+    return np.minimum(peak_gflops, bandwidth_gbs * np.asarray(intensity, dtype=float))
+
+
+def _hover(frame: pd.DataFrame) -> list[str]:
+    return [
+        f"<b>{r['name']}</b> ({r['op']})<br>{r['input_shape']} → {r['output_shape']}<br>"
+        f"{r['flops'] / 1e6:.1f} MFLOP, {r['bytes'] / 1e6:.2f} MB<br>intensity {r['intensity']:.1f} FLOP/B"
+        for _, r in frame.iterrows()
+    ]
+
+
+def roofline(ceilings, layers: pd.DataFrame, achieved: pd.DataFrame | None = None,
+             title: str = "Roofline") -> go.Figure:
+    """Measured ceilings as lines, each layer at its roofline bound, and achieved GFLOP/s if given.
+
+    `achieved` has columns layer, impl, gflops (direct-equivalent FLOPs / time) and optionally intensity.
+    """
+    c = _ceiling_values(ceilings)
+    peak, bandwidth = c["peak_gflops"], c["bandwidth_gbs"]
+    layers = layers[layers["flops"] > 0]
+    lo = min(0.05, layers["intensity"].min() / 2)
+    hi = max(1000.0, layers["intensity"].max() * 2)
+    x = np.logspace(np.log10(lo), np.log10(hi), 200)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=attainable(x, peak, bandwidth), mode="lines", name="roofline",
+                             line=dict(color="black", width=2),
+                             hovertemplate="%{x:.2f} FLOP/B → %{y:.1f} GFLOP/s<extra>roofline</extra>"))
+    fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[peak, peak], mode="lines", line=dict(dash="dot", color="grey"),
+                             name=f"peak {peak:.0f} GFLOP/s (FMA kernel)"))
+    if c.get("gemm_gflops"):
+        g = c["gemm_gflops"]
+        fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[g, g], mode="lines", line=dict(dash="dash", color="grey"),
+                                 name=f"BLAS GEMM {g:.0f} GFLOP/s"))
+    for op, frame in layers.groupby("op", sort=False):
+        fig.add_trace(go.Scatter(
+            x=frame["intensity"], y=attainable(frame["intensity"], peak, bandwidth), mode="markers",
+            name=f"{op} (bound)", marker=dict(symbol="circle-open", size=10, color=OP_COLOURS.get(op)),
+            text=_hover(frame), hovertemplate="%{text}<br>bound %{y:.1f} GFLOP/s<extra></extra>"))
+    if achieved is not None and len(achieved):
+        _add_achieved(fig, layers, achieved)
+    fig.update_layout(
+        title=f"{title}: {bandwidth:.1f} GB/s, ridge {peak / bandwidth:.1f} FLOP/B",
+        xaxis=dict(type="log", title="arithmetic intensity (FLOP/byte)"),
+        yaxis=dict(type="log", title="GFLOP/s"), legend=dict(font=dict(size=10)), height=520)
+    return fig
+
+
+def _add_achieved(fig: go.Figure, layers: pd.DataFrame, achieved: pd.DataFrame) -> None:
+    intensity = dict(zip(layers["name"], layers["intensity"]))
+    frame = achieved.copy()
+    if "intensity" not in frame:
+        frame["intensity"] = frame["layer"].map(intensity)
+    frame["library"] = frame["impl"].str.split(":").str[0]
+    for library, group in frame.groupby("library", sort=False):
+        fig.add_trace(go.Scatter(
+            x=group["intensity"], y=group["gflops"], mode="markers", name=f"{library} (measured)",
+            marker=dict(size=9, color=LIBRARY_COLOURS.get(library)),
+            text=[f"<b>{r.layer}</b><br>{r.impl}" for r in group.itertuples()],
+            hovertemplate="%{text}<br>%{y:.1f} GFLOP/s<extra></extra>"))
+
+
+def layer_bars(layers: pd.DataFrame, column: str = "flops", title: str | None = None) -> go.Figure:
+    """One bar per layer, coloured by op: where the work (or the traffic) is."""
+    fig = go.Figure()
+    for op, frame in layers.groupby("op", sort=False):
+        fig.add_trace(go.Bar(x=frame["name"], y=frame[column], name=op, marker_color=OP_COLOURS.get(op)))
+    fig.update_layout(title=title or f"{column} per layer", xaxis=dict(categoryorder="array",
+                      categoryarray=list(layers["name"])), yaxis_title=column, height=380)
+    return fig

@@ -1,0 +1,320 @@
+"""Devices over TVM RPC: a local tracker and servers on loopback, or a remote tracker.
+
+Every measurement in the workbench runs through an RPC session, so a Raspberry Pi behind a
+tracker and this machine on loopback are driven by the same code. Each tracker and server
+runs in its own process group: TVM's servers fork workers that outlive their parent, so
+stopping means ending the whole group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_KEY = "workbench"
+
+# Named targets for common boards; "host" is detected when used.
+TARGET_PRESETS = {
+    "armv7": {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf", "mattr": ["+neon"]},
+    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+}
+CROSS_COMPILERS = {"armv7": "arm-linux-gnueabihf-g++", "aarch64": "aarch64-linux-gnu-g++"}
+
+
+class DeviceError(RuntimeError):
+    """The device could not be reached or started; the message says what to check."""
+
+
+def host_target(threads: int | None = None) -> dict:
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads or os.cpu_count()}
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DeviceError(f"tracker address {text!r} must look like HOST:PORT, e.g. 127.0.0.1:9190")
+    return host, int(port)
+
+
+@dataclass
+class Device:
+    """Where kernels run: a tracker address, the device key, and the code generation target."""
+
+    tracker_host: str
+    tracker_port: int
+    key: str = DEFAULT_KEY
+    target: dict = field(default_factory=host_target)
+    cross_compiler: str | None = None  # g++ for export_library when the device is another ISA
+    session_timeout: float = 0  # seconds; 0 = none
+
+    @property
+    def tracker(self) -> str:
+        return f"{self.tracker_host}:{self.tracker_port}"
+
+    def tvm_target(self):
+        import tvm
+
+        return tvm.target.Target(self.target)
+
+    def session(self, retries: int = 3):
+        """A new RPC session on one server of this device's key."""
+        import tvm.rpc
+
+        last = None
+        for attempt in range(retries):
+            try:
+                tracker = tvm.rpc.connect_tracker(self.tracker_host, self.tracker_port)
+                return tracker.request(self.key, priority=1, session_timeout=self.session_timeout)
+            except Exception as err:  # tvm raises plain RuntimeError/TVMError for every failure
+                last = err
+                time.sleep(0.5 * (attempt + 1))
+        raise DeviceError(
+            f"could not open an RPC session with key {self.key!r} at tracker {self.tracker} ({last}); "
+            "check that the tracker runs and a server registered that key "
+            "(python -m tvm.exec.query_rpc_tracker --host HOST --port PORT)"
+        )
+
+    def export_kwargs(self) -> dict:
+        """Arguments for Module.export_library so the shared object loads on the device."""
+        if not self.cross_compiler:
+            return {}
+        from tvm.contrib import cc
+
+        return {"fcompile": cc.cross_compiler(self.cross_compiler)}
+
+    def describe(self) -> dict:
+        return {"tracker": self.tracker, "key": self.key, "target": self.target}
+
+
+def upload(session, module, name: str = "kernel.so", export_kwargs: dict | None = None):
+    """Export a compiled module, send it to the device and load it there."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        module.export_library(path, **(export_kwargs or {}))
+        session.upload(path)
+    return session.load_module(name)
+
+
+# ---------------------------------------------------------------- local cluster
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def thread_env(threads: int) -> dict:
+    """Environment pinning TVM's, OpenMP's and BLAS's thread pools to `threads`."""
+    return {name: str(threads) for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _spawn(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start a child in its own session so the whole group can be ended together."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # Forked workers may remain in the group after the parent died.
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    if proc.stderr:
+        proc.stderr.close()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class LocalCluster:
+    """A tracker and RPC servers on loopback, started on enter and stopped, whole, on exit.
+
+    Servers are `python -m workbench serve`, so NNPACK is registered on them like on a board.
+    """
+
+    def __init__(self, servers: int = 1, key: str = DEFAULT_KEY, threads: int | None = None,
+                 host: str = "127.0.0.1", start_timeout: float = 60.0):
+        self.servers, self.key, self.threads, self.host = servers, key, threads, host
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.port = free_port(self.host)
+        self.procs.append(_spawn(["-m", "tvm.exec.rpc_tracker", "--host", self.host,
+                                  "--port", str(self.port), "--port-end", str(self.port + 1), "--silent"]))
+        self._wait_for(lambda: self._tracker_answers(), "the tracker to answer")
+        env = thread_env(self.threads) if self.threads else None
+        for _ in range(self.servers):
+            port = free_port(self.host)
+            args = ["-m", "workbench", "serve", "--tracker", f"{self.host}:{self.port}", "--key", self.key,
+                    "--host", self.host, "--port", str(port)]
+            if self.threads:
+                args += ["--threads", str(self.threads)]
+            self.procs.append(_spawn(args, env))
+        self._wait_for(lambda: self._registered() >= self.servers, f"{self.servers} server(s) to register")
+        log.info("local RPC cluster: tracker %s:%s, key %s, %d server(s)", self.host, self.port, self.key, self.servers)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            _stop_group(proc)
+        self.procs.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def device(self, **kwargs) -> Device:
+        if self.port is None:
+            raise DeviceError("the local cluster is not started; use it as `with LocalCluster() as cluster:`")
+        target = kwargs.pop("target", None) or host_target(self.threads)
+        return Device(self.host, self.port, self.key, target=target, **kwargs)
+
+    def _tracker_answers(self) -> bool:
+        # A plain socket probe: tvm's own client retries for minutes before it gives up.
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def _registered(self) -> int:
+        import tvm.rpc
+
+        summary = tvm.rpc.connect_tracker(self.host, self.port).summary()
+        return summary["queue_info"].get(self.key, {}).get("free", 0)
+
+    def _wait_for(self, ready, what: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                err = dead[0].stderr.read().decode(errors="replace")[-2000:] if dead[0].stderr else ""
+                raise DeviceError(f"an RPC process exited with code {dead[0].returncode} while waiting for {what}:\n{err}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise DeviceError(f"timed out after {self.start_timeout:.0f}s waiting for {what}")
+
+
+# ---------------------------------------------------------------- choosing a device
+
+def open_device(tracker: str | None = None, key: str | None = None, target: str | dict | None = None,
+                threads: int | None = None):
+    """Context manager yielding a Device: the remote tracker if given, else a fresh local cluster."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def remote():
+        host, port = parse_tracker(tracker)
+        yield Device(host, port, key or DEFAULT_KEY, **_target_kwargs(target, threads))
+
+    @contextmanager
+    def local():
+        with LocalCluster(threads=threads) as cluster:
+            yield cluster.device(**_target_kwargs(target, threads))
+
+    return remote() if tracker else local()
+
+
+def _target_kwargs(target, threads) -> dict:
+    if target is None or target == "host":
+        return {"target": host_target(threads)}
+    if isinstance(target, dict):
+        return {"target": target}
+    if target in TARGET_PRESETS:
+        return {"target": dict(TARGET_PRESETS[target]), "cross_compiler": CROSS_COMPILERS[target]}
+    import json
+
+    try:
+        return {"target": json.loads(target)}
+    except json.JSONDecodeError:
+        raise DeviceError(
+            f"unknown target {target!r}; use 'host', one of {sorted(TARGET_PRESETS)}, "
+            'or a JSON target dict such as {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}'
+        ) from None
+
+
+# ---------------------------------------------------------------- server entry point
+
+def _register_device_functions(threads: int | None) -> None:
+    """Runs inside the RPC server process: make the workbench's probes and NNPACK callable by name."""
+    from workbench import ceilings
+
+    ceilings.register_device_functions()
+    try:
+        from workbench import nnpack
+    except ImportError as err:  # the bridge needs torch's library; a server without it still serves TVM
+        logging.getLogger(__name__).warning("NNPACK bridge not registered: %s", err)
+        return
+    nnpack.register_tvm_functions(threads=threads or 1)
+
+
+def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = DEFAULT_KEY,
+          threads: int | None = None, allow_remote: bool = False) -> None:
+    """Run an RPC server (NNPACK registered) until interrupted."""
+    import functools
+
+    import tvm.rpc
+
+    if host not in LOOPBACK and not allow_remote:
+        raise DeviceError(
+            f"refusing to bind the RPC server to {host}: an RPC server runs any code it is sent. "
+            "Pass --allow-remote to serve beyond loopback, on a trusted network only"
+        )
+    tracker_addr = parse_tracker(tracker) if tracker else None
+    server = tvm.rpc.Server(
+        host=host, port=port, port_end=port + 1, tracker_addr=tracker_addr, key=key, silent=True,
+        server_init_callback=functools.partial(_register_device_functions, threads),
+    )
+    log.info("RPC server on %s:%s (key %s, tracker %s)", host, server.port, key, tracker)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
