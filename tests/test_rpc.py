@@ -24,8 +24,7 @@ def _group_alive(pgid: int) -> list[int]:
 def test_cluster_stops_every_process_it_started():
     with LocalCluster(threads=1) as cluster:
         groups = list(cluster.pids)
-        session = cluster.device().session()
-        assert session.cpu(0).exist
+        assert cluster.device().run(lambda session: session.cpu(0).exist)
         # the server forked workers: more processes than the ones we started directly
         assert sum(len(_group_alive(g)) for g in groups) > len(groups)
     for group in groups:
@@ -33,8 +32,8 @@ def test_cluster_stops_every_process_it_started():
 
 
 def test_a_kernel_runs_on_the_device_and_the_server_registered_workbench_functions(device):
-    session = device.session()
-    assert session.get_function("workbench.ceilings.gemm_gflops")(64, 1) > 0
+    gemm = device.run(lambda session: session.get_function("workbench.ceilings.gemm_gflops")(64, 1))
+    assert gemm > 0
 
 
 def test_ceilings_measured_through_the_local_cluster(device):
@@ -51,27 +50,13 @@ def test_ceilings_measured_through_the_local_cluster(device):
 def test_a_tracker_given_by_address_is_used_as_a_remote_device(cluster):
     with open_device(tracker=f"127.0.0.1:{cluster.port}", key=cluster.key) as device:
         assert device.tracker == f"127.0.0.1:{cluster.port}"
-        assert device.session().cpu(0).exist
+        assert device.run(lambda session: session.cpu(0).exist)
 
 
-def test_a_wrong_key_fails_with_advice(cluster):
+def test_a_wrong_key_fails_at_once_naming_the_keys_there(cluster):
     with open_device(tracker=f"127.0.0.1:{cluster.port}", key="no-such-board") as device:
-        device.session_timeout = 0
-        import threading
-
-        # The tracker queues requests for unknown keys forever; ask on a thread and give up.
-        result = {}
-        thread = threading.Thread(target=lambda: result.setdefault("s", _try_session(device)), daemon=True)
-        thread.start()
-        thread.join(5)
-        assert "s" not in result or isinstance(result["s"], DeviceError)
-
-
-def _try_session(device):
-    try:
-        return device.session(retries=1)
-    except DeviceError as err:
-        return err
+        with pytest.raises(DeviceError, match=r"'no-such-board'.*keys there: \['workbench'\]"):
+            device.session()
 
 
 def test_bad_addresses_and_remote_binding_are_refused():

@@ -99,7 +99,7 @@ def triad_kernel(n: int, lanes: int):
 def _build(func, device: Device):
     import tvm
 
-    return tvm.build(func, target=device.tvm_target())
+    return tvm.tirx.build(func, target=device.tvm_target())
 
 
 def _timed(remote_module, name, dev, args, repeat, min_ms) -> list[float]:
@@ -146,7 +146,10 @@ def measure_ceilings(device: Device, quick: bool = False) -> Ceilings:
     threads = int(device.target.get("num-cores") or 1)
     lanes = vector_lanes(device.target)
     repeat, min_ms = (3, 20) if quick else (10, 100)
-    session = device.session()
+    return device.run(_measure_all, device, threads, lanes, repeat, min_ms, quick)
+
+
+def _measure_all(session, device: Device, threads: int, lanes: int, repeat: int, min_ms: int, quick: bool):
     log.info("measuring peak FLOP/s (%d threads, %d lanes)", threads, lanes)
     peaks = measure_peak(session, device, threads, lanes, repeat, min_ms)
     log.info("measuring memory bandwidth (triad over %d MiB)", 3 * STREAM_FLOATS * 4 >> 20)

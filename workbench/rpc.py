@@ -8,6 +8,7 @@ stopping means ending the whole group.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -75,7 +76,10 @@ class Device:
         for attempt in range(retries):
             try:
                 tracker = tvm.rpc.connect_tracker(self.tracker_host, self.tracker_port)
+                self._check_key(tracker.summary())
                 return tracker.request(self.key, priority=1, session_timeout=self.session_timeout)
+            except DeviceError:
+                raise
             except Exception as err:  # tvm raises plain RuntimeError/TVMError for every failure
                 last = err
                 time.sleep(0.5 * (attempt + 1))
@@ -84,6 +88,30 @@ class Device:
             "check that the tracker runs and a server registered that key "
             "(python -m tvm.exec.query_rpc_tracker --host HOST --port PORT)"
         )
+
+    def _check_key(self, summary: dict) -> None:
+        # The tracker queues a request for an unknown key forever; say so at once instead.
+        keys = sorted(summary.get("queue_info", {}))
+        if self.key not in keys:
+            raise DeviceError(
+                f"no RPC server has registered key {self.key!r} at tracker {self.tracker}; keys there: "
+                f"{keys or 'none'}. Start one on the board: python -m workbench serve --tracker "
+                f"{self.tracker} --key {self.key} --host <board address> --allow-remote"
+            )
+
+    def run(self, work, *args, **kwargs):
+        """Call work(session, *args, **kwargs) in a fresh session and release it afterwards.
+
+        Remote modules and their time evaluators form reference cycles that keep a session,
+        and with it the server, busy until a garbage collection; the collection here frees
+        the server for the next request. `work` should return plain data, not remote objects.
+        """
+        session = self.session()
+        try:
+            return work(session, *args, **kwargs)
+        finally:
+            del session
+            gc.collect()
 
     def export_kwargs(self) -> dict:
         """Arguments for Module.export_library so the shared object loads on the device."""

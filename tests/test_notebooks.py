@@ -1,0 +1,26 @@
+"""Every notebook runs top to bottom with small parameters (papermill), on a real local cluster."""
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SMALL = {"widths": [4, 8, 16], "height": 32, "width": 48, "quick": True}
+
+# Per-notebook overrides for a small, fast run.
+PARAMETERS = {
+    "01_layers_and_roofline.ipynb": SMALL,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_notebook_runs(name, tmp_path):
+    import papermill
+
+    assert (NOTEBOOKS / name).exists()
+    papermill.execute_notebook(str(NOTEBOOKS / name), str(tmp_path / name), parameters=PARAMETERS[name],
+                               cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
+
+
+def test_every_notebook_is_exercised():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(PARAMETERS)
