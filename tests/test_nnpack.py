@@ -263,7 +263,8 @@ def test_wt8x8_fp16_runs_as_wt8x8_on_x86(bridge):
 def tvm_functions():
     tvm = pytest.importorskip("tvm")
     names = nnpack.register_tvm_functions(threads=1)
-    assert names == ["workbench.nnpack.conv2d", "workbench.nnpack.conv2d_prepacked"]
+    assert names == ["workbench.nnpack.conv2d", "workbench.nnpack.conv2d_prepacked", "workbench.nnpack.last_profile",
+                     "workbench.nnpack.set_threads"]
     return tvm
 
 

@@ -54,6 +54,23 @@ def cmd_ceilings(args) -> None:
     _emit(args, result.to_dict(), lambda: result.summary())
 
 
+def cmd_compare(args) -> None:
+    from .compare import compare, json_rows, table
+    from .measure import TimingConfig
+    from .records import RecordStore
+    from .rpc import open_device
+
+    model = _load_model(args.model)
+    layers = args.layers.split(",") if args.layers else None
+    model.select_convs(layers)  # fail on unknown names before starting a device
+    timing = TimingConfig.quick() if args.quick else TimingConfig()
+    store = RecordStore.in_dir(args.work_dir)
+    with open_device(args.tracker, args.key, args.target, args.threads) as device:
+        records = compare(model, device, layers, timing=timing, store=store, resume=not args.fresh,
+                          progress=not args.json)
+    _emit(args, json_rows(records), lambda: table(records).to_string(index=False))
+
+
 def cmd_serve(args) -> None:
     from .rpc import serve
 
@@ -75,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer repeats (for tests)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ceilings)
+
+    p = sub.add_parser("compare", help="every NNPACK algorithm x strategy and TVM on every conv, over RPC")
+    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
+    p.add_argument("--layers", help="comma-separated conv names (default: all convs)")
+    p.add_argument("--work-dir", help="where records are kept (default: data/results)")
+    p.add_argument("--fresh", action="store_true", help="measure again even if records exist")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
+    _device_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="an RPC server with the NNPACK bridge registered")
     p.add_argument("--tracker", help="register at this tracker HOST:PORT")

@@ -787,21 +787,41 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_bridge(threads: int = 1) -> Bridge:
-    """The process-wide Bridge for ``threads``; never closed (TVM functions may hold it)."""
+    """The process-wide Bridge for ``threads``; never closed (TVM functions may hold it).
+
+    Keyed by process id too: an RPC server forks a process per session, and a thread pool
+    made before the fork has no threads in the child.
+    """
+    key = (os.getpid(), threads)
     with _SHARED_LOCK:
-        bridge = _SHARED.get(threads)
+        bridge = _SHARED.get(key)
         if bridge is None:
-            bridge = _SHARED[threads] = Bridge(threads)
+            bridge = _SHARED[key] = Bridge(threads)
         return bridge
 
 
 CONV2D = "workbench.nnpack.conv2d"
 CONV2D_PREPACKED = "workbench.nnpack.conv2d_prepacked"
+LAST_PROFILE = "workbench.nnpack.last_profile"
+SET_THREADS = "workbench.nnpack.set_threads"
 
 # Positional attributes between (x, w, b) and the trailing output, with their defaults.
 _CONV2D_ATTRS = (("pad_top", 0), ("pad_right", 0), ("pad_bottom", 0), ("pad_left", 0), ("stride", 1),
                  ("algorithm", "auto"), ("strategy", "compute"), ("activation", "identity"))
 _PREPACKED_ATTRS = tuple(a for a in _CONV2D_ATTRS if a[0] != "strategy")
+
+
+STRATEGY_CODES = {"compute": _COMPUTE, "precompute": _PRECOMPUTE}
+
+
+def _name(value: Any, codes: dict[str, int]) -> str:
+    """An attribute given by name or by its NNPACK code (TVM RPC cannot carry strings)."""
+    if isinstance(value, str):
+        return value
+    by_code = {code: name for name, code in codes.items()}
+    if int(value) not in by_code:
+        raise ValueError(f"unknown code {value}; expected one of {by_code}")
+    return by_code[int(value)]
 
 
 def _parse_attrs(values: Sequence[Any], spec: tuple) -> dict[str, Any]:
@@ -845,19 +865,30 @@ class _Plan:
     weight_nbytes: int
 
 
+# Profiles of the latest packed call in this process, for measurements over RPC.
+_LAST_PROFILE: dict[str, dict[str, float]] = {}
+
+
 class _PackedConv2d:
     """Body of the TVM global functions; ``prepacked`` forces strategy precompute."""
 
-    def __init__(self, bridge: Bridge, prepacked: bool):
-        self.bridge, self.prepacked = bridge, prepacked
+    def __init__(self, threads: int, prepacked: bool):
+        self.threads, self.prepacked = threads, prepacked
         self.spec = _PREPACKED_ATTRS if prepacked else _CONV2D_ATTRS
         self._plans: dict[tuple, _Plan] = {}
+
+    @property
+    def bridge(self) -> Bridge:
+        # Looked up per call, not bound at registration: registration happens before an RPC
+        # server forks its session processes, and each process needs its own thread pool.
+        return shared_bridge(self.threads)
 
     def _plan(self, x_shape: tuple, w_shape: tuple, attr_values: tuple) -> _Plan:
         """Parse and check the attributes once per (shapes, attributes) signature."""
         attrs = _parse_attrs(attr_values, self.spec)
-        strategy = "precompute" if self.prepacked else str(attrs["strategy"])
-        algorithm, activation = str(attrs["algorithm"]), str(attrs["activation"])
+        strategy = "precompute" if self.prepacked else _name(attrs["strategy"], STRATEGY_CODES)
+        algorithm = _name(attrs["algorithm"], ALGORITHMS)
+        activation = _name(attrs["activation"], ACTIVATIONS)
         _check_names(algorithm, strategy, activation)
         pad = tuple(int(attrs[k]) for k in ("pad_top", "pad_right", "pad_bottom", "pad_left"))
         shape = ConvShape.from_arrays(x_shape, w_shape, pad, int(attrs["stride"]))
@@ -882,20 +913,29 @@ class _PackedConv2d:
         else:
             b_ptr = _tensor_ptr(b, "b", (shape.out_channels,))
         if plan.strategy == "compute":
-            bridge._run(shape, plan.algorithm, _COMPUTE, x_ptr, w_ptr, b_ptr, y_ptr, plan.activation)
-            return
-        tk = self._transformed(plan, w_ptr)
-        bridge._run(shape, plan.algorithm, _REUSE, x_ptr, tk.ptr, b_ptr, y_ptr, plan.activation)
+            profile = bridge._run(shape, plan.algorithm, _COMPUTE, x_ptr, w_ptr, b_ptr, y_ptr, plan.activation)
+        else:
+            tk = self._transformed(bridge, plan, w_ptr)
+            profile = bridge._run(shape, plan.algorithm, _REUSE, x_ptr, tk.ptr, b_ptr, y_ptr, plan.activation)
+        _LAST_PROFILE["run"] = profile.to_dict()
 
-    def _transformed(self, plan: _Plan, w_ptr: int) -> TransformedKernel:
+    def _transformed(self, bridge: Bridge, plan: _Plan, w_ptr: int) -> TransformedKernel:
         """Transform once per weight buffer (address + sampled bytes); weights are constants."""
         key = ("tvm", plan.shape, plan.algorithm, w_ptr, _fingerprint(w_ptr, plan.weight_nbytes))
-        with self.bridge._lock:
-            tk = self.bridge._kernels.get(key)
+        with bridge._lock:
+            tk = bridge._kernels.get(key)
             if tk is None:
-                tk = self.bridge._transform(w_ptr, plan.shape, plan.algorithm)
-                self.bridge._kernels.put(key, tk)
+                tk = bridge._transform(w_ptr, plan.shape, plan.algorithm)
+                bridge._kernels.put(key, tk)
+                _LAST_PROFILE["transform"] = tk.profile.to_dict()
             return tk
+
+
+def last_profile_json() -> str:
+    """JSON of the latest packed call's phases ("run") and the latest kernel transform ("transform")."""
+    import json
+
+    return json.dumps(_LAST_PROFILE)
 
 
 def register_tvm_functions(threads: int = 1) -> list[str]:
@@ -920,10 +960,12 @@ def register_tvm_functions(threads: int = 1) -> list[str]:
     """
     import tvm_ffi
 
-    bridge = shared_bridge(threads)
-    tvm_ffi.register_global_func(CONV2D, _PackedConv2d(bridge, prepacked=False), override=True)
-    tvm_ffi.register_global_func(CONV2D_PREPACKED, _PackedConv2d(bridge, prepacked=True), override=True)
-    return [CONV2D, CONV2D_PREPACKED]
+    tvm_ffi.register_global_func(CONV2D, _PackedConv2d(threads, prepacked=False), override=True)
+    tvm_ffi.register_global_func(CONV2D_PREPACKED, _PackedConv2d(threads, prepacked=True), override=True)
+    tvm_ffi.register_global_func(LAST_PROFILE, last_profile_json, override=True)
+    # Lets an RPC client pick the thread count for its own session process.
+    tvm_ffi.register_global_func(SET_THREADS, lambda n: register_tvm_functions(int(n)) and None, override=True)
+    return [CONV2D, CONV2D_PREPACKED, LAST_PROFILE, SET_THREADS]
 
 
 def relax_conv2d(x, w, b, shape: ConvShape, *, algorithm: str = "auto", strategy: str = "compute",

@@ -86,3 +86,28 @@ def layer_bars(layers: pd.DataFrame, column: str = "flops", title: str | None = 
     fig.update_layout(title=title or f"{column} per layer", xaxis=dict(categoryorder="array",
                       categoryarray=list(layers["name"])), yaxis_title=column, height=380)
     return fig
+
+
+def implementation_bars(records: pd.DataFrame, title: str = "Effective GFLOP/s per layer") -> go.Figure:
+    """Grouped bars: each layer, each implementation whose numerics held."""
+    frame = records[(records["status"] == "ok") & (records["numerics_ok"] == True)]  # noqa: E712
+    fig = go.Figure()
+    for impl, group in frame.groupby("impl", sort=False):
+        library = impl.split(":")[0]
+        fig.add_trace(go.Bar(x=group["layer"], y=group["gflops"], name=impl,
+                             marker_line_color=LIBRARY_COLOURS.get(library), marker_line_width=1.5,
+                             hovertemplate="%{x}<br>" + impl + ": %{y:.1f} GFLOP/s<extra></extra>"))
+    fig.update_layout(barmode="group", title=title, yaxis_title="direct-equivalent GFLOP/s", height=450,
+                      xaxis=dict(categoryorder="array", categoryarray=list(dict.fromkeys(records["layer"]))))
+    return fig
+
+
+def phase_bars(records: pd.DataFrame, impl: str, title: str | None = None) -> go.Figure:
+    """Stacked NNPACK phases per layer for one implementation: where the time goes."""
+    frame = records[(records["impl"] == impl) & records["phases"].notna()]
+    phases = ("input_transform", "kernel_transform", "block_multiplication", "output_transform")
+    fig = go.Figure()
+    for phase in phases:
+        fig.add_trace(go.Bar(x=frame["layer"], y=[p.get(f"{phase}_ms", 0) for p in frame["phases"]], name=phase))
+    fig.update_layout(barmode="stack", title=title or f"{impl}: time per phase", yaxis_title="ms", height=400)
+    return fig

@@ -128,7 +128,12 @@ class Device:
 def upload(session, module, name: str = "kernel.so", export_kwargs: dict | None = None):
     """Export a compiled module, send it to the device and load it there."""
     import tempfile
+    import uuid
 
+    # A fresh name each time: reloading a changed library under a path the device process
+    # already loaded crashes it (the loader returns the old handle).
+    stem, _, ext = name.rpartition(".")
+    name = f"{stem}-{uuid.uuid4().hex[:8]}.{ext}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, name)
         module.export_library(path, **(export_kwargs or {}))
@@ -308,9 +313,10 @@ def _target_kwargs(target, threads) -> dict:
 
 def _register_device_functions(threads: int | None) -> None:
     """Runs inside the RPC server process: make the workbench's probes and NNPACK callable by name."""
-    from workbench import ceilings
+    from workbench import ceilings, measure
 
     ceilings.register_device_functions()
+    measure.register_device_functions()
     try:
         from workbench import nnpack
     except ImportError as err:  # the bridge needs torch's library; a server without it still serves TVM

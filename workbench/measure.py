@@ -1,0 +1,193 @@
+"""One measurement protocol for every convolution implementation.
+
+1. Inputs are generated once from a seed; the reference output comes from PyTorch in float64.
+2. The implementation runs once on the device; its output is checked against the reference
+   with the tolerance of its algorithm. A wrong result is recorded as such and never wins.
+3. Only then is it timed on the device with TVM's time evaluator (explicit number, repeat,
+   min_repeat_ms); every repeat is kept, and the median is the headline.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .intensity import layer_flops
+from .model import Layer, Model
+
+log = logging.getLogger(__name__)
+
+# Relative tolerance: max |out - ref| / max |ref|. Winograd and FFT lose a little precision.
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    number: int = 1  # calls per repeat (raised by the evaluator until min_repeat_ms is reached)
+    repeat: int = 5
+    min_repeat_ms: int = 50
+
+    @classmethod
+    def quick(cls) -> "TimingConfig":
+        return cls(number=1, repeat=3, min_repeat_ms=10)
+
+
+@dataclass
+class ConvCase:
+    """One conv layer with its weights, a seeded input and the float64 reference output."""
+
+    layer: Layer
+    weight: np.ndarray
+    bias: np.ndarray
+    x: np.ndarray
+    reference: np.ndarray
+    relu: bool = False
+
+    @property
+    def flops(self) -> int:
+        return layer_flops(self.layer)
+
+    @classmethod
+    def from_model(cls, model: Model, layer: Layer, seed: int = 0, relu: bool = False) -> "ConvCase":
+        weight, bias = model.params[layer.name]
+        index = [l.name for l in model.layers].index(layer.name)
+        x = np.random.default_rng([seed, index]).standard_normal(layer.input_shape).astype(np.float32)
+        return cls(layer, weight, bias, x, reference_conv(layer, x, weight, bias, relu), relu)
+
+
+def reference_conv(layer: Layer, x, weight, bias, relu: bool = False) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    out = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(weight).double(),
+                   torch.from_numpy(bias).double(), stride=layer.stride, padding=layer.pad)
+    if relu:
+        out = torch.relu(out)
+    return out.float().numpy()
+
+
+@dataclass
+class Measurement:
+    """A record of one (layer, implementation): status, numerics and timing."""
+
+    layer: str
+    impl: str
+    status: str  # ok, not_applicable, failed, wrong
+    median_ms: float | None = None
+    repeats_ms: list[float] = field(default_factory=list)
+    gflops: float | None = None  # direct-equivalent FLOPs / median time
+    numerics_ok: bool | None = None
+    max_abs_err: float | None = None
+    rel_err: float | None = None
+    tolerance: float | None = None
+    phases: dict | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "ok" and bool(self.numerics_ok)
+
+
+class Running:
+    """An implementation set up on a device for one case: run it once, time it."""
+
+    impl: str
+
+    def run_once(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def time(self, timing: TimingConfig) -> list[float]:
+        raise NotImplementedError
+
+    def phases(self) -> dict | None:
+        return None
+
+
+class Candidate:
+    """An implementation of a conv layer, e.g. `nnpack:wt8x8:precompute` or `tvm:default`."""
+
+    impl: str
+    tolerance: float = DEFAULT_TOLERANCE
+    note: str = ""
+
+    def why_not_applicable(self, layer: Layer) -> str | None:
+        return None
+
+    def setup(self, session, case: ConvCase, device) -> Running:
+        raise NotImplementedError
+
+
+def unpack_times(blob, repeat: int) -> list[float]:
+    """Seconds per repeat from the bytes a remote time evaluator returns."""
+    return list(struct.unpack("@" + "d" * repeat, bytes(blob)))
+
+
+def check_numerics(out: np.ndarray, reference: np.ndarray, tolerance: float) -> tuple[bool, float, float]:
+    if out.shape != reference.shape:
+        return False, float("inf"), float("inf")
+    err = float(np.max(np.abs(out.astype(np.float64) - reference)))
+    scale = float(np.max(np.abs(reference))) or 1.0
+    rel = err / scale
+    return bool(np.isfinite(err) and rel <= tolerance), err, rel
+
+
+def measure(candidate: Candidate, case: ConvCase, session, device, timing: TimingConfig) -> Measurement:
+    """Check, then time: the protocol every implementation goes through."""
+    result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=candidate.tolerance, note=candidate.note)
+    reason = candidate.why_not_applicable(case.layer)
+    if reason:
+        result.status, result.note = "not_applicable", reason
+        return result
+    try:
+        running = candidate.setup(session, case, device)
+        ok, result.max_abs_err, result.rel_err = check_numerics(running.run_once(), case.reference, candidate.tolerance)
+        result.numerics_ok = ok
+        result.phases = running.phases()
+        if not ok:
+            # Timed anyway so the record shows what a wrong kernel would have "won"; it never wins.
+            result.status = "wrong"
+            result.note = (f"output differs from the reference: max abs err {result.max_abs_err:.3g}, "
+                           f"relative {result.rel_err:.3g} > {candidate.tolerance:g}")
+        seconds = running.time(timing)
+    except Exception as err:  # one failing implementation must not stop the study
+        log.debug("%s on %s failed:\n%s", candidate.impl, case.layer.name, traceback.format_exc())
+        result.status, result.numerics_ok = "failed", False
+        result.note = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"[:500]
+        return result
+    result.repeats_ms = [s * 1e3 for s in seconds]
+    result.median_ms = float(np.median(result.repeats_ms))
+    result.gflops = case.flops / (result.median_ms * 1e-3) / 1e9
+    return result
+
+
+# ---------------------------------------------------------------- on the device
+
+TIME_GLOBAL_FUNC = "workbench.measure.time_global_func"
+
+
+def time_global_func(name: str, number: int, repeat: int, min_repeat_ms: int, *args) -> str:
+    """Time a global function of this (device) process with TVM's time evaluator; JSON seconds.
+
+    The remote evaluator of a global function returns bytes, which TVM RPC cannot carry back;
+    running the same evaluator here and returning text can.
+    """
+    import json
+
+    import tvm
+
+    evaluator = tvm.get_global_func("runtime.RPCTimeEvaluator")(
+        None, name, 1, 0, number, repeat, min_repeat_ms, 0, 0, 1, 0, "")
+    return json.dumps(unpack_times(evaluator(*args), repeat))
+
+
+def register_device_functions() -> None:
+    import tvm
+
+    tvm.register_global_func(TIME_GLOBAL_FUNC, time_global_func, override=True)
