@@ -44,7 +44,7 @@ def test_rules_and_fp16_are_reported_honestly(small_records):
     assert direct["status"] == "not_applicable" and "1x1" in direct["note"]
     fp16 = by[(records[0]["layer"], "nnpack:wt8x8_fp16:compute")]
     if nnpack.runs_as("wt8x8_fp16") == "wt8x8":
-        assert "runs as wt8x8" in fp16["note"]
+        assert "runs as wt8x8" in fp16["note"] and fp16["alias_of"] == "nnpack:wt8x8:compute"
 
 
 def test_nnpack_phases_come_from_the_device(small_records):

@@ -37,7 +37,9 @@ class NNPACKCandidate(Candidate):
         rtol, atol = nnpack.TOLERANCE[algorithm]
         self.tolerance = rtol + atol
         ran_as = nnpack.runs_as(algorithm)
-        self.note = f"runs as {ran_as} on this CPU (no FP16 arithmetic)" if ran_as != algorithm else ""
+        if ran_as != algorithm:
+            self.note = f"runs as {ran_as} on this CPU (no FP16 arithmetic)"
+            self.alias_of = f"nnpack:{ran_as}:{strategy}"
 
     def why_not_applicable(self, layer: Layer) -> str | None:
         try:
@@ -199,14 +201,16 @@ def table(records: list[dict]) -> pd.DataFrame:
 
 
 def winners(records: list[dict]) -> pd.DataFrame:
-    """Fastest implementation per layer among those whose numerics held."""
+    """Fastest implementation per layer among those whose numerics held (aliases left out)."""
     frame = pd.DataFrame(records)
     usable = frame[(frame.status == "ok") & (frame.numerics_ok == True)]  # noqa: E712
+    if "alias_of" in usable:
+        usable = usable[usable.alias_of.isna()]
     best = usable.loc[usable.groupby("layer", sort=False)["median_ms"].idxmin()]
     return best[["layer", "impl", "median_ms", "gflops"]].reset_index(drop=True)
 
 
 def json_rows(records: list[dict]) -> list[dict]:
     keys = ("layer", "impl", "status", "median_ms", "gflops", "numerics_ok", "max_abs_err", "rel_err",
-            "repeats_ms", "phases", "note")
+            "repeats_ms", "phases", "note", "alias_of")
     return [{k: r.get(k) for k in keys} for r in records]

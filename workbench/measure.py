@@ -86,6 +86,7 @@ class Measurement:
     tolerance: float | None = None
     phases: dict | None = None
     note: str = ""
+    alias_of: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +117,7 @@ class Candidate:
     impl: str
     tolerance: float = DEFAULT_TOLERANCE
     note: str = ""
+    alias_of: str | None = None  # the implementation this one really runs (fp16 Winograd on x86)
 
     def why_not_applicable(self, layer: Layer) -> str | None:
         return None
@@ -140,7 +142,8 @@ def check_numerics(out: np.ndarray, reference: np.ndarray, tolerance: float) -> 
 
 def measure(candidate: Candidate, case: ConvCase, session, device, timing: TimingConfig) -> Measurement:
     """Check, then time: the protocol every implementation goes through."""
-    result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=candidate.tolerance, note=candidate.note)
+    result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=candidate.tolerance, note=candidate.note,
+                         alias_of=candidate.alias_of)
     reason = candidate.why_not_applicable(case.layer)
     if reason:
         result.status, result.note = "not_applicable", reason
