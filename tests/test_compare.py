@@ -113,4 +113,4 @@ def test_compare_cli_json(tmp_path, small_model, cluster):
     assert {"layer", "impl", "status", "median_ms", "gflops", "numerics_ok", "max_abs_err", "phases"} <= set(rows[0])
     impls = {r["impl"] for r in rows}
     assert {"nnpack:wt8x8:precompute", "nnpack:direct:compute", "tvm:default"} <= impls
-    assert (tmp_path / "w" / "records.jsonl").exists()
+    assert (tmp_path / "w" / "results" / "records.jsonl").exists()

@@ -57,14 +57,14 @@ def cmd_ceilings(args) -> None:
 def cmd_compare(args) -> None:
     from .compare import compare, json_rows, table
     from .measure import TimingConfig
-    from .records import RecordStore
+    from .records import WorkDir
     from .rpc import open_device
 
     model = _load_model(args.model)
     layers = args.layers.split(",") if args.layers else None
     model.select_convs(layers)  # fail on unknown names before starting a device
     timing = TimingConfig.quick() if args.quick else TimingConfig()
-    store = RecordStore.in_dir(args.work_dir)
+    store = WorkDir.at(args.work_dir).records
     with open_device(args.tracker, args.key, args.target, args.threads) as device:
         records = compare(model, device, layers, timing=timing, store=store, resume=not args.fresh,
                           progress=not args.json)
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="every NNPACK algorithm x strategy and TVM on every conv, over RPC")
     p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
     p.add_argument("--layers", help="comma-separated conv names (default: all convs)")
-    p.add_argument("--work-dir", help="where records are kept (default: data/results)")
+    p.add_argument("--work-dir", help="where records and tuning databases are kept (default: data/)")
     p.add_argument("--fresh", action="store_true", help="measure again even if records exist")
     p.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     _device_args(p)

@@ -164,13 +164,16 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
     candidates = candidates if candidates is not None else all_candidates(threads)
     convs = model.select_convs(layers)
     context = {"model": model.name, "device": device.describe(), "threads": threads}
+    wanted = {(l.name, c.impl): (l, c) for l in convs for c in candidates}
     done = store.latest(KIND, ("layer", "impl"), {"model": model.name, "threads": threads}) if store and resume else {}
-    todo = [(l, c) for l in convs for c in candidates if (l.name, c.impl) not in done]
-    results = {key: rec for key, rec in done.items() if key[0] in {l.name for l in convs}}
+    # A record is reused only if its candidate is configured as when it was measured.
+    results = {key: rec for key, rec in done.items()
+               if key in wanted and rec.get("config", "") == wanted[key][1].config}
+    todo = [pair for key, pair in wanted.items() if key not in results]
     if todo:
         results.update(device.run(_measure_all, device, model, todo, timing, store, context, seed, progress))
-    order = {(l.name, c.impl): i for i, (l, c) in enumerate((l, c) for l in convs for c in candidates)}
-    return sorted(results.values(), key=lambda r: order.get((r["layer"], r["impl"]), len(order)))
+    order = {key: i for i, key in enumerate(wanted)}
+    return sorted(results.values(), key=lambda r: order[(r["layer"], r["impl"])])
 
 
 def _measure_all(session, device, model, todo, timing, store, context, seed, progress) -> dict:

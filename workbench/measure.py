@@ -87,6 +87,7 @@ class Measurement:
     phases: dict | None = None
     note: str = ""
     alias_of: str | None = None
+    config: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +119,7 @@ class Candidate:
     tolerance: float = DEFAULT_TOLERANCE
     note: str = ""
     alias_of: str | None = None  # the implementation this one really runs (fp16 Winograd on x86)
+    config: str = ""  # what a record must match to be reused (knobs, tuning trials, ...)
 
     def why_not_applicable(self, layer: Layer) -> str | None:
         return None
@@ -143,7 +145,7 @@ def check_numerics(out: np.ndarray, reference: np.ndarray, tolerance: float) -> 
 def measure(candidate: Candidate, case: ConvCase, session, device, timing: TimingConfig) -> Measurement:
     """Check, then time: the protocol every implementation goes through."""
     result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=candidate.tolerance, note=candidate.note,
-                         alias_of=candidate.alias_of)
+                         alias_of=candidate.alias_of, config=candidate.config)
     reason = candidate.why_not_applicable(case.layer)
     if reason:
         result.status, result.note = "not_applicable", reason

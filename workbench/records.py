@@ -7,9 +7,10 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "data" / "results"
+DEFAULT_WORK_DIR = Path(__file__).resolve().parents[1] / "data"
 PACKAGES = ("apache-tvm", "apache-tvm-ffi", "torch", "onnxruntime", "numpy", "xgboost-cpu")
 
 
@@ -38,15 +39,38 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@dataclass(frozen=True)
+class WorkDir:
+    """Where one study keeps everything: records, tuning databases, the hybrid, the report."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | Path | None = None) -> "WorkDir":
+        return cls(Path(path) if path else DEFAULT_WORK_DIR)
+
+    @property
+    def records(self) -> "RecordStore":
+        return RecordStore(self.root / "results" / "records.jsonl")
+
+    @property
+    def tuning(self) -> Path:
+        return self.root / "tuning"
+
+    @property
+    def hybrid(self) -> Path:
+        return self.root / "hybrid"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
 class RecordStore:
     """A JSON-lines file that only grows; readers pick the latest record per key."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-
-    @classmethod
-    def in_dir(cls, work_dir: str | Path | None, name: str = "records.jsonl") -> "RecordStore":
-        return cls(Path(work_dir or DEFAULT_DIR) / name)
 
     def append(self, kind: str, payload: dict, **context) -> dict:
         record = {"kind": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **context,
