@@ -1,0 +1,237 @@
+"""End-to-end peers of the hybrid: same model, same input, same thread count, checked first.
+
+- ``onnxruntime``: CPU execution provider, intra-op threads = threads, inter-op 1, all graph
+  optimizations.
+- ``torch``: PyTorch eager with oneDNN (mkldnn) convolutions.
+- ``torch_nnpack``: PyTorch with oneDNN off.  At batch 1 this is NOT NNPACK: desktop PyTorch
+  uses NNPACK only for batch >= 16 (ConvUtils ``use_nnpack``), so batch-1 float32 convs run
+  ``thnn_conv2d`` / ``_slow_conv2d_forward`` (im2col + GEMM).  The result's note names the
+  conv kernel the profiler actually saw.
+- ``nnpack_everywhere``: build_hybrid with every conv on ``nnpack:auto:precompute`` (``compute``
+  where precompute does not apply) and ReLU fused: the Caffe2/NNPACK-style baseline.
+- ``tvm_untuned``: TVM's own ONNX import (``model.relax_module``) compiled untouched with
+  ``tvm.compile`` (its default CPU pipeline: legalize, no fusion, no schedules).
+
+The peers (not TVM) run in this process; the TVM-built ones run on `device` over RPC when one
+is given, else in this process.  In-process baselines are timed in interleaved rounds (one
+repeat of each per round) so machine drift hits all alike; the RPC ones run back to back
+right after, in one call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import hybrid
+from .measure import TimingConfig
+from .model import Model, reference_output, sample_input, to_onnx
+
+NAMES = ("onnxruntime", "torch", "torch_nnpack", "nnpack_everywhere", "tvm_untuned")
+
+
+@dataclass
+class Prepared:
+    """A baseline ready to run: one call for the numerics check, one timed repeat."""
+
+    name: str
+    run: Callable[[], np.ndarray]
+    repeat_ms: Callable[[], float]  # one repeat: mean ms per call over >= min_repeat_ms
+    note: str = ""
+
+
+def _python_repeat(fn: Callable[[], object], timing: TimingConfig) -> Callable[[], float]:
+    """A repeat like TVM's evaluator: `number` calls, grown until one repeat lasts min_repeat_ms."""
+    state = {"number": max(1, timing.number)}
+
+    def repeat() -> float:
+        while True:
+            number = state["number"]
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            elapsed = time.perf_counter() - start
+            if elapsed * 1e3 >= timing.min_repeat_ms or number >= 1 << 16:
+                return elapsed * 1e3 / number
+            state["number"] = max(number * 2, int(number * timing.min_repeat_ms / max(elapsed * 1e3, 1e-3)) + 1)
+
+    return repeat
+
+
+# ---------------------------------------------------------------- the peers (in process)
+
+def _onnxruntime(model: Model, x: np.ndarray, threads: int, timing: TimingConfig) -> Prepared:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's pool spin-waits after each run by default, stealing the 2 cores from whichever
+    # baseline runs next in an interleaved round: turn the spinning off.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(to_onnx(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {model.input_name: x}
+    run = lambda: session.run(None, feed)[0]  # noqa: E731
+    return Prepared("onnxruntime", run, _python_repeat(run, timing), f"onnxruntime {ort.__version__}, CPU EP, intra-op spinning off")
+
+
+def _torch(model: Model, x: np.ndarray, threads: int, timing: TimingConfig, onednn: bool) -> Prepared:
+    import torch
+
+    from .model import torch_module
+
+    torch.set_num_threads(threads)
+    module, xt = torch_module(model), torch.from_numpy(x)
+
+    def run():
+        with torch.backends.mkldnn.flags(enabled=onednn), torch.inference_mode():
+            return module(xt).numpy()
+
+    name = "torch" if onednn else "torch_nnpack"
+    return Prepared(name, run, _python_repeat(run, timing), f"torch {torch.__version__}; {_torch_conv_path(run)}")
+
+
+def _torch_conv_path(run) -> str:
+    """The ATen conv kernels the profiler sees in one run: what 'oneDNN off' really runs."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    keys = ("mkldnn", "nnpack", "slow_conv2d", "thnn_conv2d", "onednn")
+    seen = sorted({e.name for e in prof.events() if any(k in e.name for k in keys) and "available" not in e.name})
+    text = "conv kernels: " + (", ".join(seen) or "none of mkldnn/nnpack/slow_conv2d seen")
+    if any("slow_conv2d" in s for s in seen):
+        text += (" (slow_conv2d = im2col+GEMM, not NNPACK: PyTorch uses NNPACK only at batch >= 16, and "
+                 "oneDNN at batch 1 only for 3x3 inputs above 20480 elements)")
+    return text
+
+
+# ---------------------------------------------------------------- TVM-built
+
+def nnpack_everywhere_plan(model: Model) -> hybrid.Plan:
+    """Every conv on NNPACK auto, precompute where it applies (compute otherwise), ReLU fused."""
+    from . import nnpack
+    from .compare import conv_shape
+
+    overrides = {}
+    for conv in model.convs:
+        precompute_ok = nnpack.why_not_applicable(conv_shape(conv), "auto", "precompute") is None
+        overrides[conv.name] = "nnpack:auto:precompute" if precompute_ok else "nnpack:auto:compute"
+    plan = hybrid.Plan.uniform(model, "nnpack:auto:precompute", overrides=overrides)
+    plan.notes.append("nnpack_everywhere: NNPACK auto on every conv, ReLU fused")
+    return plan
+
+
+def _tvm_executable(name: str, model: Model, target):
+    import tvm
+
+    from .model import relax_module
+
+    if name == "nnpack_everywhere":
+        plan = nnpack_everywhere_plan(model)
+        return hybrid.compile_hybrid(hybrid.build_hybrid(model, plan, target), target), \
+            "build_hybrid, every conv nnpack:auto (precompute), ReLU fused, Relax FuseOps on"
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    return tvm.compile(relax_module(model), target=target), \
+        "TVM ONNX importer + tvm.compile default pipeline: no schedules, no fusion"
+
+
+def _tvm_local(name: str, model: Model, x: np.ndarray, threads: int, timing: TimingConfig, target,
+               executable=None, note: str = "") -> Prepared:
+    import tvm
+
+    if executable is None:
+        executable, note = _tvm_executable(name, model, target)
+    vm = hybrid.local_vm(executable, threads)
+    dev, xt = tvm.cpu(), tvm.runtime.tensor(x)
+    evaluator = vm.time_evaluator("main", dev, number=timing.number, repeat=1, min_repeat_ms=timing.min_repeat_ms)
+    run = lambda: vm["main"](xt).numpy()  # noqa: E731
+    return Prepared(name, run, lambda: evaluator(xt).results[0] * 1e3, note + "; in process")
+
+
+# ---------------------------------------------------------------- measuring
+
+def _result(name: str, check: dict, repeats: list[float], note: str) -> dict:
+    return {"name": name, "median_ms": float(np.median(repeats)) if repeats else None,
+            # On a shared machine the fastest repeat is the least disturbed one: keep it too.
+            "min_ms": float(np.min(repeats)) if repeats else None,
+            "repeats_ms": [float(r) for r in repeats], "numerics_ok": check["numerics_ok"],
+            "max_abs_err": check["max_abs_err"], "rel_err": check["rel_err"], "note": note}
+
+
+def _prepare(name: str, model, x, threads, timing, target) -> Prepared:
+    if name == "onnxruntime":
+        return _onnxruntime(model, x, threads, timing)
+    if name in ("torch", "torch_nnpack"):
+        return _torch(model, x, threads, timing, onednn=(name == "torch"))
+    return _tvm_local(name, model, x, threads, timing, target)
+
+
+def _measure_interleaved(prepared: list[Prepared], reference, timing: TimingConfig,
+                         cooldown_s: float = 0.2) -> list[dict]:
+    """Check each once, then `repeat` rounds of one repeat per baseline (wrong ones still timed, flagged).
+
+    Before each repeat: a pause, so the previous runtime's thread pool stops spin-waiting
+    (TVM's pool, libgomp and NNPACK's pthreadpool all spin after a job; on 2 cores a spinning
+    pool halves the next baseline's speed), then one untimed call to wake this runtime's pool.
+    """
+    checks = {p.name: hybrid.check_output(p.run(), reference) for p in prepared}
+    repeats: dict[str, list[float]] = {p.name: [] for p in prepared}
+    for p in prepared:
+        p.repeat_ms()  # warm-up repeat, also settles `number`
+    for round_ in range(timing.repeat):
+        shift = round_ % max(1, len(prepared))  # rotate the order: nobody always runs after the same peer
+        for p in prepared[shift:] + prepared[:shift]:
+            time.sleep(cooldown_s)
+            p.run()
+            repeats[p.name].append(p.repeat_ms())
+    return [_result(p.name, checks[p.name], repeats[p.name], p.note) for p in prepared]
+
+
+def _measure_remote(name: str, model, x, reference, device, threads, timing, executable=None, note="") -> dict:
+    if executable is None:
+        executable, note = _tvm_executable(name, model, device.target)
+    run = hybrid.run_remote(device, executable, x, reference=reference, timing=timing, threads=threads)
+    ok = bool(run.get("nnpack_profile", {}).get("run")) or name != "nnpack_everywhere"
+    note += f"; over RPC on {device.tracker}" + ("" if ok else "; WARNING: NNPACK profile empty")
+    return _result(name, run, run["repeats_ms"], note)
+
+
+def measure_baselines(model: Model, device=None, threads: int = 2, timing: TimingConfig = TimingConfig(),
+                      names: list[str] | None = None, x: np.ndarray | None = None,
+                      extra: dict[str, object] | None = None) -> list[dict]:
+    """Latency of each baseline (default: all of NAMES); each result: name, median_ms, min_ms,
+    repeats_ms, numerics_ok, max_abs_err, rel_err, note.  Order follows `names`, then `extra`.
+
+    `extra` maps a name to a compiled executable (e.g. a hybrid from hybrid.compile_hybrid),
+    measured in the same run and the same way as the TVM-built baselines.
+    """
+    from .rpc import host_target
+
+    names = list(names or NAMES)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(NAMES)}")
+    extra = dict(extra or {})
+    x = sample_input(model) if x is None else x
+    reference = reference_output(model, x, threads)
+    tvm_built = ("nnpack_everywhere", "tvm_untuned", *extra)
+    remote = [n for n in [*names, *extra] if device is not None and n in tvm_built]
+    target = device.target if device is not None else host_target(threads)
+    local = [_prepare(n, model, x, threads, timing, target) for n in names if n not in remote]
+    local += [_tvm_local(n, model, x, threads, timing, target, ex, "supplied executable; in process")
+              for n, ex in extra.items() if n not in remote]
+    results = {r["name"]: r for r in _measure_interleaved(local, reference, timing)}
+    for name in remote:
+        results[name] = _measure_remote(name, model, x, reference, device, threads, timing,
+                                        extra.get(name), "supplied executable" if name in extra else "")
+    if device is None and os.environ.get("TVM_NUM_THREADS") not in (None, str(threads)):
+        for name in tvm_built:
+            if name in results:
+                results[name]["note"] += f"; TVM's pool has TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} threads"
+    return [results[n] for n in [*names, *extra]]
