@@ -15,7 +15,8 @@ SQUARE = ConvLayer("square", 16, 32, 24, 24, relu=True)
 ODD = ConvLayer("odd", 3, 8, 17, 23)
 POINTWISE = ConvLayer("pointwise", 16, 32, 12, 12, kernel=1, pad=0, relu=True)
 STRIDED = ConvLayer("strided", 16, 32, 24, 24, stride=2)
-LAYERS = (SQUARE, ODD, POINTWISE, STRIDED)
+UNPADDED = ConvLayer("unpadded", 8, 16, 14, 15, pad=0, relu=True)
+LAYERS = (SQUARE, ODD, POINTWISE, STRIDED, UNPADDED)
 
 # max |err| / max |reference|: float32 reordering for direct; Winograd's error grows with m
 # (measured on these layers: direct <= 4e-7, m=2 4e-7, m=4 1.1e-6, m=6 5.8e-6).

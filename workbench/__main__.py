@@ -71,6 +71,64 @@ def cmd_compare(args) -> None:
     _emit(args, json_rows(records), lambda: table(records).to_string(index=False))
 
 
+def cmd_tune(args) -> None:
+    from . import tuning
+    from .records import WorkDir
+    from .rpc import open_device
+
+    model = _load_model(args.model)
+    layers = args.layers.split(",") if args.layers else None
+    model.select_convs(layers)
+    if args.trials < 1:
+        raise UserError("--trials must be at least 1")
+    work = WorkDir.at(args.work_dir)
+    with open_device(args.tracker, args.key, args.target, args.threads) as device:
+        results = tuning.tune_layers(model, device, args.trials, work.tuning, layers=layers, progress=not args.json)
+        for result in results:
+            work.records.append("tuning", result.to_dict(), model=model.name, device=device.describe())
+    rows = [r.to_dict() for r in results]
+    _emit(args, rows, lambda: "\n".join(
+        f"{r['layer']}: {r['trials']} trials ({r['new_trials']} new, {r['trials_per_minute']:.1f}/min), "
+        f"best {r['best_ms']} ms" for r in rows))
+
+
+def cmd_study(args) -> None:
+    from .records import WorkDir
+    from .rpc import open_device
+    from .study import StudyConfig, run_study
+
+    model = _load_model(args.model)
+    config = StudyConfig.quick_run() if args.quick else StudyConfig()
+    if args.trials is not None:
+        config.trials = args.trials
+    if args.tune:
+        config.tune = args.tune
+    work = WorkDir.at(args.work_dir)
+    with open_device(args.tracker, args.key, args.target, args.threads) as device:
+        summary = run_study(model, device, work, config, progress=not args.json)
+    _emit(args, summary, lambda: json.dumps({k: summary[k] for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios")},
+                                            indent=1) + f"\nreport: {work.report}")
+
+
+def cmd_export(args) -> None:
+    from . import hybrid
+    from .records import WorkDir
+    from .rpc import host_target
+    from .study import tvm_kernels
+
+    model = _load_model(args.model)
+    work = WorkDir.at(args.work_dir)
+    plan_path = work.hybrid / "plan.json"
+    if not plan_path.exists():
+        raise UserError(f"no plan at {plan_path}; run `python -m workbench study` with this --work-dir first")
+    plan = hybrid.Plan.load(plan_path)
+    plan.validate(model)
+    threads = args.threads or 2
+    target = host_target(threads)
+    out = hybrid.export_hybrid(model, plan, args.out, target, tvm_kernels(model, work, target), threads)
+    _emit(args, {"out": str(out), "plan": {n: e.impl for n, e in plan.layers.items()}}, lambda: f"exported to {out}")
+
+
 def cmd_serve(args) -> None:
     from .rpc import serve
 
@@ -102,6 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tune", help="MetaSchedule auto-tuning of convs over RPC (resumes from its database)")
+    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
+    p.add_argument("--layers", help="comma-separated conv names (default: all convs)")
+    p.add_argument("--trials", type=int, required=True, help="trials per layer (records already there count)")
+    p.add_argument("--work-dir", help="tuning databases go to WORK_DIR/tuning (default: data/)")
+    _device_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("study", help="the whole study: ceilings, tuning, per-layer comparison, hybrid, peers, report")
+    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
+    p.add_argument("--work-dir", help="records, databases, the hybrid and report.html (default: data/)")
+    p.add_argument("--quick", action="store_true", help="a small budget (for CI)")
+    p.add_argument("--trials", type=int, help="MetaSchedule trials per tuned layer")
+    p.add_argument("--tune", choices=("edges", "all", "none"), help="which convs MetaSchedule tunes")
+    _device_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("export", help="write the study's hybrid model, plan and source model to a folder")
+    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
+    p.add_argument("--work-dir", help="the study's work directory (default: data/)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="an RPC server with the NNPACK bridge registered")
     p.add_argument("--tracker", help="register at this tracker HOST:PORT")

@@ -96,8 +96,12 @@ def nnpack_candidates(threads: int) -> list[NNPACKCandidate]:
 class TVMKernelCandidate(Candidate):
     """A compiled TVM kernel taking (x, weight-as-packed, bias, out) in NCHW."""
 
-    def __init__(self, impl: str, build, tolerance: float = 1e-4, note: str = ""):
+    def __init__(self, impl: str, build, tolerance: float = 1e-4, note: str = "", applies=None, config: str = ""):
         self.impl, self._build, self.tolerance, self.note = impl, build, tolerance, note
+        self._applies, self.config = applies, config
+
+    def why_not_applicable(self, layer: Layer) -> str | None:
+        return self._applies(layer) if self._applies else None
 
     def setup(self, session, case: ConvCase, device) -> Running:
         return TVMRunning(session, case, device, *self._build(case, device))
@@ -148,6 +152,37 @@ def _build_default(case: ConvCase, device):
 
 def tvm_candidates() -> list[Candidate]:
     return [TVMKernelCandidate("tvm:default", _build_default, note="unscheduled topi conv2d_nchw")]
+
+
+def schedule_layer(layer: Layer, relu: bool = False):
+    """The schedules module's description of a model conv."""
+    from . import schedules
+
+    _, c, h, w = layer.input_shape
+    return schedules.ConvLayer(layer.name, c, layer.out_channels, h, w, layer.kernel, layer.stride, layer.pad, relu)
+
+
+def schedule_candidate(impl: str, knobs_for=None) -> TVMKernelCandidate:
+    """A hand-written TensorIR schedule (schedules.py) with default knobs, or knobs_for(layer)."""
+    from . import schedules
+
+    def build(case: ConvCase, device):
+        layer = schedule_layer(case.layer, case.relu)
+        knobs = knobs_for(case.layer) if knobs_for else None
+        built = schedules.build(impl, layer, knobs, target=device.tvm_target())
+        return built.module, built.func_name, schedules.pack_weight(impl, layer, knobs, case.weight)
+
+    winograd = impl.startswith("winograd")
+    return TVMKernelCandidate(
+        f"tvm:{impl}", build, tolerance=1e-3 if winograd else 1e-4,
+        note="hand schedule, default knobs" if knobs_for is None else "hand schedule, chosen knobs",
+        applies=lambda layer: schedules.applicable(impl, schedule_layer(layer)))
+
+
+def schedule_candidates() -> list[TVMKernelCandidate]:
+    from . import schedules
+
+    return [schedule_candidate(impl) for impl in schedules.IMPLEMENTATIONS]
 
 
 # ---------------------------------------------------------------- the study

@@ -289,7 +289,7 @@ def choose_plan(model: Model, records: list[dict], fuse: bool = True) -> Plan:
 
 
 def _usable(rec: dict, layer: Layer) -> bool:
-    if rec.get("status") != "ok" or rec.get("numerics_ok") is not True:
+    if rec.get("status") != "ok" or rec.get("numerics_ok") is not True or rec.get("alias_of"):
         return False
     ms = rec.get("median_ms")
     if ms is None or not np.isfinite(ms):
@@ -665,11 +665,12 @@ def label_calls(table: pd.DataFrame, model: Model, plan: Plan) -> pd.DataFrame:
     """Add a `layer` column: NNPACK calls matched to the plan's NNPACK convs in model order."""
     nn_layers = iter([c.name for c in model.convs if plan.impl(c.name).startswith("nnpack:")])
     labels = []
+    convs = {c.name for c in model.convs}
     for symbol in table["symbol"]:
         if symbol.startswith("workbench.nnpack."):
             labels.append(next(nn_layers, "?"))
-        else:
-            labels.append(symbol)
+        else:  # our TVM conv kernels are named conv_<layer>[_<fused ops>]
+            labels.append(next((c for c in convs if symbol == f"conv_{c}" or symbol.startswith(f"conv_{c}_")), symbol))
     table = table.copy()
     table["layer"] = labels
     return table

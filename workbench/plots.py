@@ -111,3 +111,27 @@ def phase_bars(records: pd.DataFrame, impl: str, title: str | None = None) -> go
         fig.add_trace(go.Bar(x=frame["layer"], y=[p.get(f"{phase}_ms", 0) for p in frame["phases"]], name=phase))
     fig.update_layout(barmode="stack", title=title or f"{impl}: time per phase", yaxis_title="ms", height=400)
     return fig
+
+
+def end_to_end_bars(results: pd.DataFrame, title: str = "End to end: median latency") -> go.Figure:
+    """One bar per system (the hybrid, the peers), wrong results marked."""
+    frame = results.sort_values("median_ms")
+    colours = ["#2ca02c" if n == "hybrid" else ("#d62728" if not ok else "#7f7f7f")
+               for n, ok in zip(frame["name"], frame["numerics_ok"])]
+    fig = go.Figure(go.Bar(x=frame["median_ms"], y=frame["name"], orientation="h", marker_color=colours,
+                           text=[f"{v:.1f} ms" for v in frame["median_ms"]], textposition="outside"))
+    fig.update_layout(title=title, xaxis=dict(type="log", title="ms (log scale)"), height=80 + 40 * len(frame),
+                      yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def tuning_curves(results, title: str = "MetaSchedule: best latency against trials") -> go.Figure:
+    """Best time so far against trial index, one line per tuned layer (TuneResult objects or dicts)."""
+    fig = go.Figure()
+    for result in results:
+        r = result if isinstance(result, dict) else result.to_dict()
+        if r.get("history"):
+            trials, best = zip(*r["history"])
+            fig.add_trace(go.Scatter(x=trials, y=best, mode="lines+markers", name=r["layer"]))
+    fig.update_layout(title=title, xaxis_title="trial", yaxis_title="best ms so far", height=400)
+    return fig

@@ -20,7 +20,7 @@ Every main function has the same argument order (see ``arg_specs``)::
 
 so the measured time excludes weight packing, as it would in deployed inference.
 
-A schedule is a generator of named steps (``_SCHEDULES``): ``schedule`` runs it to the end,
+A schedule is a generator of named steps (``_schedule_steps``): ``schedule`` runs it to the end,
 ``steps`` keeps a copy of the schedule after each step for notebooks. Knobs that do not fit
 a layer raise ``KnobError`` before any TVM primitive runs.
 
@@ -119,10 +119,10 @@ def _require_applicable(impl: str, layer: ConvLayer) -> None:
 class DirectNCHWKnobs:
     """Register tile oc_bn output channels x ow_bn output pixels, vectorised along the width."""
 
-    oc_bn: int = 4  # output channels per register tile (divides out_channels)
+    oc_bn: int = 16  # output channels per register tile (divides out_channels)
     ow_bn: int = 16  # output pixels per register tile (divides out_width)
     vec: int = 16  # vector lanes along the width (divides ow_bn)
-    unroll_kw: bool = True  # unroll the kernel-width loop
+    unroll_kw: bool = True  # kw innermost of the reduction and unrolled
     parallel: str = "fused"  # one of PARALLEL_DIRECT
     pad: str = "separate"  # one of PAD_DIRECT
     epilogue: str = "tile"  # one of EPILOGUE_DIRECT: where bias (+ReLU) is added
@@ -206,8 +206,6 @@ def default_knobs(impl: str, layer: ConvLayer) -> Knobs:
         # About 16-24 accumulator vectors: oc_bn rows x (ow_bn / vec) vectors.
         oc_prefs = tuple(b for b in (16, 8, 4, 2) if b * (ow_bn // vec) <= 24) or (2,)
         oc_bn = _pick_block(layer.out_channels, oc_prefs)
-        if layer.pad and layer.out_channels // oc_bn <= 2:
-            pad = "compute_at"  # padded rows recomputed at most twice, but hot in cache
         return DirectNCHWKnobs(oc_bn=oc_bn, ow_bn=ow_bn, vec=vec, pad=pad)
     if impl == "direct_nchwc":
         oc_bn = _pick_block(layer.out_channels, (32, 16, 8))
@@ -570,8 +568,13 @@ def _outer_loops(sch, parallel: str, order: tuple):
     return None, oh
 
 
-def _place_pad(sch, knobs, par_loop, inner_loop) -> None:
-    """Padding as its own parallel loop nest, computed per parallel iteration, or inlined."""
+def _place_pad(sch, knobs, par_loop, inner_loop, vectorize: bool) -> None:
+    """Padding as its own parallel loop nest, computed per parallel iteration, or inlined.
+
+    ``vectorize`` the innermost loop only where the pad condition is lane-invariant (the
+    NCHWc channel block): vectorised along the width (by 2 lanes for 98-wide rows), the
+    whole convolution ran up to 2x slower.
+    """
     pad = sch.get_sblock("data_pad")
     if knobs.pad == "inline":
         sch.compute_inline(pad)
@@ -580,11 +583,11 @@ def _place_pad(sch, knobs, par_loop, inner_loop) -> None:
         # Each parallel iteration pads the input rows it reads (rows shared by neighbours
         # are padded again): no separate pass over memory.
         sch.compute_at(pad, par_loop if par_loop is not None else inner_loop)
+    else:
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*loops[:3]))  # n, channel (block), row
+    if vectorize:
         _vectorize_innermost(sch, sch.get_loops(pad)[-1])
-        return
-    loops = sch.get_loops(pad)
-    sch.parallel(sch.fuse(*loops[:3]))  # n, channel (block), row
-    _vectorize_innermost(sch, loops[-1])
 
 
 def _vectorize_innermost(sch, loop, lanes: int = 16) -> None:
@@ -613,7 +616,9 @@ def _schedule_direct_nchw(sch, layer: ConvLayer, knobs: DirectNCHWKnobs) -> Iter
     kc, kb = sch.split(k, [None, knobs.oc_bn])
     owo, owi = sch.split(ow, [None, knobs.ow_bn])
     owv_o, owv = sch.split(owi, [None, knobs.vec])
-    sch.reorder(n, kc, oh, owo, ic, kh, kw, kb, owv_o, owv)
+    # unroll_kw puts kw inside the oc_bn loop (both unrolled); measured equal or slightly better.
+    inner = (kh, kb, kw) if knobs.unroll_kw else (kh, kw, kb)
+    sch.reorder(n, kc, oh, owo, ic, *inner, owv_o, owv)
     yield "register tile: oc_bn output channels x ow_bn pixels, reduction outside"
     par, row = _outer_loops(sch, knobs.parallel, (n, kc, oh))
     yield f"parallel: {knobs.parallel}"
@@ -625,7 +630,7 @@ def _schedule_direct_nchw(sch, layer: ConvLayer, knobs: DirectNCHWKnobs) -> Iter
     yield "vectorize the width, unroll the register tile"
     _place_epilogue(sch, knobs, owo, row)
     yield f"epilogue (bias{'+ReLU' if layer.relu else ''}): {knobs.epilogue}"
-    _place_pad(sch, knobs, par, row)
+    _place_pad(sch, knobs, par, row, vectorize=False)
     yield f"padding: {knobs.pad}"
     sch.decompose_reduction(conv, ic)
     yield "decompose reduction: zero the accumulators before the channel loop"
@@ -652,7 +657,7 @@ def _schedule_direct_nchwc(sch, layer: ConvLayer, knobs: DirectNCHWcKnobs) -> It
     yield "vectorize output channels, unroll the register tile"
     _place_epilogue(sch, knobs, owo, row)
     yield f"epilogue (unpack to NCHW + bias{'+ReLU' if layer.relu else ''}): {knobs.epilogue}"
-    _place_pad(sch, knobs, par, row)
+    _place_pad(sch, knobs, par, row, vectorize=True)
     yield f"padding + NCHW[{knobs.ic_bn}]c re-layout: {knobs.pad}"
     sch.decompose_reduction(conv, ico)
     yield "decompose reduction: zero the accumulators before the channel loop"
@@ -843,11 +848,20 @@ def _named_module(func: tvm.tirx.PrimFunc, name: str) -> tvm.IRModule:
 
 @dataclass
 class BuiltConv:
-    """A compiled implementation: the main kernel (exportable) and its weight packer.
+    """A compiled implementation: the main kernel (exportable) and its host weight packer.
 
-    ``module[func_name](data, weight, bias, output)`` with tensors of ``arg_shapes``; over RPC:
-    ``module.export_library(path)``, upload, ``remote.load_module(name)`` and
-    ``remote_mod.time_evaluator(func_name, dev, number=..., repeat=...)(*remote_tensors)``.
+    ``module[func_name](data, weight, bias, output)`` with tensors of ``arg_shapes`` (see
+    ``arg_specs``). Over RPC, with the weight packed on the host in numpy::
+
+        built = build(impl, layer, knobs, target=device_target)
+        built.module.export_library(path)  # cross-compiling: fcompile=cc.cross_compiler(...)
+        session.upload(path)
+        remote = session.load_module(os.path.basename(path))
+        dev = session.cpu()
+        args = [tvm.runtime.tensor(a, dev) for a in (x, built.pack_weight(w), b)]
+        args.append(tvm.runtime.empty(built.arg_shapes[3][0], "float32", dev))
+        seconds = remote.time_evaluator(built.func_name, dev, number=10, repeat=5,
+                                        min_repeat_ms=20)(*args).results
     """
 
     impl: str
@@ -898,11 +912,14 @@ def build(
     impl: str,
     layer: ConvLayer,
     knobs: Knobs | None = None,
-    target: tvm.target.Target | None = None,
+    target: tvm.target.Target | dict | None = None,
 ) -> BuiltConv:
-    """Schedule and compile the main kernel and the weight packer for ``target`` (host by default)."""
+    """Schedule and compile the main kernel for ``target`` (the host by default).
+
+    The weight packer is always compiled for the host, where ``prepare`` runs it.
+    """
     knobs = _resolve_knobs(impl, layer, knobs)
-    target = default_target() if target is None else target
+    target = default_target() if target is None else tvm.target.Target(target)
     sch = schedule(impl, new_schedule(impl, layer, knobs), layer, knobs)
     name = func_name(impl, layer)
     module = tvm.tirx.build(_named_module(sch.mod["main"], name), target=target)

@@ -1,0 +1,360 @@
+"""MetaSchedule tuning of single convolutions, measured on a device through its RPC tracker.
+
+One JSON database per target (`work_dir/<target-slug>/`) holds every layer's records, so tuning
+is resumable: records already there count toward a layer's trial budget, and a second run with
+the same budget measures nothing. The best record becomes a `tvm:tuned` candidate for compare.py.
+
+Why a builder of our own: MetaSchedule's stock LocalBuilder imports `tvm.s_tir.tensor_intrin`
+(about 30 s for its CUDA part) in a worker pool that is re-created for every batch, so every
+candidate times out here. `InProcessBuilder` builds in this process with no such import.
+(MetaSchedule's TuneContext still imports it once per process in the parent: ~20-35 s the
+first time a process tunes anything.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .compare import TVMKernelCandidate, default_conv_func
+from .model import Layer, Model
+
+log = logging.getLogger(__name__)
+
+FUNC_NAME = "conv"
+FAILED_SECONDS = 1e9  # MetaSchedule stores failed builds/runs as huge times (1e10 s)
+
+
+@dataclass
+class TuneResult:
+    layer: str
+    trials: int  # records in the database for this workload, old and new
+    new_trials: int  # measured by this call
+    seconds: float  # wall time of this call
+    trials_per_minute: float  # new trials per minute of this call (0 if none)
+    best_ms: float | None
+    history: list[tuple[int, float]] = field(default_factory=list)  # (trial index, best ms so far)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """How candidates are searched and measured; the defaults suit a 2-core host."""
+
+    trials_per_batch: int = 16  # candidates built and measured per search round
+    # Evolutionary search: MetaSchedule's 512 candidates x 4 generations take ~35 s of cost-model
+    # work per round on 2 cores, longer than measuring a batch; a smaller population keeps rounds short.
+    population_size: int = 128
+    genetic_num_iters: int = 2
+    number: int = 1  # EvaluatorConfig: calls per repeat (raised until min_repeat_ms)
+    repeat: int = 3
+    min_repeat_ms: int = 20
+    session_timeout_sec: int = 60
+    builder: str = "in-process"  # or "pool": LocalBuilder with our build function
+    seed: int | None = 0
+
+
+# ---------------------------------------------------------------- where records live
+
+def target_slug(target: dict) -> str:
+    """A readable, file-safe name for a target dict, plus a hash so distinct targets never collide."""
+    canonical = json.dumps(target, sort_keys=True)
+    parts = [str(target.get("kind", "target"))]
+    for key in ("mtriple", "mcpu", "mattr", "num-cores"):
+        value = target.get(key)
+        if value not in (None, "", []):
+            text = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            parts.append(f"{key}={text}" if key == "num-cores" else text)
+    readable = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "-".join(parts)).replace("=", "")
+    return f"{readable}-{hashlib.sha1(canonical.encode()).hexdigest()[:8]}"
+
+
+def database_dir(work_dir, target: dict) -> Path:
+    return Path(work_dir) / target_slug(target)
+
+
+def open_database(work_dir, target: dict):
+    from tvm.s_tir import meta_schedule as ms
+
+    path = database_dir(work_dir, target)
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(path))
+
+
+def workload(layer: Layer, relu: bool = False):
+    """The IRModule MetaSchedule tunes and the database keys on (function "main", symbol "conv")."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    return _normalize_mod(default_conv_func(layer, relu))
+
+
+def records_of(database, mod) -> list:
+    """This workload's records, fastest first (the database keeps them sorted); [] if never tuned."""
+    if not database.has_workload(mod):
+        return []
+    # commit_workload returns the stored workload, the very object its records point to.
+    wanted = database.commit_workload(mod)
+    return [r for r in database.get_all_tuning_records() if r.workload.same_as(wanted)]
+
+
+def record_ms(record) -> float | None:
+    """Mean measured time of a record in ms, or None for a failed build or run."""
+    return _mean_ms(record.run_secs)
+
+
+def best_history(database, mod, directory) -> list[tuple[int, float]]:
+    """(trial index, best ms so far), one point per trial that improved the best.
+
+    Read from the record file because it is in measurement order; the database API returns
+    records sorted by time.
+    """
+    if not database.has_workload(mod):
+        return []
+    directory = Path(directory)
+    shash = database.commit_workload(mod).as_json()[0]
+    with open(directory / "database_workload.json") as lines:
+        indices = {i for i, line in enumerate(lines) if line.strip() and json.loads(line)[0] == shash}
+    history, best, trial = [], math.inf, 0
+    with open(directory / "database_tuning_record.json") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            index, record = json.loads(line)
+            if index not in indices:
+                continue
+            trial += 1
+            ms = _mean_ms(record[1])
+            if ms is not None and ms < best:
+                best = ms
+                history.append((trial, ms))
+    return history
+
+
+def _mean_ms(run_secs) -> float | None:
+    secs = [float(s) for s in (run_secs or [])]
+    if not secs or min(secs) >= FAILED_SECONDS:
+        return None
+    return sum(secs) / len(secs) * 1e3
+
+
+# ---------------------------------------------------------------- builder, runner, progress
+
+def build_without_intrinsics(mod, target, _params=None):
+    """MetaSchedule's default build minus the `tvm.s_tir.tensor_intrin` import (30 s of CUDA)."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.tirx.build(mod, target=target)
+
+
+def _make_in_process_builder():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        """Builds each candidate here, one after another: no worker start-up per batch."""
+
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    artifact = default_export(build_without_intrinsics(item.mod, item.target))
+                    results.append(BuilderResult(artifact, None))
+                except Exception as err:  # a bad candidate is a failed trial, not a failed tuning run
+                    results.append(BuilderResult(None, f"InProcessBuilder: {type(err).__name__}: {err}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def make_builder(config: TuningConfig):
+    from tvm.s_tir import meta_schedule as ms
+
+    if config.builder == "in-process":
+        return _make_in_process_builder()
+    if config.builder == "pool":
+        # Workers unpickle build_without_intrinsics by reference, importing workbench.tuning only.
+        return ms.builder.LocalBuilder(f_build=build_without_intrinsics, max_workers=os.cpu_count() or 1,
+                                       timeout_sec=60)
+    raise ValueError(f"unknown builder {config.builder!r}; use 'in-process' or 'pool'")
+
+
+def make_runner(device, config: TuningConfig):
+    """Measure on the device through its tracker, exactly like every other workbench timing."""
+    from tvm.s_tir import meta_schedule as ms
+
+    rpc = ms.runner.RPCConfig(tracker_host=device.tracker_host, tracker_port=device.tracker_port,
+                              tracker_key=device.key, session_timeout_sec=config.session_timeout_sec)
+    evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=config.repeat,
+                                          min_repeat_ms=config.min_repeat_ms, enable_cpu_cache_flush=False)
+    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=1)
+
+
+def _make_progress_callback(bar, best_so_far: list[float]):
+    """A measure callback that moves the tqdm bar and shows the best time after every batch."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Progress(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            for result in runner_results:
+                secs = [float(s) for s in (result.run_secs or [])]
+                if secs and not result.error_msg:
+                    best_so_far[0] = min(best_so_far[0], sum(secs) / len(secs) * 1e3)
+            bar.update(len(runner_results))
+            if math.isfinite(best_so_far[0]):
+                bar.set_postfix_str(f"best {best_so_far[0]:.4g} ms")
+
+    return Progress()
+
+
+# ---------------------------------------------------------------- tuning
+
+def _warm_start(cost_model, context, records) -> None:
+    """Train the cost model on the records a previous run left, so a resumed search is not blind."""
+    if not records:
+        return
+    from tvm.s_tir.meta_schedule.runner import RunnerResult
+
+    try:
+        candidates = [r.as_measure_candidate() for r in records]
+        cost_model.update(context, candidates, [RunnerResult(r.run_secs, None) for r in records])
+    except Exception as err:  # tuning still works without it, just starts cold
+        log.warning("could not warm-start the cost model from %d records: %s", len(records), err)
+
+
+def tune_layer(layer: Layer, device, trials: int, work_dir, relu: bool = False, progress: bool = True,
+               config: TuningConfig = TuningConfig()) -> TuneResult:
+    """Tune default_conv_func(layer, relu) on the device until the database holds `trials` records."""
+    started = time.perf_counter()
+    database = open_database(work_dir, device.target)
+    mod = workload(layer, relu)
+    previous = records_of(database, mod)
+    done = len(previous)
+    todo = max(0, trials - done)
+    if todo:
+        _search(mod, layer.name, device, database, database_dir(work_dir, device.target), todo, previous,
+                progress, config)
+    records = records_of(database, mod)
+    seconds = time.perf_counter() - started
+    new = max(0, len(records) - done)
+    history = best_history(database, mod, database_dir(work_dir, device.target))
+    best = min((ms for ms in map(record_ms, records) if ms is not None), default=None)
+    result = TuneResult(layer.name, len(records), new, seconds, new / seconds * 60 if new else 0.0, best, history)
+    log.info("tuned %s: %d new trials (%d total) in %.1f s, %.1f trials/min, best %s ms",
+             layer.name, new, len(records), seconds, result.trials_per_minute, result.best_ms)
+    return result
+
+
+def _search(mod, name: str, device, database, logs: Path, todo: int, previous: list, progress: bool,
+            config: TuningConfig) -> None:
+    from tqdm.auto import tqdm
+    from tvm.s_tir import meta_schedule as ms
+
+    target = device.tvm_target()
+    threads = int(device.target.get("num-cores") or os.cpu_count() or 1)
+    best = [math.inf]
+    with tqdm(total=todo, desc=f"tune {name}", unit="trial", disable=not progress) as bar:
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=config.population_size,
+                                                         genetic_num_iters=config.genetic_num_iters)
+        context = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
+                                 search_strategy=strategy, task_name=name, num_threads=threads,
+                                 rand_state=-1 if config.seed is None else config.seed,
+                                 logger=_task_logger(logs, name)).clone()
+        cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads, tree_method="auto")
+        _warm_start(cost_model, context, previous)
+        ms.tune_tasks(
+            tasks=[context], task_weights=[1.0], work_dir=str(logs), max_trials_global=todo,
+            num_trials_per_iter=min(todo, config.trials_per_batch),
+            builder=make_builder(config), runner=make_runner(device, config), database=database,
+            cost_model=cost_model,
+            measure_callbacks=[*ms.MeasureCallback.create("default"), _make_progress_callback(bar, best)],
+            task_scheduler="round-robin",
+        )
+
+
+def _task_logger(directory: Path, name: str) -> logging.Logger:
+    """A per-task log file next to the database.
+
+    Not ms.logging.get_loggers_from_work_dir: its second call in one process for the same task
+    name fails (AttributeError in _parameterize_config), which breaks resuming in a notebook.
+    """
+    path = (Path(directory) / "logs" / f"{name}.log").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"{__name__}.task.{hashlib.sha1(str(path).encode()).hexdigest()[:12]}")
+    if not any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # per-trial detail goes to the file, not the notebook
+    return logger
+
+
+def tune_layers(model: Model, device, trials_per_layer: int, work_dir, layers: list[str] | None = None,
+                relu: bool = False, progress: bool = True, config: TuningConfig = TuningConfig()) -> list[TuneResult]:
+    """Tune each selected conv in turn; an interrupted run resumes from the database.
+
+    relu=False tunes conv+bias, the workload compare.py measures; relu=True the fused variant.
+    """
+    return [tune_layer(layer, device, trials_per_layer, work_dir, relu=relu, progress=progress, config=config)
+            for layer in model.select_convs(layers)]
+
+
+# ---------------------------------------------------------------- using the results
+
+def best_prim_func(layer: Layer, target: dict, work_dir, relu: bool = False):
+    """The database's best schedule of this layer as a PrimFunc (data, weight OIHW, bias, out), or None."""
+    import tvm
+
+    database = open_database(work_dir, target)
+    mod = workload(layer, relu)
+    if not any(record_ms(r) is not None for r in records_of(database, mod)):
+        return None
+    schedule = database.query_schedule(mod, tvm.target.Target(target), workload_name="main")
+    # Unlike the measuring builder, keep any weight-layout rewrite block, so the function takes
+    # the weight as given (OIHW) and computes the right answer.
+    return None if schedule is None else schedule.mod["main"]
+
+
+def best_module(layer: Layer, device, work_dir, relu: bool = False):
+    """(runtime module built with the database's best schedule, "conv"), or None if never tuned."""
+    import tvm
+
+    func = best_prim_func(layer, device.target, work_dir, relu)
+    if func is None:
+        return None
+    module = tvm.tirx.build(func.with_attr("global_symbol", FUNC_NAME), target=device.tvm_target())
+    return module, FUNC_NAME
+
+
+class NotTunedError(LookupError):
+    """No usable tuning record for a layer on this target."""
+
+
+def tuned_candidate(work_dir) -> TVMKernelCandidate:
+    """The best tuned schedule of each layer as a compare.py candidate (impl "tvm:tuned")."""
+
+    def build(case, device):
+        found = best_module(case.layer, device, work_dir, case.relu)
+        if found is None:
+            raise NotTunedError(
+                f"layer {case.layer.name!r} has no tuning record for target {device.target} under "
+                f"{database_dir(work_dir, device.target)}; run workbench.tuning.tune_layer first")
+        module, name = found
+        return module, name, case.weight
+
+    return TVMKernelCandidate("tvm:tuned", build, note=f"MetaSchedule best record from {work_dir}")
