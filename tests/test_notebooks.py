@@ -11,6 +11,8 @@ SMALL = {"widths": [4, 8, 16], "height": 32, "width": 48, "quick": True}
 PARAMETERS = {
     "01_layers_and_roofline.ipynb": SMALL,
     "02_nnpack_algorithms.ipynb": {**SMALL, "work_dir": None},
+    "03_tvm_schedules_and_tuning.ipynb": {**SMALL, "work_dir": None, "trials": 4},
+    "05_hybrid_unet.ipynb": {**SMALL, "work_dir": None, "trials": 4},
 }
 
 

@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # MetaSchedule logs every batch at INFO; the progress bar says enough
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     from .model import ModelError
     from .rpc import DeviceError
 

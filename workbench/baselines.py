@@ -20,6 +20,7 @@ right after, in one call.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -71,13 +72,25 @@ def _onnxruntime(model: Model, x: np.ndarray, threads: int, timing: TimingConfig
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT's pool spin-waits after each run by default, stealing the 2 cores from whichever
-    # baseline runs next in an interleaved round: turn the spinning off.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's defaults otherwise (its threads spin briefly after a run, as a user would have it);
+    # the pause between interleaved repeats lets that spinning end before the next system runs.
     session = ort.InferenceSession(to_onnx(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {model.input_name: x}
     run = lambda: session.run(None, feed)[0]  # noqa: E731
-    return Prepared("onnxruntime", run, _python_repeat(run, timing), f"onnxruntime {ort.__version__}, CPU EP, intra-op spinning off")
+    return Prepared("onnxruntime", run, _python_repeat(run, timing), f"onnxruntime {ort.__version__}, CPU EP")
+
+
+def onnxruntime_conv(case, threads: int, timing: TimingConfig) -> dict:
+    """ONNX Runtime running one conv layer alone (checked against the case's reference first)."""
+    from .measure import check_numerics
+
+    layer = dataclasses.replace(case.layer, inputs=("input",))
+    single = Model(layer.name, [layer], {layer.name: (case.weight, case.bias)}, layer.input_shape)
+    prepared = _onnxruntime(single, case.x, threads, timing)
+    ok, err, _ = check_numerics(prepared.run(), case.reference, 1e-4)
+    repeats = [prepared.repeat_ms() for _ in range(timing.repeat)]
+    return {"layer": case.layer.name, "impl": "onnxruntime", "numerics_ok": ok, "max_abs_err": err,
+            "median_ms": float(np.median(repeats)), "repeats_ms": repeats}
 
 
 def _torch(model: Model, x: np.ndarray, threads: int, timing: TimingConfig, onednn: bool) -> Prepared:

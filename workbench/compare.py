@@ -179,6 +179,24 @@ def schedule_candidate(impl: str, knobs_for=None) -> TVMKernelCandidate:
         applies=lambda layer: schedules.applicable(impl, schedule_layer(layer)))
 
 
+def schedule_step_candidate(impl: str, step: str, sch, knobs=None) -> TVMKernelCandidate:
+    """One intermediate schedule (e.g. from schedules.steps) as a candidate, to time each step."""
+    import tvm
+
+    from . import schedules
+
+    def build(case: ConvCase, device):
+        module = tvm.tirx.build(sch.mod["main"].with_attr("global_symbol", "conv"), target=device.tvm_target())
+        return module, "conv", schedules.pack_weight(impl, schedule_layer(case.layer, case.relu), knobs, case.weight)
+
+    return TVMKernelCandidate(f"tvm:{impl}:{step}", build, tolerance=1e-3, note=step)
+
+
+def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: TimingConfig = TimingConfig()) -> dict:
+    """One candidate on one layer through the protocol (not recorded)."""
+    return compare(model, device, [layer], candidates=[candidate], timing=timing, progress=False)[0]
+
+
 def schedule_candidates() -> list[TVMKernelCandidate]:
     from . import schedules
 

@@ -1,0 +1,62 @@
+"""End-to-end benchmark: the hybrid UNet against its peers, measured interleaved in one run.
+
+Usage: python benchmarks/end_to_end.py [--work-dir DIR] [--repeat N]
+
+Uses the work directory of a finished `make study` (tuning databases and per-layer records;
+whatever is missing is measured first), builds the hybrid and the pure-TVM model from the
+records, and prints JSON with each system's median latency and the hybrid's ratio to it
+(below 1.0: the hybrid is faster). Goals on 2 cores: below 1.0 against ONNX Runtime (aim
+0.8), at most 1/1.2 against NNPACK everywhere and 1/1.4 against pure TVM.
+"""
+
+import argparse
+import json
+import sys
+
+from workbench import baselines, compare, hybrid, study, tuning
+from workbench.measure import TimingConfig
+from workbench.model import reference_unet, sample_input
+from workbench.records import WorkDir
+from workbench.rpc import LocalCluster
+
+GOALS = {"onnxruntime": 1.0, "nnpack_everywhere": 1 / 1.2, "tvm_only": 1 / 1.4}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    model, work = reference_unet(), WorkDir.at(args.work_dir)
+    config = study.StudyConfig(trials=args.trials)
+    timing = TimingConfig(number=1, repeat=args.repeat, min_repeat_ms=100)
+    with LocalCluster(threads=args.threads) as cluster:
+        device = cluster.device()
+        tuned = study.tuned_layers(model, config)
+        tuning.tune_layers(model, device, args.trials, work.tuning, layers=tuned, progress=False)
+        records = compare.compare(model, device, candidates=study.candidates(model, device, work, tuned, args.trials),
+                                  timing=config.timing, store=work.records, progress=False)
+        kernels = study.tvm_kernels(model, work, device.target)
+        executables = {name: hybrid.compile_hybrid(hybrid.build_hybrid(model, plan, device.target, kernels), device.target)
+                       for name, plan in study.plans(model, records).items()}
+        results = baselines.measure_baselines(model, device, args.threads, timing, x=sample_input(model),
+                                              extra=executables)
+    by_name = {r["name"]: r for r in results}
+    hybrid_ms = by_name["hybrid"]["median_ms"]
+    ratios = {name: hybrid_ms / r["median_ms"] for name, r in by_name.items() if name != "hybrid"}
+    json.dump({
+        "hybrid_ms": hybrid_ms,
+        "numerics_ok": all(r["numerics_ok"] for r in results),
+        "median_ms": {name: r["median_ms"] for name, r in by_name.items()},
+        "hybrid_ratio": ratios,
+        "goals_met": {name: ratios[name] <= goal for name, goal in GOALS.items() if name in ratios},
+        "threads": args.threads,
+        "repeat": args.repeat,
+    }, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""`study --quick` end to end on a small UNet over a real local cluster, its resume, and export."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from workbench.model import reference_output, sample_input, save_onnx
+
+
+def workbench(*args):
+    proc = subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def study(small_model, cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    onnx_path = save_onnx(small_model, root / "small.onnx")
+    work = root / "work"
+    args = ["study", "--model", str(onnx_path), "--work-dir", str(work), "--quick",
+            "--tracker", f"127.0.0.1:{cluster.port}", "--key", cluster.key, "--json"]
+    summary = json.loads(workbench(*args).stdout)
+    return {"summary": summary, "work": work, "onnx": onnx_path, "args": args}
+
+
+def _kinds(work):
+    lines = (work / "results" / "records.jsonl").read_text().splitlines()
+    kinds = {}
+    for line in lines:
+        kind = json.loads(line)["kind"]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def test_study_reports_the_hybrid_against_every_peer(study):
+    summary = study["summary"]
+    assert summary["numerics_ok"] is True
+    assert summary["hybrid_ms"] > 0
+    assert {"onnxruntime", "torch", "nnpack_everywhere", "tvm_only"} <= set(summary["baselines"])
+    for name, ms in summary["baselines"].items():
+        assert ms > 0 and summary["ratios"][name] == pytest.approx(summary["hybrid_ms"] / ms)
+    report = (study["work"] / "report.html").read_text()
+    assert "End to end" in report and "Plotly" in report and "<script" in report
+    assert (study["work"] / "hybrid" / "plan.json").exists()
+
+
+def test_study_measured_nnpack_tvm_and_tuned_kernels(study):
+    records = [json.loads(l) for l in (study["work"] / "results" / "records.jsonl").read_text().splitlines()]
+    convs = [r for r in records if r["kind"] == "conv_measurement"]
+    impls = {r["impl"] for r in convs if r["status"] == "ok"}
+    assert {"nnpack:wt8x8:precompute", "tvm:default", "tvm:direct_nchwc", "tvm:tuned"} <= impls
+    tuned = [r for r in convs if r["impl"] == "tvm:tuned"]
+    assert sum(r["status"] == "ok" for r in tuned) == 4  # the first and last two convs
+    assert any(r["kind"] == "tuning" for r in records)
+
+
+def test_a_rerun_resumes_without_tuning_or_measuring_layers_again(study):
+    before = _kinds(study["work"])
+    summary = json.loads(workbench(*study["args"]).stdout)
+    after = _kinds(study["work"])
+    assert after["conv_measurement"] == before["conv_measurement"]
+    tuning = [json.loads(l) for l in (study["work"] / "results" / "records.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "tuning"]
+    assert all(r["new_trials"] == 0 for r in tuning[-4:])
+    assert summary["numerics_ok"] is True
+
+
+def test_export_and_load_hybrid_match_the_reference(study, small_model, tmp_path):
+    from workbench import load_hybrid
+
+    out = tmp_path / "exported"
+    workbench("export", "--model", str(study["onnx"]), "--work-dir", str(study["work"]), "--out", str(out))
+    assert {p.name for p in out.iterdir()} >= {"hybrid.so", "plan.json", "model.onnx"}
+    run = load_hybrid(out)
+    x = sample_input(small_model)
+    np.testing.assert_allclose(run(x), reference_output(small_model, x), rtol=1e-3, atol=1e-3)
+
+
+def test_export_without_a_study_says_what_to_do(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "workbench", "export", "--work-dir", str(tmp_path), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "run `python -m workbench study`" in proc.stderr
