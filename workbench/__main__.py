@@ -28,6 +28,19 @@ def _emit(args, payload, human) -> None:
         print(human())
 
 
+COMMON = {
+    "--model": dict(help="an ONNX file (default: the reference UNet)"),
+    "--layers": dict(help="comma-separated conv names (default: all convs)"),
+    "--work-dir": dict(help="records, tuning databases, the hybrid and report.html (default: data/)"),
+    "--json": dict(action="store_true", help="machine-readable output on stdout"),
+}
+
+
+def _common(parser, *names) -> None:
+    for name in names:
+        parser.add_argument(name, **COMMON[name])
+
+
 def _device_args(parser) -> None:
     parser.add_argument("--tracker", help="remote RPC tracker HOST:PORT (default: a local cluster on loopback)")
     parser.add_argument("--key", help="device key registered at the tracker")
@@ -141,51 +154,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("layers", help="the layer table: shapes, FLOPs, bytes, arithmetic intensity")
-    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
-    p.add_argument("--json", action="store_true")
+    _common(p, "--model", "--json")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("ceilings", help="measured peak GFLOP/s and memory bandwidth of a device")
     _device_args(p)
     p.add_argument("--quick", action="store_true", help="fewer repeats (for tests)")
-    p.add_argument("--json", action="store_true")
+    _common(p, "--json")
     p.set_defaults(func=cmd_ceilings)
 
     p = sub.add_parser("compare", help="every NNPACK algorithm x strategy and TVM on every conv, over RPC")
-    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
-    p.add_argument("--layers", help="comma-separated conv names (default: all convs)")
-    p.add_argument("--work-dir", help="where records and tuning databases are kept (default: data/)")
+    _common(p, "--model", "--layers", "--work-dir", "--json")
     p.add_argument("--fresh", action="store_true", help="measure again even if records exist")
     p.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     _device_args(p)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("tune", help="MetaSchedule auto-tuning of convs over RPC (resumes from its database)")
-    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
-    p.add_argument("--layers", help="comma-separated conv names (default: all convs)")
+    _common(p, "--model", "--layers", "--work-dir", "--json")
     p.add_argument("--trials", type=int, required=True, help="trials per layer (records already there count)")
-    p.add_argument("--work-dir", help="tuning databases go to WORK_DIR/tuning (default: data/)")
     _device_args(p)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("study", help="the whole study: ceilings, tuning, per-layer comparison, hybrid, peers, report")
-    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
-    p.add_argument("--work-dir", help="records, databases, the hybrid and report.html (default: data/)")
+    _common(p, "--model", "--work-dir", "--json")
     p.add_argument("--quick", action="store_true", help="a small budget (for CI)")
     p.add_argument("--trials", type=int, help="MetaSchedule trials per tuned layer")
     p.add_argument("--tune", choices=("edges", "all", "none"), help="which convs MetaSchedule tunes")
     _device_args(p)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("export", help="write the study's hybrid model, plan and source model to a folder")
-    p.add_argument("--model", help="an ONNX file (default: the reference UNet)")
-    p.add_argument("--work-dir", help="the study's work directory (default: data/)")
+    _common(p, "--model", "--work-dir", "--json")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="an RPC server with the NNPACK bridge registered")
