@@ -23,6 +23,7 @@ transformed-kernel cache relies on.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -649,6 +650,8 @@ def local_vm(executable, threads: int = 2):
     import tvm
     from tvm import relax
 
+    # TVM's pool reads this once, when it starts; unset, it halves the cores on x86.
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     nnpack.register_tvm_functions(threads)
     return relax.VirtualMachine(executable, tvm.cpu())
 

@@ -197,6 +197,9 @@ class LocalCluster:
 
     def __init__(self, servers: int = 1, key: str = DEFAULT_KEY, threads: int | None = None,
                  host: str = "127.0.0.1", start_timeout: float = 60.0):
+        # Always explicit: TVM's runtime otherwise halves the core count on x86 (it assumes
+        # hyper-threading), so a 2-core machine would run every TVM kernel on one thread.
+        threads = threads or os.cpu_count() or 1
         self.servers, self.key, self.threads, self.host = servers, key, threads, host
         self.start_timeout = start_timeout
         self.port: int | None = None
@@ -218,14 +221,11 @@ class LocalCluster:
         self.procs.append(_spawn(["-m", "tvm.exec.rpc_tracker", "--host", self.host,
                                   "--port", str(self.port), "--port-end", str(self.port + 1), "--silent"]))
         self._wait_for(lambda: self._tracker_answers(), "the tracker to answer")
-        env = thread_env(self.threads) if self.threads else None
         for _ in range(self.servers):
             port = free_port(self.host)
             args = ["-m", "workbench", "serve", "--tracker", f"{self.host}:{self.port}", "--key", self.key,
-                    "--host", self.host, "--port", str(port)]
-            if self.threads:
-                args += ["--threads", str(self.threads)]
-            self.procs.append(_spawn(args, env))
+                    "--host", self.host, "--port", str(port), "--threads", str(self.threads)]
+            self.procs.append(_spawn(args, thread_env(self.threads)))
         self._wait_for(lambda: self._registered() >= self.servers, f"{self.servers} server(s) to register")
         log.info("local RPC cluster: tracker %s:%s, key %s, %d server(s)", self.host, self.port, self.key, self.servers)
 
@@ -338,6 +338,9 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
             "Pass --allow-remote to serve beyond loopback, on a trusted network only"
         )
     tracker_addr = parse_tracker(tracker) if tracker else None
+    threads = threads or os.cpu_count() or 1
+    for name, value in thread_env(threads).items():  # inherited by every session process
+        os.environ.setdefault(name, value)
     server = tvm.rpc.Server(
         host=host, port=port, port_end=port + 1, tracker_addr=tracker_addr, key=key, silent=True,
         server_init_callback=functools.partial(_register_device_functions, threads),
