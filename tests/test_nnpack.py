@@ -264,7 +264,7 @@ def tvm_functions():
     tvm = pytest.importorskip("tvm")
     names = nnpack.register_tvm_functions(threads=1)
     assert names == ["workbench.nnpack.conv2d", "workbench.nnpack.conv2d_prepacked", "workbench.nnpack.last_profile",
-                     "workbench.nnpack.set_threads"]
+                     "workbench.nnpack.set_threads", "workbench.nnpack.share_cores_with_tvm"]
     return tvm
 
 

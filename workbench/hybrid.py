@@ -645,6 +645,15 @@ def _reference(reference, x: np.ndarray) -> np.ndarray | None:
     return reference_output(reference, x) if isinstance(reference, Model) else reference
 
 
+def uses_nnpack(executable) -> bool:
+    """Whether a compiled model (an Executable, or the module loaded from its library) calls NNPACK."""
+    from tvm import relax
+
+    if not isinstance(executable, relax.VMExecutable):
+        executable = relax.VMExecutable(executable)
+    return "workbench.nnpack." in executable.as_text()
+
+
 def local_vm(executable, threads: int = 2):
     """A Relax VM in this process, with the NNPACK functions registered for `threads`."""
     import tvm
@@ -652,6 +661,8 @@ def local_vm(executable, threads: int = 2):
 
     # TVM's pool reads this once, when it starts; unset, it halves the cores on x86.
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    if uses_nnpack(executable):
+        nnpack.share_cores_with_tvm()
     nnpack.register_tvm_functions(threads)
     return relax.VirtualMachine(executable, tvm.cpu())
 
@@ -706,6 +717,8 @@ def _remote_work(session, executable, x, reference, timing, threads, export_kwar
 
     if threads:
         session.get_function(nnpack.SET_THREADS)(threads)
+    if uses_nnpack(executable):
+        session.get_function(nnpack.SHARE_CORES)()
     name = f"hybrid-{uuid.uuid4().hex[:8]}.so"  # fresh name: the device caches loaded paths
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, name)
