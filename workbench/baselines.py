@@ -240,7 +240,10 @@ def measure_baselines(model: Model, device=None, threads: int = 2, timing: Timin
     local += [_tvm_local(n, model, x, threads, timing, target, ex, "supplied executable; in process")
               for n, ex in extra.items() if n not in remote]
     results = {r["name"]: r for r in _measure_interleaved(local, reference, timing)}
-    for name in remote:
+    # The supplied models first and untuned TVM (a second per run) last, with a pause between
+    # sessions: a finishing session's teardown otherwise overlaps the next one's first repeats.
+    for name in sorted(remote, key=lambda n: (n not in extra, n == "tvm_untuned")):
+        time.sleep(1.0)
         results[name] = _measure_remote(name, model, x, reference, device, threads, timing,
                                         extra.get(name), "supplied executable" if name in extra else "")
     if device is None and os.environ.get("TVM_NUM_THREADS") not in (None, str(threads)):
