@@ -236,16 +236,19 @@ def measure_baselines(model: Model, device=None, threads: int = 2, timing: Timin
     tvm_built = ("nnpack_everywhere", "tvm_untuned", *extra)
     remote = [n for n in [*names, *extra] if device is not None and n in tvm_built]
     target = device.target if device is not None else host_target(threads)
-    local = [_prepare(n, model, x, threads, timing, target) for n in names if n not in remote]
-    local += [_tvm_local(n, model, x, threads, timing, target, ex, "supplied executable; in process")
-              for n, ex in extra.items() if n not in remote]
-    results = {r["name"]: r for r in _measure_interleaved(local, reference, timing)}
-    # The supplied models first and untuned TVM (a second per run) last, with a pause between
-    # sessions: a finishing session's teardown otherwise overlaps the next one's first repeats.
+    # Device runs first: the supplied models, then the baselines, untuned TVM (a second per run)
+    # last, with a pause between sessions so a finishing session's teardown does not overlap the
+    # next one's first repeats. The in-process peers come after: their thread pools (ONNX
+    # Runtime's, PyTorch's OpenMP) stay busy for a while after they ran.
+    results = {}
     for name in sorted(remote, key=lambda n: (n not in extra, n == "tvm_untuned")):
         time.sleep(1.0)
         results[name] = _measure_remote(name, model, x, reference, device, threads, timing,
                                         extra.get(name), "supplied executable" if name in extra else "")
+    local = [_prepare(n, model, x, threads, timing, target) for n in names if n not in remote]
+    local += [_tvm_local(n, model, x, threads, timing, target, ex, "supplied executable; in process")
+              for n, ex in extra.items() if n not in remote]
+    results.update({r["name"]: r for r in _measure_interleaved(local, reference, timing)})
     if device is None and os.environ.get("TVM_NUM_THREADS") not in (None, str(threads)):
         for name in tvm_built:
             if name in results:
