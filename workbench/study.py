@@ -55,11 +55,8 @@ def tuned_layers(model: Model, config: StudyConfig) -> list[str]:
 def candidates(model: Model, device, work: WorkDir, tuned: list[str], trials: int) -> list:
     """NNPACK's algorithms x strategies, TVM default, the hand schedules, and the tuned schedules."""
     threads = int(device.target.get("num-cores") or 1)
-    found = tuning.tuned_candidate(work.tuning)
-    tuned_set = set(tuned)
-    found._applies = lambda layer: None if layer.name in tuned_set else "not tuned at this budget"
-    found.config = f"trials={trials}"
-    return compare.all_candidates(threads) + compare.schedule_candidates() + [found]
+    return (compare.all_candidates(threads) + compare.schedule_candidates()
+            + [tuning.tuned_candidate(work.tuning, layers=tuned, trials=trials)])
 
 
 def tvm_kernels(model: Model, work: WorkDir, target: dict) -> dict:

@@ -345,8 +345,12 @@ class NotTunedError(LookupError):
     """No usable tuning record for a layer on this target."""
 
 
-def tuned_candidate(work_dir) -> TVMKernelCandidate:
-    """The best tuned schedule of each layer as a compare.py candidate (impl "tvm:tuned")."""
+def tuned_candidate(work_dir, layers: list[str] | None = None, trials: int | None = None) -> TVMKernelCandidate:
+    """The best tuned schedule of each layer as a compare.py candidate (impl "tvm:tuned").
+
+    With `layers`, other layers report "not applicable" instead of failing; `trials` becomes the
+    candidate's configuration, so a record measured at another budget is measured again.
+    """
 
     def build(case, device):
         found = best_module(case.layer, device, work_dir, case.relu)
@@ -357,4 +361,8 @@ def tuned_candidate(work_dir) -> TVMKernelCandidate:
         module, name = found
         return module, name, case.weight
 
-    return TVMKernelCandidate("tvm:tuned", build, note=f"MetaSchedule best record from {work_dir}")
+    tuned = set(layers) if layers is not None else None
+    return TVMKernelCandidate(
+        "tvm:tuned", build, note=f"MetaSchedule best record from {work_dir}",
+        applies=(lambda layer: None if layer.name in tuned else "not tuned at this budget") if tuned is not None else None,
+        config=f"trials={trials}" if trials else "")
