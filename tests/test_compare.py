@@ -111,6 +111,9 @@ def test_compare_cli_json(tmp_path, small_model, cluster):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert {"layer", "impl", "status", "median_ms", "gflops", "numerics_ok", "max_abs_err", "phases"} <= set(rows[0])
-    impls = {r["impl"] for r in rows}
-    assert {"nnpack:wt8x8:precompute", "nnpack:direct:compute", "tvm:default"} <= impls
+    by_impl = {r["impl"]: r for r in rows}
+    assert {"nnpack:wt8x8:precompute", "nnpack:direct:compute", "tvm:default", "tvm:direct_nchwc",
+            "tvm:winograd_6", "tvm:tuned"} <= set(by_impl)
+    assert by_impl["tvm:winograd_4"]["status"] == "ok" and by_impl["tvm:winograd_4"]["numerics_ok"]
+    assert by_impl["tvm:tuned"]["status"] == "not_applicable"  # nothing tuned in this work dir
     assert (tmp_path / "w" / "results" / "records.jsonl").exists()

@@ -68,7 +68,8 @@ def cmd_ceilings(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, json_rows, table
+    from . import tuning
+    from .compare import all_candidates, compare, json_rows, schedule_candidates, table
     from .measure import TimingConfig
     from .records import WorkDir
     from .rpc import open_device
@@ -77,10 +78,15 @@ def cmd_compare(args) -> None:
     layers = args.layers.split(",") if args.layers else None
     model.select_convs(layers)  # fail on unknown names before starting a device
     timing = TimingConfig.quick() if args.quick else TimingConfig()
-    store = WorkDir.at(args.work_dir).records
+    work = WorkDir.at(args.work_dir)
     with open_device(args.tracker, args.key, args.target, args.threads) as device:
-        records = compare(model, device, layers, timing=timing, store=store, resume=not args.fresh,
-                          progress=not args.json)
+        threads = int(device.target.get("num-cores") or 1)
+        # NNPACK and TVM's default, the hand schedules, and tvm:tuned where the work dir has tuning records.
+        tuned = tuning.tuned_layers(model, device.target, work.tuning)
+        candidates = (all_candidates(threads) + schedule_candidates()
+                      + [tuning.tuned_candidate(work.tuning, layers=tuned)])
+        records = compare(model, device, layers, candidates=candidates, timing=timing, store=work.records,
+                          resume=not args.fresh, progress=not args.json)
     _emit(args, json_rows(records), lambda: table(records).to_string(index=False))
 
 

@@ -330,6 +330,15 @@ def best_prim_func(layer: Layer, target: dict, work_dir, relu: bool = False):
     return None if schedule is None else schedule.mod["main"]
 
 
+def tuned_layers(model: Model, target: dict, work_dir) -> list[str]:
+    """The convs of `model` with at least one usable tuning record for `target` under work_dir."""
+    if not database_dir(work_dir, target).exists():
+        return []
+    database = open_database(work_dir, target)
+    return [layer.name for layer in model.convs
+            if any(record_ms(r) is not None for r in records_of(database, workload(layer)))]
+
+
 def best_module(layer: Layer, device, work_dir, relu: bool = False):
     """(runtime module built with the database's best schedule, "conv"), or None if never tuned."""
     import tvm
