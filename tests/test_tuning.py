@@ -92,3 +92,21 @@ def test_larger_budget_resumes_from_the_database(tuned, device):
     assert more.new_trials == 4 and more.trials == first.trials + 4
     assert more.best_ms <= first.best_ms
     assert all(1 <= trial <= more.trials for trial, _ in more.history)
+
+
+def test_whole_model_budget_reaches_every_task_and_resumes(small_model, device, tmp_path):
+    from workbench.tuning import TuningConfig, database_dir, open_database, records_of, tune_model, workload
+
+    config = TuningConfig(trials_per_batch=4)
+    layers = ["enc0_conv1", "enc0_conv2", "dec0_conv"]  # enc0_conv2 and dec0_conv share one shape
+    first = tune_model(small_model, device, 12, tmp_path, layers=layers, progress=False, config=config)
+    assert [r.layer for r in first] == ["enc0_conv1", "enc0_conv2", "dec0_conv"]
+    database = open_database(tmp_path, device.target)
+    counts = {name: len(records_of(database, workload(small_model.layer(name)))) for name in layers}
+    assert counts["enc0_conv2"] == counts["dec0_conv"]  # one task, one set of records
+    assert counts["enc0_conv1"] >= 4 and counts["enc0_conv2"] >= 4  # every task got a batch
+    assert counts["enc0_conv1"] + counts["enc0_conv2"] == 12  # the budget, spent once
+    assert all(r.best_ms is not None and r.best_ms > 0 for r in first)
+    again = tune_model(small_model, device, 12, tmp_path, layers=layers, progress=False, config=config)
+    assert all(r.new_trials == 0 for r in again)
+    assert database_dir(tmp_path, device.target).exists()

@@ -102,7 +102,11 @@ def cmd_tune(args) -> None:
         raise UserError("--trials must be at least 1")
     work = WorkDir.at(args.work_dir)
     with open_device(args.tracker, args.key, args.target, args.threads) as device:
-        results = tuning.tune_layers(model, device, args.trials, work.tuning, layers=layers, progress=not args.json)
+        if args.whole_model:
+            results = tuning.tune_model(model, device, args.trials, work.tuning, layers=layers, progress=not args.json)
+        else:
+            results = tuning.tune_layers(model, device, args.trials, work.tuning, layers=layers,
+                                         progress=not args.json)
         for result in results:
             work.records.append("tuning", result.to_dict(), model=model.name, device=device.describe())
     rows = [r.to_dict() for r in results]
@@ -179,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="MetaSchedule auto-tuning of convs over RPC (resumes from its database)")
     _common(p, "--model", "--layers", "--work-dir", "--json")
     p.add_argument("--trials", type=int, required=True, help="trials per layer (records already there count)")
+    p.add_argument("--whole-model", action="store_true",
+                   help="--trials is one budget for all convs, spent where it pays (every conv gets a batch first)")
     _device_args(p)
     p.set_defaults(func=cmd_tune)
 

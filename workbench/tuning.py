@@ -316,6 +316,55 @@ def tune_layers(model: Model, device, trials_per_layer: int, work_dir, layers: l
 
 # ---------------------------------------------------------------- using the results
 
+def tune_model(model: Model, device, total_trials: int, work_dir, layers: list[str] | None = None,
+               progress: bool = True, config: TuningConfig = TuningConfig()) -> list[TuneResult]:
+    """Tune a model's convs within one trial budget, spending it where it pays.
+
+    Tasks are the distinct conv workloads: layers of the same shape share one task and its
+    records. Every task first gets one batch, so no layer is left with naive loops (a model is
+    as fast as its least-tuned layer); after that each batch goes to the task with the most time
+    left on the table, its best time so far times the number of layers that use it. Records
+    already in the database count toward the budget, so a re-run resumes. One result per layer.
+    """
+    tasks: dict[tuple, list[Layer]] = {}
+    for layer in model.select_convs(layers):
+        key = (layer.input_shape, layer.out_channels, layer.kernel, layer.stride, layer.pad)
+        tasks.setdefault(key, []).append(layer)
+    database = open_database(work_dir, device.target)
+    done = {key: len(records_of(database, workload(members[0]))) for key, members in tasks.items()}
+    results: dict[tuple, TuneResult] = {}
+
+    def grant(key, trials):
+        result = tune_layer(tasks[key][0], device, done[key] + trials, work_dir, progress=progress, config=config)
+        done[key] = result.trials
+        results[key] = result
+        return result.new_trials
+
+    batch = config.trials_per_batch
+    for key in tasks:  # first, every task gets a batch
+        left = total_trials - sum(done.values())
+        if done[key] < batch and left > 0:
+            grant(key, min(batch - done[key], left))
+    while (left := total_trials - sum(done.values())) > 0:
+        key = max(tasks, key=lambda k: _best_ms(database, tasks[k][0]) * len(tasks[k]))
+        if grant(key, min(batch, left)) == 0:
+            break  # the search space of the costliest task is exhausted
+    return [_result_for(layer, results.get(key) or tune_layer(layer, device, done[key], work_dir, progress=False,
+                                                               config=config))
+            for key, members in tasks.items() for layer in members]
+
+
+def _best_ms(database, layer: Layer) -> float:
+    return min((ms for ms in map(record_ms, records_of(database, workload(layer))) if ms is not None),
+               default=math.inf)
+
+
+def _result_for(layer: Layer, result: TuneResult) -> TuneResult:
+    """The task's result under this layer's name (layers of one shape share the task)."""
+    return TuneResult(layer.name, result.trials, result.new_trials, result.seconds, result.trials_per_minute,
+                      result.best_ms, result.history)
+
+
 def best_prim_func(layer: Layer, target: dict, work_dir, relu: bool = False):
     """The database's best schedule of this layer as a PrimFunc (data, weight OIHW, bias, out), or None."""
     import tvm
