@@ -272,23 +272,11 @@ def tvm_functions():
     ("wt8x8", "precompute", "relu"), ("ft8x8", "compute", "identity"), ("auto", "compute", "relu")])
 def test_relax_call_dps_packed_matches_torch(tvm_functions, algorithm, strategy, activation):
     tvm = tvm_functions
-    from tvm import relax
-
     shape = SHAPES["odd_asymmetric_pad"]
     x, w, b = make_data(shape)
     ref = reference(x, w, b, shape, relu=activation == "relu")
 
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(shape.input_shape, "float32"))
-    wv = relax.Var("w", relax.TensorType(shape.weight_shape, "float32"))
-    bv = relax.Var("b", relax.TensorType((shape.out_channels,), "float32"))
-    with bb.function("main", [xv, wv, bv]):
-        with bb.dataflow():
-            y = bb.emit_output(nnpack.relax_conv2d(xv, wv, bv, shape, algorithm=algorithm, strategy=strategy,
-                                                   activation=activation))
-        bb.emit_func_output(y)
-    executable = tvm.compile(bb.get(), target=tvm.target.Target({"kind": "llvm"}))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = nnpack.relax_vm(shape, algorithm, strategy, activation)  # call_dps_packed inside a compiled module
     for _ in range(2):  # the second call reuses the transformed kernel when precomputing
         y = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b)).numpy()
         assert nnpack.within_tolerance(y, ref, algorithm), nnpack.relative_error(y, ref)

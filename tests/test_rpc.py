@@ -42,8 +42,8 @@ def test_ceilings_measured_through_the_local_cluster(device):
     assert result.peak_gflops == max(result.peak_samples) > 1.0
     assert result.bandwidth_gbs == max(result.bandwidth_samples) > 0.5
     assert result.ridge_intensity == pytest.approx(result.peak_gflops / result.bandwidth_gbs)
-    # A scalar-free FMA kernel should beat a memory-bound triad by a wide margin on any CPU.
-    assert result.peak_gflops / 4 > result.bandwidth_gbs / 4  # GFLOP/s vs GFLOAT/s streamed
+    # Any CPU does more FLOPs per second from registers than it streams bytes from memory.
+    assert result.peak_gflops > result.bandwidth_gbs
     assert result.gemm_gflops and result.gemm_gflops > 1.0
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import nnpack
-from .compare import conv_shape, default_conv_func
+from .compare import conv_shape, default_conv_func, schedule_layer
 from .measure import TimingConfig
 from .model import Layer, Model, reference_output, save_onnx
 
@@ -356,9 +356,7 @@ def schedule_kernels(model: Model, impl: str, knobs: dict[str, Any] | None = Non
     from . import schedules
 
     def factory(layer: Layer, relu: bool):
-        _, c, h, w = layer.input_shape
-        conv = schedules.ConvLayer(layer.name, c, layer.out_channels, h, w, layer.kernel, layer.stride,
-                                   layer.pad, relu)
+        conv = schedule_layer(layer, relu)
         layer_knobs = (knobs or {}).get(layer.name)
         sch = schedules.schedule(impl, schedules.new_schedule(impl, conv, layer_knobs), conv, layer_knobs)
         packed = schedules.pack_weight(impl, conv, layer_knobs, model.params[layer.name][0])

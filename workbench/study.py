@@ -144,9 +144,7 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
 def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
     by_name = {r["name"]: r for r in end_to_end}
     hybrid_ms = by_name["hybrid"]["median_ms"]
-    peers = {"onnxruntime": "onnxruntime", "torch": "torch", "torch_nnpack": "torch_nnpack",
-             "nnpack_everywhere": "nnpack_everywhere", "tvm_only": "tvm_only", "tvm_untuned": "tvm_untuned"}
-    base = {key: by_name[name]["median_ms"] for key, name in peers.items() if name in by_name}
+    base = {name: r["median_ms"] for name, r in by_name.items() if name != "hybrid"}
     return {
         "model": model.name,
         "hybrid_ms": hybrid_ms,
