@@ -7,11 +7,10 @@ import json
 import logging
 import sys
 
+from .errors import UserError, WorkbenchError
+from .threads import resolve_threads
+
 log = logging.getLogger("workbench")
-
-
-class UserError(Exception):
-    """Reported as one clear line, without a traceback."""
 
 
 def _load_model(path: str | None):
@@ -69,7 +68,8 @@ def cmd_ceilings(args) -> None:
 
 def cmd_compare(args) -> None:
     from . import tuning
-    from .compare import all_candidates, compare, json_rows, schedule_candidates, table
+    from .compare import compare, json_rows, table
+    from .kernels.registry import all_candidates
     from .measure import TimingConfig
     from .records import WorkDir
     from .rpc import open_device
@@ -80,11 +80,9 @@ def cmd_compare(args) -> None:
     timing = TimingConfig.quick() if args.quick else TimingConfig()
     work = WorkDir.at(args.work_dir)
     with open_device(args.tracker, args.key, args.target, args.threads) as device:
-        threads = int(device.target.get("num-cores") or 1)
         # NNPACK and TVM's default, the hand schedules, and tvm:tuned where the work dir has tuning records.
         tuned = tuning.tuned_layers(model, device.target, work.tuning)
-        candidates = (all_candidates(threads) + schedule_candidates()
-                      + [tuning.tuned_candidate(work.tuning, layers=tuned)])
+        candidates = all_candidates(int(device.target.get("num-cores") or 1), work.tuning, tuned)
         records = compare(model, device, layers, candidates=candidates, timing=timing, store=work.records,
                           resume=not args.fresh, progress=not args.json)
     _emit(args, json_rows(records), lambda: table(records).to_string(index=False))
@@ -134,26 +132,26 @@ def cmd_study(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import hybrid
+    from .hybrid import export_hybrid
+    from .kernels.registry import all_candidates
+    from .plan import Plan
     from .records import WorkDir
     from .rpc import host_target
-    from .study import tvm_kernels
 
     model = _load_model(args.model)
     work = WorkDir.at(args.work_dir)
     plan_path = work.hybrid / "plan.json"
     if not plan_path.exists():
         raise UserError(f"no plan at {plan_path}; run `python -m workbench study` with this --work-dir first")
-    plan = hybrid.Plan.load(plan_path)
-    plan.validate(model)
-    threads = args.threads or 2
-    target = host_target(threads)
-    out = hybrid.export_hybrid(model, plan, args.out, target, tvm_kernels(model, work, target), threads)
+    plan = Plan.load(plan_path)
+    candidates = all_candidates(args.threads, tuning_dir=work.tuning)
+    plan.validate(model, candidates)
+    out = export_hybrid(model, plan, args.out, host_target(args.threads), args.threads, candidates)
     _emit(args, {"out": str(out), "plan": {n: e.impl for n, e in plan.layers.items()}}, lambda: f"exported to {out}")
 
 
 def cmd_serve(args) -> None:
-    from .rpc import serve
+    from .server import serve
 
     serve(args.host, args.port, args.tracker, args.key or "workbench", args.threads, args.allow_remote)
 
@@ -219,12 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # MetaSchedule logs every batch at INFO; the progress bar says enough
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    from .model import ModelError
-    from .rpc import DeviceError
-
     try:
+        args.threads = resolve_threads(getattr(args, "threads", None))  # once, here; passed down explicitly
         args.func(args)
-    except (UserError, ModelError, DeviceError, KeyError) as err:
+    except WorkbenchError as err:  # anything else is a bug: let it surface with its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -29,8 +29,15 @@ from typing import Callable
 import numpy as np
 
 from . import hybrid
+from .errors import WorkbenchError
+from .build import build_hybrid, compile_hybrid
 from .measure import TimingConfig
+from .plan import Plan
 from .model import Model, reference_output, sample_input, to_onnx
+
+class BaselineError(WorkbenchError, ValueError):
+    """An unknown peer."""
+
 
 NAMES = ("onnxruntime", "torch", "torch_nnpack", "nnpack_everywhere", "tvm_untuned")
 
@@ -126,16 +133,15 @@ def _torch_conv_path(run) -> str:
 
 # ---------------------------------------------------------------- TVM-built
 
-def nnpack_everywhere_plan(model: Model) -> hybrid.Plan:
+def nnpack_everywhere_plan(model: Model) -> Plan:
     """Every conv on NNPACK auto, precompute where it applies (compute otherwise), ReLU fused."""
     from . import nnpack
-    from .compare import conv_shape
 
     overrides = {}
     for conv in model.convs:
-        precompute_ok = nnpack.why_not_applicable(conv_shape(conv), "auto", "precompute") is None
+        precompute_ok = nnpack.why_not_applicable(conv.geometry, "auto", "precompute") is None
         overrides[conv.name] = "nnpack:auto:precompute" if precompute_ok else "nnpack:auto:compute"
-    plan = hybrid.Plan.uniform(model, "nnpack:auto:precompute", overrides=overrides)
+    plan = Plan.uniform(model, "nnpack:auto:precompute", overrides=overrides)
     plan.notes.append("nnpack_everywhere: NNPACK auto on every conv, ReLU fused")
     return plan
 
@@ -147,7 +153,7 @@ def _tvm_executable(name: str, model: Model, target):
 
     if name == "nnpack_everywhere":
         plan = nnpack_everywhere_plan(model)
-        return hybrid.compile_hybrid(hybrid.build_hybrid(model, plan, target), target), \
+        return compile_hybrid(build_hybrid(model, plan, target), target), \
             "build_hybrid, every conv nnpack:auto (precompute), ReLU fused, Relax FuseOps on"
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     return tvm.compile(relax_module(model), target=target), \
@@ -215,7 +221,7 @@ def _measure_remote(name: str, model, x, reference, device, threads, timing, exe
     return _result(name, run, run["repeats_ms"], note)
 
 
-def measure_baselines(model: Model, device=None, threads: int = 2, timing: TimingConfig = TimingConfig(),
+def measure_baselines(model: Model, device, threads: int, timing: TimingConfig = TimingConfig(),
                       names: list[str] | None = None, x: np.ndarray | None = None,
                       extra: dict[str, object] | None = None) -> list[dict]:
     """Latency of each baseline (default: all of NAMES); each result: name, median_ms, min_ms,
@@ -229,7 +235,7 @@ def measure_baselines(model: Model, device=None, threads: int = 2, timing: Timin
     names = list(names or NAMES)
     unknown = [n for n in names if n not in NAMES]
     if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(NAMES)}")
+        raise BaselineError(f"unknown baseline(s) {unknown}; choose from {list(NAMES)}")
     extra = dict(extra or {})
     x = sample_input(model) if x is None else x
     reference = reference_output(model, x, threads)

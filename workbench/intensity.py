@@ -12,11 +12,10 @@ import math
 
 import pandas as pd
 
+from .geometry import FFT_SIZES, WINOGRAD_TILES, family_rule
 from .model import Layer, Model
 
 FLOAT = 4  # bytes per float32
-WINOGRAD_TILES = (2, 4, 6)  # F(m x m, 3 x 3)
-FFT_SIZES = (8, 16)
 
 
 def _count(shape) -> int:
@@ -25,8 +24,7 @@ def _count(shape) -> int:
 
 def macs(layer: Layer) -> int:
     """Multiply-accumulates of a direct convolution."""
-    _, k, oh, ow = layer.output_shape
-    return k * layer.in_channels * layer.kernel * layer.kernel * oh * ow
+    return layer.geometry.macs
 
 
 def layer_flops(layer: Layer) -> int:
@@ -81,16 +79,7 @@ def why_not_applicable(layer: Layer, family: str) -> str | None:
     """The mathematical rule for an algorithm family (libraries add their own limits on top)."""
     if layer.op != "conv":
         return f"{layer.name} is a {layer.op}, not a convolution"
-    if family.startswith("winograd"):
-        if layer.kernel != 3 or layer.stride != 1:
-            return f"Winograd F(m,3x3) needs a 3x3 kernel with stride 1 (layer: {layer.kernel}x{layer.kernel}, stride {layer.stride})"
-    if family.startswith("fft"):
-        size = int(family[3:])
-        if layer.stride != 1:
-            return f"FFT convolution needs stride 1 (layer: stride {layer.stride})"
-        if layer.kernel > size:
-            return f"FFT {size}x{size} tiles need a kernel of at most {size}x{size} (layer: {layer.kernel}x{layer.kernel})"
-    return None
+    return family_rule(layer.geometry, family)
 
 
 def _row(layer, family, mults, transform_flops, workspace, note):

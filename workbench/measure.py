@@ -10,19 +10,17 @@
 from __future__ import annotations
 
 import logging
-import struct
 import traceback
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .intensity import layer_flops
 from .model import Layer, Model
 
 log = logging.getLogger(__name__)
 
-# Relative tolerance: max |out - ref| / max |ref|. Winograd and FFT lose a little precision.
-DEFAULT_TOLERANCE = 1e-4
+# Statuses a measurement ends with; only "ok" with numerics_ok is usable.
+STATUSES = ("ok", "wrong", "failed", "not_applicable")
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class ConvCase:
 
     @property
     def flops(self) -> int:
-        return layer_flops(self.layer)
+        return self.layer.geometry.flops
 
     @classmethod
     def from_model(cls, model: Model, layer: Layer, seed: int = 0, relu: bool = False) -> "ConvCase":
@@ -97,42 +95,6 @@ class Measurement:
         return self.status == "ok" and bool(self.numerics_ok)
 
 
-class Running:
-    """An implementation set up on a device for one case: run it once, time it."""
-
-    impl: str
-
-    def run_once(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def time(self, timing: TimingConfig) -> list[float]:
-        raise NotImplementedError
-
-    def phases(self) -> dict | None:
-        return None
-
-
-class Candidate:
-    """An implementation of a conv layer, e.g. `nnpack:wt8x8:precompute` or `tvm:default`."""
-
-    impl: str
-    tolerance: float = DEFAULT_TOLERANCE
-    note: str = ""
-    alias_of: str | None = None  # the implementation this one really runs (fp16 Winograd on x86)
-    config: str = ""  # what a record must match to be reused (knobs, tuning trials, ...)
-
-    def why_not_applicable(self, layer: Layer) -> str | None:
-        return None
-
-    def setup(self, session, case: ConvCase, device) -> Running:
-        raise NotImplementedError
-
-
-def unpack_times(blob, repeat: int) -> list[float]:
-    """Seconds per repeat from the bytes a remote time evaluator returns."""
-    return list(struct.unpack("@" + "d" * repeat, bytes(blob)))
-
-
 def check_numerics(out: np.ndarray, reference: np.ndarray, tolerance: float) -> tuple[bool, float, float]:
     if out.shape != reference.shape:
         return False, float("inf"), float("inf")
@@ -142,7 +104,18 @@ def check_numerics(out: np.ndarray, reference: np.ndarray, tolerance: float) -> 
     return bool(np.isfinite(err) and rel <= tolerance), err, rel
 
 
-def measure(candidate: Candidate, case: ConvCase, session, device, timing: TimingConfig) -> Measurement:
+def usable(records: list[dict]) -> list[dict]:
+    """The records a choice may use: measured ok, numerics checked and held, not an alias, finite time.
+
+    An alias (fp16 Winograd running as wt8x8 on x86) is the same kernel under another name: it
+    never wins twice, and never appears as a different algorithm in a figure.
+    """
+    return [r for r in records
+            if r.get("status") == "ok" and r.get("numerics_ok") is True and not r.get("alias_of")
+            and r.get("median_ms") is not None and np.isfinite(r["median_ms"])]
+
+
+def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) -> Measurement:
     """Check, then time: the protocol every implementation goes through."""
     result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=candidate.tolerance, note=candidate.note,
                          alias_of=candidate.alias_of, config=candidate.config)
@@ -181,18 +154,10 @@ def time_global_func(name: str, number: int, repeat: int, min_repeat_ms: int, *a
     """Time a global function of this (device) process with TVM's time evaluator; JSON seconds.
 
     The remote evaluator of a global function returns bytes, which TVM RPC cannot carry back;
-    running the same evaluator here and returning text can.
+    running the same evaluator here and returning text can. The server registers this.
     """
     import json
 
-    import tvm
+    from . import tvm_compat
 
-    evaluator = tvm.get_global_func("runtime.RPCTimeEvaluator")(
-        None, name, 1, 0, number, repeat, min_repeat_ms, 0, 0, 1, 0, "")
-    return json.dumps(unpack_times(evaluator(*args), repeat))
-
-
-def register_device_functions() -> None:
-    import tvm
-
-    tvm.register_global_func(TIME_GLOBAL_FUNC, time_global_func, override=True)
+    return json.dumps(tvm_compat.time_global_func(name, number, repeat, min_repeat_ms, *args))

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WorkbenchError
+from .geometry import ConvGeometry
+
 SUPPORTED_OPS = ("Conv", "Relu", "MaxPool", "Resize", "Add", "Concat")
 # ONNX ops that carry no computation of their own (constants feeding Resize, say).
 _PASSIVE_OPS = ("Constant", "Identity")
 
 
-class ModelError(ValueError):
+class ModelError(WorkbenchError, ValueError):
     """A model the workbench cannot read; the message names the problem and what to do."""
 
 
@@ -72,6 +75,14 @@ class Layer:
     def out_channels(self) -> int:
         return self.output_shape[1]
 
+    @property
+    def geometry(self) -> ConvGeometry:
+        """A conv's geometry, the one description every kernel and count works from."""
+        if self.op != "conv":
+            raise ModelError(f"layer {self.name!r} is a {self.op}, not a convolution")
+        _, c, h, w = self.input_shape
+        return ConvGeometry.square(c, self.out_channels, h, w, self.kernel, self.stride, self.pad)
+
 
 @dataclass
 class Model:
@@ -98,7 +109,7 @@ class Model:
             if layer.name == name:
                 return layer
         known = ", ".join(l.name for l in self.layers[:8])
-        raise KeyError(f"no layer named {name!r} in model {self.name!r} (first layers: {known}, ...)")
+        raise ModelError(f"no layer named {name!r} in model {self.name!r} (first layers: {known}, ...)")
 
     def select_convs(self, names: list[str] | None) -> list[Layer]:
         """The convs named (all when `names` is empty), failing clearly on unknown names."""

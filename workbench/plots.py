@@ -88,9 +88,12 @@ def layer_bars(layers: pd.DataFrame, column: str = "flops", title: str | None = 
     return fig
 
 
-def implementation_bars(records: pd.DataFrame, title: str = "Effective GFLOP/s per layer") -> go.Figure:
-    """Grouped bars: each layer, each implementation whose numerics held."""
-    frame = records[(records["status"] == "ok") & (records["numerics_ok"] == True)]  # noqa: E712
+def implementation_bars(records, title: str = "Effective GFLOP/s per layer") -> go.Figure:
+    """Grouped bars: each layer, each usable implementation (numerics held, no aliases)."""
+    from .measure import usable
+
+    records = pd.DataFrame(records)
+    frame = pd.DataFrame(usable(records.to_dict("records")), columns=list(records.columns))
     fig = go.Figure()
     for impl, group in frame.groupby("impl", sort=False):
         library = impl.split(":")[0]

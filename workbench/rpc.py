@@ -18,6 +18,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .errors import WorkbenchError
+from .threads import resolve_threads
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -25,20 +28,21 @@ DEFAULT_KEY = "workbench"
 
 # Named targets for common boards; "host" is detected when used.
 TARGET_PRESETS = {
-    "armv7": {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf", "mattr": ["+neon"]},
+    # Hard-float ABI, as Debian's armhf toolchain links it ("uses VFP register arguments" otherwise).
+    "armv7": {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf", "mattr": ["+neon"], "mfloat-abi": "hard"},
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
 }
 CROSS_COMPILERS = {"armv7": "arm-linux-gnueabihf-g++", "aarch64": "aarch64-linux-gnu-g++"}
 
 
-class DeviceError(RuntimeError):
+class DeviceError(WorkbenchError, RuntimeError):
     """The device could not be reached or started; the message says what to check."""
 
 
 def host_target(threads: int | None = None) -> dict:
-    from tvm.target import codegen
+    from . import tvm_compat
 
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads or os.cpu_count()}
+    return {"kind": "llvm", "mcpu": tvm_compat.host_cpu(), "num-cores": resolve_threads(threads)}
 
 
 def parse_tracker(text: str) -> tuple[str, int]:
@@ -117,9 +121,9 @@ class Device:
         """Arguments for Module.export_library so the shared object loads on the device."""
         if not self.cross_compiler:
             return {}
-        from tvm.contrib import cc
+        from . import tvm_compat
 
-        return {"fcompile": cc.cross_compiler(self.cross_compiler)}
+        return {"fcompile": tvm_compat.cross_compiler(self.cross_compiler)}
 
     def describe(self) -> dict:
         return {"tracker": self.tracker, "key": self.key, "target": self.target}
@@ -199,7 +203,7 @@ class LocalCluster:
                  host: str = "127.0.0.1", start_timeout: float = 60.0):
         # Always explicit: TVM's runtime otherwise halves the core count on x86 (it assumes
         # hyper-threading), so a 2-core machine would run every TVM kernel on one thread.
-        threads = threads or os.cpu_count() or 1
+        threads = resolve_threads(threads)
         self.servers, self.key, self.threads, self.host = servers, key, threads, host
         self.start_timeout = start_timeout
         self.port: int | None = None
@@ -307,51 +311,3 @@ def _target_kwargs(target, threads) -> dict:
             f"unknown target {target!r}; use 'host', one of {sorted(TARGET_PRESETS)}, "
             'or a JSON target dict such as {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}'
         ) from None
-
-
-# ---------------------------------------------------------------- server entry point
-
-def _register_device_functions(threads: int | None) -> None:
-    """Runs inside the RPC server process: make the workbench's probes and NNPACK callable by name."""
-    from workbench import ceilings, measure
-
-    ceilings.register_device_functions()
-    measure.register_device_functions()
-    try:
-        from workbench import nnpack
-    except ImportError as err:  # the bridge needs torch's library; a server without it still serves TVM
-        logging.getLogger(__name__).warning("NNPACK bridge not registered: %s", err)
-        return
-    nnpack.register_tvm_functions(threads=threads or 1)
-
-
-def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = DEFAULT_KEY,
-          threads: int | None = None, allow_remote: bool = False) -> None:
-    """Run an RPC server (NNPACK registered) until interrupted."""
-    import functools
-
-    import tvm.rpc
-
-    if host not in LOOPBACK and not allow_remote:
-        raise DeviceError(
-            f"refusing to bind the RPC server to {host}: an RPC server runs any code it is sent. "
-            "Pass --allow-remote to serve beyond loopback, on a trusted network only"
-        )
-    tracker_addr = parse_tracker(tracker) if tracker else None
-    threads = threads or os.cpu_count() or 1
-    for name, value in thread_env(threads).items():  # inherited by every session process
-        os.environ.setdefault(name, value)
-    server = tvm.rpc.Server(
-        host=host, port=port, port_end=port + 1, tracker_addr=tracker_addr, key=key, silent=True,
-        server_init_callback=functools.partial(_register_device_functions, threads),
-    )
-    log.info("RPC server on %s:%s (key %s, tracker %s)", host, server.port, key, tracker)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.terminate()

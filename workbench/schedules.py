@@ -31,13 +31,16 @@ before the first kernel runs to fix the number of threads.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import te
+
+from . import tvm_compat
+from .errors import WorkbenchError
+from .geometry import ConvGeometry, winograd_rule
 
 IMPLEMENTATIONS = ("direct_nchw", "direct_nchwc", "winograd_2", "winograd_4", "winograd_6")
 ARG_NAMES = ("data", "weight", "bias", "output")
@@ -55,40 +58,49 @@ EPILOGUE_WINOGRAD = ("fused", "separate")
 
 @dataclass(frozen=True)
 class ConvLayer:
-    """One convolution layer: batch 1, NCHW, square kernel, symmetric pad, with bias."""
+    """A conv to schedule: its geometry, a name for symbols and messages, and whether ReLU is fused.
+
+    The schedules handle square kernels padded equally on every side (the model's convs).
+    """
 
     name: str
-    in_channels: int
-    out_channels: int
-    height: int
-    width: int
-    kernel: int = 3
-    stride: int = 1
-    pad: int = 1
+    geometry: ConvGeometry
     relu: bool = False
 
-    @property
-    def out_height(self) -> int:
-        return (self.height + 2 * self.pad - self.kernel) // self.stride + 1
+    @classmethod
+    def square(cls, name: str, in_channels: int, out_channels: int, height: int, width: int, kernel: int = 3,
+               stride: int = 1, pad: int = 1, relu: bool = False) -> "ConvLayer":
+        return cls(name, ConvGeometry.square(in_channels, out_channels, height, width, kernel, stride, pad), relu)
 
-    @property
-    def out_width(self) -> int:
-        return (self.width + 2 * self.pad - self.kernel) // self.stride + 1
+    @classmethod
+    def of(cls, layer, relu: bool = False) -> "ConvLayer":
+        """The schedules' view of a model conv layer."""
+        return cls(layer.name, layer.geometry, relu)
 
-    @property
-    def flops(self) -> int:
-        """Multiply-adds x 2 of the direct convolution (bias and ReLU excluded)."""
-        k2 = self.kernel * self.kernel
-        return 2 * self.out_channels * self.in_channels * k2 * self.out_height * self.out_width
+    # The geometry, read through (the schedules use these names throughout).
+    in_channels = property(lambda self: self.geometry.in_channels)
+    out_channels = property(lambda self: self.geometry.out_channels)
+    height = property(lambda self: self.geometry.height)
+    width = property(lambda self: self.geometry.width)
+    kernel = property(lambda self: self.geometry.kernel)
+    stride = property(lambda self: self.geometry.stride)
+    pad = property(lambda self: self.geometry.symmetric_pad)
+    out_height = property(lambda self: self.geometry.out_height)
+    out_width = property(lambda self: self.geometry.out_width)
+    flops = property(lambda self: self.geometry.flops)
 
 
-class KnobError(ValueError):
+class KnobError(WorkbenchError, ValueError):
     """A knob value does not fit the layer or the implementation."""
+
+
+class ScheduleError(WorkbenchError, ValueError):
+    """An unknown schedule, or one that does not apply to the layer."""
 
 
 def _check_impl(impl: str) -> None:
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+        raise ScheduleError(f"unknown implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
 def winograd_m(impl: str) -> int:
@@ -99,17 +111,15 @@ def winograd_m(impl: str) -> int:
 def applicable(impl: str, layer: ConvLayer) -> str | None:
     """Why ``impl`` cannot run ``layer``, or None if it can."""
     _check_impl(impl)
-    if layer.out_height < 1 or layer.out_width < 1:
-        return f"output would be empty ({layer.out_height}x{layer.out_width})"
-    if impl.startswith("winograd") and (layer.kernel, layer.stride) != (3, 1):
-        return f"Winograd F(mxm,3x3) needs a 3x3 kernel with stride 1, got {layer.kernel}x{layer.kernel} stride {layer.stride}"
-    return None
+    if not layer.geometry.is_square:
+        return "the hand schedules handle square kernels padded equally on every side"
+    return winograd_rule(layer.geometry) if impl.startswith("winograd") else None
 
 
 def _require_applicable(impl: str, layer: ConvLayer) -> None:
     reason = applicable(impl, layer)
     if reason is not None:
-        raise ValueError(f"{impl} is not applicable to layer {layer.name!r}: {reason}")
+        raise ScheduleError(f"{impl} is not applicable to layer {layer.name!r}: {reason}")
 
 
 # ----------------------------------------------------------------------------- knobs
@@ -302,16 +312,12 @@ def arg_specs(impl: str, layer: ConvLayer, knobs: Knobs | None = None) -> list[t
     ]
 
 
-@functools.cache
 def winograd_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TOPI's Winograd matrices (float64): A (alpha x m), B (alpha x alpha), G (alpha x r).
 
     Y = A^T [(G g G^T) * (B^T d B)] A, with TOPI's interpolation points (Barabasz et al.).
     """
-    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
-
-    a, b, g = _cook_toom_convolution(_interpolation_points(m + r - 2), m, r)
-    return np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(g, np.float64)
+    return tvm_compat.winograd_matrices(m, r)
 
 
 def pack_weight(impl: str, layer: ConvLayer, knobs: Knobs | None, weight: np.ndarray) -> np.ndarray:
@@ -823,18 +829,11 @@ def steps(impl: str, layer: ConvLayer, knobs: Knobs | None = None) -> list[tuple
 # ----------------------------------------------------------------------------- build and run
 
 
-@functools.cache
-def host_cpu() -> str:
-    """LLVM's name for the host CPU (e.g. znver5), or x86-64 if TVM cannot tell."""
-    try:
-        name = tvm.target.codegen.llvm_get_system_cpu()
-    except Exception:  # noqa: BLE001  (LLVM off or the query missing: fall back)
-        return "x86-64"
-    return str(name) or "x86-64"
+def default_target(num_cores: int | None = None) -> tvm.target.Target:
+    """The host, with every core unless told otherwise."""
+    from .threads import default_threads
 
-
-def default_target(num_cores: int = 2) -> tvm.target.Target:
-    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": num_cores})
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_compat.host_cpu(), "num-cores": num_cores or default_threads()})
 
 
 def func_name(impl: str, layer: ConvLayer) -> str:

@@ -14,9 +14,13 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from . import baselines, compare, hybrid, intensity, plots, tuning
+from .build import build_hybrid, compile_hybrid
 from .ceilings import measure_ceilings
-from .measure import TimingConfig
+from .kernels.base import Candidate
+from .kernels.registry import all_candidates
+from .measure import TimingConfig, usable
 from .model import Model, sample_input
+from .plan import Plan, choose_plan
 from .records import WorkDir, environment
 from .report import Section, write_report
 
@@ -52,52 +56,64 @@ def tuned_layers(model: Model, config: StudyConfig) -> list[str]:
     return intensity.edge_convs(model)
 
 
-def candidates(model: Model, device, work: WorkDir, tuned: list[str], trials: int) -> list:
-    """NNPACK's algorithms x strategies, TVM default, the hand schedules, and the tuned schedules."""
+def study_candidates(model: Model, device, work: WorkDir, config: StudyConfig) -> list[Candidate]:
+    """Every implementation the study measures: NNPACK, TVM's default, the hand and the tuned schedules."""
     threads = int(device.target.get("num-cores") or 1)
-    return (compare.all_candidates(threads) + compare.schedule_candidates()
-            + [tuning.tuned_candidate(work.tuning, layers=tuned, trials=trials)])
+    return all_candidates(threads, work.tuning, tuned_layers(model, config), config.trials)
 
 
-def tvm_kernels(model: Model, work: WorkDir, target: dict) -> dict:
-    """Kernel factories for every TVM implementation a plan may name."""
-    from . import schedules
+# ---------------------------------------------------------------- the stages
 
-    kernels = {f"tvm:{impl}": hybrid.schedule_kernels(model, impl) for impl in schedules.IMPLEMENTATIONS}
-    kernels["tvm:tuned"] = tuning_kernel(work, target)
-    return kernels
+@dataclass
+class LayerResults:
+    """What the per-layer stage measured: tuning runs and one record per (conv, implementation)."""
 
-
-def tuning_kernel(work: WorkDir, target: dict):
-    """The tuned conv+bias PrimFunc of a layer (ReLU stays a separate op: it was tuned without)."""
-
-    def factory(layer, relu):
-        func = tuning.best_prim_func(layer, target, work.tuning)
-        if func is None:
-            raise hybrid.PlanError(f"layer {layer.name!r} has no tuning record; tune it or pick another impl")
-        return func
-
-    return factory
+    tuning: list = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
 
 
-def _without_tuned_fusion(plan: hybrid.Plan) -> hybrid.Plan:
-    for name, entry in plan.layers.items():
-        if entry.impl == "tvm:tuned":
-            plan.layers[name] = hybrid.LayerPlan(name, entry.impl, ())
-    return plan
+def measure_layers(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> LayerResults:
+    """Tune what the budget says (resuming), then measure every implementation of every conv."""
+    context = {"model": model.name, "device": device.describe()}
+    tuned = tuned_layers(model, config)
+    log.info("MetaSchedule: %d trials on each of %s", config.trials, tuned or "no layer")
+    tune_results = tuning.tune_layers(model, device, config.trials, work.tuning, layers=tuned,
+                                      progress=progress) if tuned else []
+    for result in tune_results:
+        work.records.append("tuning", result.to_dict(), **context)
+    log.info("every implementation of every conv, over RPC")
+    records = compare.compare(model, device, candidates=study_candidates(model, device, work, config),
+                              timing=config.timing, store=work.records, progress=progress)
+    return LayerResults(tune_results, records)
 
 
-def plans(model: Model, records: list[dict]) -> dict[str, hybrid.Plan]:
+def choose_plans(model: Model, records: list[dict]) -> dict[str, Plan]:
     """The hybrid (best of everything) and pure TVM (best TVM implementation) plans."""
     tvm_records = [r for r in records if r["impl"].startswith("tvm:")]
-    return {"hybrid": _without_tuned_fusion(hybrid.choose_plan(model, records)),
-            "tvm_only": _without_tuned_fusion(hybrid.choose_plan(model, tvm_records))}
+    return {"hybrid": choose_plan(model, records), "tvm_only": choose_plan(model, tvm_records)}
+
+
+def build_models(model: Model, plans: dict[str, Plan], work: WorkDir, target: dict) -> dict:
+    """Each plan compiled for the target, with the work dir's tuned kernels; {name: executable}."""
+    candidates = all_candidates(tuning_dir=work.tuning)
+    return {name: compile_hybrid(build_hybrid(model, plan, target, candidates), target)
+            for name, plan in plans.items()}
+
+
+def compare_end_to_end(model: Model, device, executables: dict, config: StudyConfig, threads: int,
+                       work: WorkDir | None = None, x=None) -> list[dict]:
+    """The built models against the peers, checked against PyTorch first, in one run; recorded."""
+    x = sample_input(model) if x is None else x
+    results = baselines.measure_baselines(model, device, threads, config.end_to_end_timing, x=x, extra=executables)
+    if work is not None:
+        for result in results:
+            work.records.append(E2E_KIND, result, model=model.name, device=device.describe(), threads=threads)
+    return results
 
 
 def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> dict:
+    """The stages in order, then the report; every stage resumes from what the work dir holds."""
     started = time.time()
-    store = work.records
-    context = {"model": model.name, "device": device.describe()}
     threads = int(device.target.get("num-cores") or 1)
 
     log.info("[1/6] layer table: %d layers, %d convs", len(model.layers), len(model.convs))
@@ -105,37 +121,24 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
 
     log.info("[2/6] ceilings of the device")
     ceilings = measure_ceilings(device, quick=config.quick)
-    store.append("ceilings", ceilings.to_dict(), **context)
+    work.records.append("ceilings", ceilings.to_dict(), model=model.name, device=device.describe())
 
-    tuned = tuned_layers(model, config)
-    log.info("[3/6] MetaSchedule: %d trials on each of %s", config.trials, tuned or "no layer")
-    tune_results = tuning.tune_layers(model, device, config.trials, work.tuning, layers=tuned,
-                                      progress=progress) if tuned else []
-    for result in tune_results:
-        store.append("tuning", result.to_dict(), **context)
-
-    log.info("[4/6] every implementation of every conv, over RPC")
-    records = compare.compare(model, device, candidates=candidates(model, device, work, tuned, config.trials),
-                              timing=config.timing, store=store, progress=progress)
+    log.info("[3-4/6] tuning and every implementation of every conv")
+    measured = measure_layers(model, device, work, config, progress)
 
     log.info("[5/6] hybrid and pure-TVM plans, built and compared end to end with the peers")
-    chosen = plans(model, records)
-    work.hybrid.mkdir(parents=True, exist_ok=True)
+    chosen = choose_plans(model, measured.records)
     chosen["hybrid"].save(work.hybrid / "plan.json")
-    kernels = tvm_kernels(model, work, device.target)
-    executables = {name: hybrid.compile_hybrid(hybrid.build_hybrid(model, plan, device.target, kernels), device.target)
-                   for name, plan in chosen.items()}
+    executables = build_models(model, chosen, work, device.target)
     x = sample_input(model)
-    end_to_end = baselines.measure_baselines(model, device, threads, config.end_to_end_timing, x=x, extra=executables)
-    for result in end_to_end:
-        store.append(E2E_KIND, result, **context, threads=threads)
+    end_to_end = compare_end_to_end(model, device, executables, config, threads, work, x)
     in_model = hybrid.label_calls(hybrid.profile_layers(executables["hybrid"], x, threads), model, chosen["hybrid"])
 
     log.info("[6/6] report")
     summary = _summary(model, end_to_end, chosen["hybrid"], config, threads, time.time() - started)
     write_report(work.report, f"UNet study: {model.name}",
-                 _sections(model, layers, ceilings, records, tune_results, chosen["hybrid"], end_to_end, in_model,
-                           summary))
+                 _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
+                           in_model, summary))
     (work.root / "study.json").write_text(json.dumps(summary, indent=1, default=str))
     log.info("report: %s", work.report)
     return summary
@@ -160,8 +163,8 @@ def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
 
 def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, in_model, summary) -> list[Section]:
     frame = pd.DataFrame(records)
-    usable = frame[(frame.status == "ok") & (frame.numerics_ok == True)]  # noqa: E712
-    best_per_library = usable.loc[usable.groupby(["layer", usable.impl.str.split(":").str[0]]).gflops.idxmax()]
+    good = pd.DataFrame(usable(records))
+    best_per_library = good.loc[good.groupby(["layer", good.impl.str.split(":").str[0]]).gflops.idxmax()]
     winners = compare.winners(records)
     e2e = pd.DataFrame(end_to_end)[["name", "median_ms", "min_ms", "numerics_ok", "max_abs_err", "note"]]
     e2e["hybrid_ratio"] = summary["hybrid_ms"] / e2e["median_ms"]

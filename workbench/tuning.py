@@ -23,12 +23,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .compare import TVMKernelCandidate, default_conv_func
+from . import tvm_compat
+from .kernels.default import default_conv_func
 from .model import Layer, Model
+from .names import symbol
 
 log = logging.getLogger(__name__)
 
-FUNC_NAME = "conv"
 FAILED_SECONDS = 1e9  # MetaSchedule stores failed builds/runs as huge times (1e10 s)
 
 
@@ -92,9 +93,7 @@ def open_database(work_dir, target: dict):
 
 def workload(layer: Layer, relu: bool = False):
     """The IRModule MetaSchedule tunes and the database keys on (function "main", symbol "conv")."""
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-    return _normalize_mod(default_conv_func(layer, relu))
+    return tvm_compat.normalize_mod(default_conv_func(layer, relu))
 
 
 def records_of(database, mod) -> list:
@@ -114,28 +113,18 @@ def record_ms(record) -> float | None:
 def best_history(database, mod, directory) -> list[tuple[int, float]]:
     """(trial index, best ms so far), one point per trial that improved the best.
 
-    Read from the record file because it is in measurement order; the database API returns
+    Read from the record files because they are in measurement order; the database API returns
     records sorted by time.
     """
     if not database.has_workload(mod):
         return []
-    directory = Path(directory)
-    shash = database.commit_workload(mod).as_json()[0]
-    with open(directory / "database_workload.json") as lines:
-        indices = {i for i, line in enumerate(lines) if line.strip() and json.loads(line)[0] == shash}
-    history, best, trial = [], math.inf, 0
-    with open(directory / "database_tuning_record.json") as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            index, record = json.loads(line)
-            if index not in indices:
-                continue
-            trial += 1
-            ms = _mean_ms(record[1])
-            if ms is not None and ms < best:
-                best = ms
-                history.append((trial, ms))
+    history, best = [], math.inf
+    runs = tvm_compat.tuning_history(directory, tvm_compat.workload_hash(database, mod))
+    for trial, run_secs in enumerate(runs, start=1):
+        ms = _mean_ms(run_secs)
+        if ms is not None and ms < best:
+            best = ms
+            history.append((trial, ms))
     return history
 
 
@@ -292,7 +281,7 @@ def _task_logger(directory: Path, name: str) -> logging.Logger:
     Not ms.logging.get_loggers_from_work_dir: its second call in one process for the same task
     name fails (AttributeError in _parameterize_config), which breaks resuming in a notebook.
     """
-    path = (Path(directory) / "logs" / f"{name}.log").resolve()
+    path = (Path(directory) / "logs" / f"{symbol(name)}.log").resolve()  # a node name is not a path
     path.parent.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"{__name__}.task.{hashlib.sha1(str(path).encode()).hexdigest()[:12]}")
     if not any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
@@ -326,10 +315,9 @@ def tune_model(model: Model, device, total_trials: int, work_dir, layers: list[s
     left on the table, its best time so far times the number of layers that use it. Records
     already in the database count toward the budget, so a re-run resumes. One result per layer.
     """
-    tasks: dict[tuple, list[Layer]] = {}
+    tasks: dict = {}  # geometry -> the layers of that shape
     for layer in model.select_convs(layers):
-        key = (layer.input_shape, layer.out_channels, layer.kernel, layer.stride, layer.pad)
-        tasks.setdefault(key, []).append(layer)
+        tasks.setdefault(layer.geometry, []).append(layer)
     database = open_database(work_dir, device.target)
     done = {key: len(records_of(database, workload(members[0]))) for key, members in tasks.items()}
     results: dict[tuple, TuneResult] = {}
@@ -386,41 +374,3 @@ def tuned_layers(model: Model, target: dict, work_dir) -> list[str]:
     database = open_database(work_dir, target)
     return [layer.name for layer in model.convs
             if any(record_ms(r) is not None for r in records_of(database, workload(layer)))]
-
-
-def best_module(layer: Layer, device, work_dir, relu: bool = False):
-    """(runtime module built with the database's best schedule, "conv"), or None if never tuned."""
-    import tvm
-
-    func = best_prim_func(layer, device.target, work_dir, relu)
-    if func is None:
-        return None
-    module = tvm.tirx.build(func.with_attr("global_symbol", FUNC_NAME), target=device.tvm_target())
-    return module, FUNC_NAME
-
-
-class NotTunedError(LookupError):
-    """No usable tuning record for a layer on this target."""
-
-
-def tuned_candidate(work_dir, layers: list[str] | None = None, trials: int | None = None) -> TVMKernelCandidate:
-    """The best tuned schedule of each layer as a compare.py candidate (impl "tvm:tuned").
-
-    With `layers`, other layers report "not applicable" instead of failing; `trials` becomes the
-    candidate's configuration, so a record measured at another budget is measured again.
-    """
-
-    def build(case, device):
-        found = best_module(case.layer, device, work_dir, case.relu)
-        if found is None:
-            raise NotTunedError(
-                f"layer {case.layer.name!r} has no tuning record for target {device.target} under "
-                f"{database_dir(work_dir, device.target)}; run workbench.tuning.tune_layer first")
-        module, name = found
-        return module, name, case.weight
-
-    tuned = set(layers) if layers is not None else None
-    return TVMKernelCandidate(
-        "tvm:tuned", build, note=f"MetaSchedule best record from {work_dir}",
-        applies=(lambda layer: None if layer.name in tuned else "not tuned at this budget") if tuned is not None else None,
-        config=f"trials={trials}" if trials else "")

@@ -1,0 +1,199 @@
+"""The hybrid model's build: a model and a plan become one Relax IRModule, then a compiled library.
+
+Every conv group (a conv and the ops its plan fuses into it) is emitted by its kernel's
+candidate: NNPACK as a `call_dps_packed` of the bridge's global function, TVM kernels as a
+`call_tir` of their PrimFunc. Every other op is a plain Relax op, so TVM's usual LegalizeOps +
+FuseOps pipeline handles it (MaxPool+ReLU and Resize+Add+ReLU form fusion groups there).
+
+Weights are embedded as Relax constants: the compiled library is self-contained (one
+`hybrid.so`), and constant buffers have stable addresses, which the NNPACK bridge's
+transformed-kernel cache relies on.
+"""
+
+from __future__ import annotations
+
+import json
+
+from . import tvm_compat
+from .fusion import conv_groups
+from .kernels.base import Candidate
+from .kernels.registry import all_candidates, find
+from .model import Layer, Model
+from .names import symbol
+from .plan import Plan, PlanError
+
+
+def build_hybrid(model: Model, plan: Plan, target, candidates: list[Candidate] | None = None):
+    """The whole model as a Relax IRModule with `main(x)`; weights are embedded constants.
+
+    `target` (a Target or dict) is what the TVM kernels are built for, and is recorded on the
+    module (attr `workbench.target`) so that `compile_hybrid` defaults to it. `candidates` are
+    the implementations the plan's ids resolve to (default: the kernel layer's, untuned).
+    """
+    import tvm
+    from tvm import relax
+
+    candidates = all_candidates() if candidates is None else candidates
+    plan.validate(model, candidates)
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    target_dict = _target_dict(target)
+    groups = conv_groups(model, plan.fusions())
+    tails = {group.tail.name: group for group in groups.values()}
+    absorbed = {m.name for g in groups.values() for m in (g.conv, *g.members) if m.name != g.tail.name}
+    bb = relax.BlockBuilder()
+    x = relax.Var(symbol(model.input_name), relax.TensorType(model.input_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            values = {model.input_name: x}
+            for layer in model.layers:
+                if layer.name in tails:
+                    group = tails[layer.name]
+                    candidate = find(plan.impl(group.conv.name), candidates)
+                    weight, bias = model.params[group.conv.name]
+                    values[layer.name] = candidate.emit(bb, group, values, weight, bias, target_dict)
+                elif layer.name not in absorbed:
+                    expr = relax_op(layer, [values[s] for s in layer.inputs])
+                    values[layer.name] = bb.emit(expr, symbol(layer.name))
+            out = bb.emit_output(values[model.output_name])
+        bb.emit_func_output(out)
+    return bb.get().with_attr("workbench.target", json.dumps(target_dict))
+
+
+def _target_dict(target) -> dict:
+    # Target.export() gives the dict form, which Target(dict) accepts back; FFI arrays -> lists.
+    def plain(value):
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            return value
+        if hasattr(value, "items"):
+            return {str(k): plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if hasattr(value, "__iter__") else str(value)
+
+    return {k: plain(v) for k, v in dict(target.export()).items() if k != "host"}
+
+
+def relax_op(layer: Layer, args: list):
+    from tvm import relax
+
+    if layer.op == "relu":
+        return relax.op.nn.relu(args[0])
+    if layer.op == "maxpool":
+        return relax.op.nn.max_pool2d(args[0], pool_size=layer.kernel, strides=layer.stride, padding=layer.pad)
+    if layer.op == "resize":
+        _, _, h, w = layer.output_shape
+        return relax.op.image.resize2d(args[0], (h, w), method="nearest_neighbor",
+                                       coordinate_transformation_mode="asymmetric", rounding_method="floor")
+    if layer.op == "add":
+        return relax.op.add(args[0], args[1])
+    if layer.op == "concat":
+        return relax.op.concat(args, axis=1)
+    raise PlanError(f"layer {layer.name!r}: op {layer.op!r} has no Relax lowering here")
+
+
+def compile_hybrid(mod, target=None, fuse_ops: bool = True):
+    """Compile with tvm.compile; `fuse_ops` picks the CPU pipeline that runs FuseOps/FuseTIR.
+
+    In TVM 0.27, ``tvm.compile(mod, target)`` on a CPU target uses the generic "default_build"
+    pipeline, which legalizes but does NOT fuse (vm_build.py: the CPU fusion passes may drop
+    unused call_pure_packed results).  Every packed call here has a used result, so we ask
+    for ``relax.get_default_pipeline(target)`` (LegalizeOps, AnnotateTIROpPattern,
+    FoldConstant, FuseOps, FuseTIR, ...): MaxPool+ReLU and Resize+Add+ReLU then become single
+    kernels, and an unfused TVM conv absorbs a following elementwise op.
+    """
+    import tvm
+    from tvm import relax
+
+    if target is None:
+        recorded = mod.attrs.get("workbench.target") if mod.attrs is not None else None
+        if recorded is None:
+            raise ValueError("no target: pass one, or build the module with build_hybrid(..., target=...)")
+        target = json.loads(str(recorded))
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    pipeline = cpu_pipeline(target) if fuse_ops else "default"
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+
+
+def cpu_pipeline(target):
+    """TVM's CPU pipeline plus one pass: the fused elementwise kernels run parallel and vectorised.
+
+    Legalized ops (ReLU, MaxPool, Resize, Add) come out as plain serial loops, and on CPU no
+    default schedule touches them; on 2 cores that left about 1 ms of the UNet single-threaded.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod, _ctx):
+        with target:
+            passes = (cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+                      + [parallel_elementwise_pass()] + cpu_generic.dataflow_lower_passes(target)
+                      + cpu_generic.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
+
+
+def parallel_elementwise_pass():
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="ParallelElementwise")
+    def transform(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc) and not _is_opaque(func):
+                updates[gv] = _parallelize(func)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return transform
+
+
+def _is_opaque(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "op_pattern" in attrs and int(attrs["op_pattern"]) == tvm_compat.OPAQUE
+
+
+def _parallelize(func):
+    """Inline what can be inlined, then parallelise each remaining block's outer spatial loops."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except Exception:  # a reduction or a multi-consumer block stays
+            pass
+    for block in sch.get_child_blocks(sch.get_sblock("root")) if blocks else []:
+        _parallel_block(sch, block)
+    return sch.mod["main"]
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # an already-lowered function has no root block
+        return False
+
+
+def _parallel_block(sch, block) -> None:
+    """Fuse the leading spatial loops but the last and run them in parallel; vectorise the last if it can."""
+    iters = sch.get(block).iter_vars
+    loops = sch.get_loops(block)
+    spatial = 0
+    for var in iters:
+        if var.iter_type != 0:  # kDataPar
+            break
+        spatial += 1
+    if spatial < 2 or len(loops) < spatial:
+        return
+    try:
+        sch.parallel(sch.fuse(*loops[:spatial - 1]))
+        if spatial == len(loops):
+            sch.vectorize(loops[spatial - 1])
+    except Exception:  # a shape the primitives refuse keeps the serial loops
+        pass
+
+

@@ -1,0 +1,16 @@
+"""The kernel layer: every implementation of a convolution behind one `Candidate` interface.
+
+- ``base``: the interface (applicability, knobs, how to measure it on a device, how to emit it
+  into a hybrid model, which following ops it can absorb).
+- ``tvm_kernel``: what all TVM kernels share (a PrimFunc built for the device, uploaded, timed;
+  a ``call_tir`` in the hybrid).
+- ``nnpack``, ``default``, ``hand``, ``tuned``: NNPACK's algorithms x strategies, TVM's untuned
+  conv, the hand-written TensorIR schedules with knobs, and MetaSchedule's best schedules.
+- ``registry``: the candidates of a study, and the one for an implementation id.
+
+A new kind of kernel is one module here and one line in ``registry``.
+"""
+
+from .base import Candidate, Running
+
+__all__ = ["Candidate", "Running"]

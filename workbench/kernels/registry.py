@@ -1,0 +1,51 @@
+"""The candidates of a study, and the candidate behind an implementation id (plans name ids).
+
+Adding a kind of kernel: write its module in this package and list it in `all_candidates`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import WorkbenchError
+from .base import Candidate
+
+
+class UnknownImplementationError(WorkbenchError, ValueError):
+    """An implementation id no candidate answers to."""
+
+
+def library_candidates(threads: int = 1) -> list[Candidate]:
+    """NNPACK's algorithms x strategies and TVM's untuned conv: the libraries as they come."""
+    from .default import DefaultCandidate
+    from .nnpack import nnpack_candidates
+
+    return nnpack_candidates(threads) + [DefaultCandidate()]
+
+
+def all_candidates(threads: int = 1, tuning_dir: str | Path | None = None, tuned_layers: list[str] | None = None,
+                   trials: int | None = None) -> list[Candidate]:
+    """NNPACK's algorithms x strategies, TVM's default, every hand schedule, and the tuned schedules."""
+    from .hand import hand_candidates
+    from .tuned import TunedCandidate
+
+    return library_candidates(threads) + hand_candidates() + [TunedCandidate(tuning_dir, tuned_layers, trials)]
+
+
+def find(impl: str, candidates: list[Candidate] | None = None) -> Candidate:
+    """The candidate with this id among `candidates` (default: all_candidates()), or a clear error."""
+    from .. import nnpack
+
+    candidates = all_candidates() if candidates is None else candidates
+    for candidate in candidates:
+        if candidate.impl == impl:
+            return candidate
+    parts = str(impl).split(":")
+    if parts[0] == "nnpack":
+        raise UnknownImplementationError(
+            f"unknown NNPACK implementation {impl!r}: use 'nnpack:<algorithm>:<strategy>' with an algorithm "
+            f"of {list(nnpack.ALGORITHMS)} and a strategy of {list(nnpack.STRATEGIES)}")
+    known = sorted({c.impl for c in candidates if not c.impl.startswith("nnpack:")})
+    raise UnknownImplementationError(
+        f"unknown implementation id {impl!r}; use 'nnpack:<algorithm>:<strategy>' (e.g. 'nnpack:wt8x8:precompute') "
+        f"or one of {known}")

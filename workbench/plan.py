@@ -1,0 +1,190 @@
+"""The per-layer plan: which implementation runs each conv, and which following ops it absorbs.
+
+A plan names implementations by id (`nnpack:wt8x8:precompute`, `tvm:winograd_4`, ...); the
+kernel layer says whether each applies to its layer and what it can absorb, so a plan that
+asks for the impossible fails here with the layer's name and what would work instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import WorkbenchError
+from .fusion import fusible_chain, legal_fusions
+from .kernels.base import Candidate
+from .kernels.registry import UnknownImplementationError, all_candidates, find
+from .measure import usable
+from .model import Layer, Model
+
+DEFAULT_IMPL = "tvm:default"
+
+
+class PlanError(WorkbenchError, ValueError):
+    """A plan that does not fit the model; the message names the layer and what applies."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: str
+    impl: str
+    fuse: tuple[str, ...] = ()
+
+
+def _find(impl: str, candidates: list[Candidate] | None, layer: str | None = None) -> Candidate:
+    try:
+        return find(impl, candidates)
+    except UnknownImplementationError as err:
+        raise PlanError(f"layer {layer!r}: {err}" if layer else str(err)) from None
+
+
+@dataclass
+class Plan:
+    """Per-conv implementation and fusion, in model order; JSON and DataFrame round trips."""
+
+    model: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    # -- construction
+    @classmethod
+    def uniform(cls, model: Model, impl: str = DEFAULT_IMPL, fuse: bool = True,
+                overrides: dict[str, str] | None = None, candidates: list[Candidate] | None = None) -> "Plan":
+        """Every conv on `impl` (or overrides[layer]), each with its largest legal fusion if `fuse`.
+
+        `candidates` are the implementations ids resolve to (default: the kernel layer's).
+        """
+        candidates = all_candidates() if candidates is None else candidates
+        overrides = overrides or {}
+        unknown = sorted(set(overrides) - {c.name for c in model.convs})
+        if unknown:
+            raise PlanError(f"overrides name unknown conv layer(s) {unknown}; convs: {[c.name for c in model.convs]}")
+        entries = {}
+        for conv in model.convs:
+            chosen = overrides.get(conv.name, impl)
+            fusible = _find(chosen, candidates, conv.name).fusible
+            entries[conv.name] = LayerPlan(conv.name, chosen, fusible_chain(model, conv, fusible) if fuse else ())
+        plan = cls(model.name, entries)
+        plan.validate(model, candidates)
+        return plan
+
+    def impl(self, layer: str) -> str:
+        return self.layers[layer].impl
+
+    def fusions(self) -> dict[str, tuple[str, ...]]:
+        return {name: tuple(entry.fuse) for name, entry in self.layers.items()}
+
+    # -- checks
+    def validate(self, model: Model, candidates: list[Candidate] | None = None) -> None:
+        """Raise PlanError unless every conv has an entry that applies and a legal fusion."""
+        candidates = all_candidates() if candidates is None else candidates
+        convs = {c.name: c for c in model.convs}
+        unknown = [name for name in self.layers if name not in convs]
+        if unknown:
+            raise PlanError(f"plan names layer(s) {unknown} that are not convs of model {model.name!r}; "
+                            f"its convs are: {', '.join(convs)}")
+        missing = [name for name in convs if name not in self.layers]
+        if missing:
+            raise PlanError(f"plan has no entry for conv(s) {missing}; give each an impl (e.g. {DEFAULT_IMPL!r})")
+        for name, entry in self.layers.items():
+            _check_entry(model, convs[name], entry, candidates)
+
+    # -- JSON
+    def to_dict(self) -> dict:
+        return {"model": self.model, "notes": self.notes,
+                "layers": [{"layer": e.layer, "impl": e.impl, "fuse": list(e.fuse)} for e in self.layers.values()]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        try:
+            rows = data["layers"]
+            entries = {r["layer"]: LayerPlan(r["layer"], r["impl"], tuple(r.get("fuse") or ())) for r in rows}
+        except (KeyError, TypeError, AttributeError) as err:
+            raise PlanError(f"not a plan: expected {{'model', 'layers': [{{'layer', 'impl', 'fuse'}}...]}} ({err!r})") from None
+        return cls(data.get("model", ""), entries, list(data.get("notes", [])))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"the plan is not valid JSON ({err}); write it again with Plan.save or run the study") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        return cls.from_json(Path(path).read_text())
+
+    # -- DataFrame (fuse as "relu" / "resize+add+relu" / "")
+    def frame(self) -> pd.DataFrame:
+        rows = [{"layer": e.layer, "impl": e.impl, "fuse": "+".join(e.fuse)} for e in self.layers.values()]
+        return pd.DataFrame(rows, columns=["layer", "impl", "fuse"])
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, model: str = "") -> "Plan":
+        entries = {}
+        for row in frame.to_dict("records"):
+            fuse = row.get("fuse")
+            if isinstance(fuse, str):
+                fuse = tuple(f.strip() for f in fuse.split("+") if f.strip())
+            else:  # a list/tuple, or an empty cell (None/NaN) meaning no fusion
+                fuse = tuple(fuse) if isinstance(fuse, (list, tuple)) else ()
+            entries[row["layer"]] = LayerPlan(row["layer"], row["impl"], fuse)
+        return cls(model, entries)
+
+
+def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[Candidate]) -> None:
+    candidate = _find(entry.impl, candidates, conv.name)
+    reason = candidate.why_not_applicable(conv)
+    if reason:
+        options = [c.impl for c in candidates if not c.alias_of and c.why_not_applicable(conv) is None]
+        raise PlanError(f"layer {conv.name!r} ({conv.geometry.describe()}): {entry.impl!r} does not apply: "
+                        f"{reason}. Options: {options}")
+    legal = legal_fusions(model, conv, candidate.fusible)
+    if tuple(entry.fuse) not in legal:
+        raise PlanError(f"layer {conv.name!r} with {entry.impl!r} cannot fuse {list(entry.fuse)}; "
+                        f"legal fusions here: {[list(f) for f in legal]}")
+
+
+def choose_plan(model: Model, records: list[dict], fuse: bool = True,
+                candidates: list[Candidate] | None = None) -> Plan:
+    """The fastest usable implementation per conv; `tvm:default` where nothing usable was measured.
+
+    Usable: measured ok with its numerics checked (measure.usable), and applicable to the layer
+    (a stale record for an impl that does not apply never wins). A fast but wrong kernel
+    therefore never wins.
+    """
+    candidates = all_candidates() if candidates is None else candidates
+    convs = {c.name: c for c in model.convs}
+    best: dict[str, dict] = {}
+    for rec in usable(records):
+        name = rec.get("layer")
+        if name not in convs or not _applies(rec["impl"], convs[name], candidates):
+            continue
+        if name not in best or rec["median_ms"] < best[name]["median_ms"]:
+            best[name] = rec
+    overrides = {name: rec["impl"] for name, rec in best.items()}
+    plan = Plan.uniform(model, DEFAULT_IMPL, fuse=fuse, overrides=overrides, candidates=candidates)
+    fallback = [name for name in convs if name not in best]
+    if fallback:
+        plan.notes.append(f"no usable record, fell back to {DEFAULT_IMPL}: {', '.join(fallback)}")
+    return plan
+
+
+def _applies(impl: str, layer: Layer, candidates: list[Candidate]) -> bool:
+    try:
+        return find(impl, candidates).why_not_applicable(layer) is None
+    except UnknownImplementationError:
+        return False

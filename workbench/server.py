@@ -1,0 +1,65 @@
+"""The device side: an RPC server with the workbench's functions registered at start-up.
+
+TVM's RPC server forks a process per session, and a function registered from Python exists
+only in the process that registered it: every session process registers them itself, through
+the server's `server_init_callback`. The transport (rpc.py) knows nothing of these payloads.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+
+from .rpc import DEFAULT_KEY, LOOPBACK, DeviceError, parse_tracker, thread_env
+from .threads import resolve_threads
+
+log = logging.getLogger(__name__)
+
+
+def register_device_functions(threads: int) -> None:
+    """Runs inside the RPC server process: make the workbench's probes and NNPACK callable by name."""
+    from . import ceilings, measure
+
+    ceilings.register_device_functions()
+    import tvm
+
+    tvm.register_global_func(measure.TIME_GLOBAL_FUNC, measure.time_global_func, override=True)
+    try:
+        from . import nnpack_tvm
+    except ImportError as err:  # the bridge needs torch's library; a server without it still serves TVM
+        log.warning("NNPACK bridge not registered: %s", err)
+        return
+    nnpack_tvm.register_tvm_functions(threads=threads)
+
+
+def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = DEFAULT_KEY,
+          threads: int | None = None, allow_remote: bool = False) -> None:
+    """Run an RPC server (NNPACK registered) until interrupted or terminated."""
+    import tvm.rpc
+
+    if host not in LOOPBACK and not allow_remote:
+        raise DeviceError(
+            f"refusing to bind the RPC server to {host}: an RPC server runs any code it is sent. "
+            "Pass --allow-remote to serve beyond loopback, on a trusted network only"
+        )
+    tracker_addr = parse_tracker(tracker) if tracker else None
+    threads = resolve_threads(threads)
+    for name, value in thread_env(threads).items():  # inherited by every session process
+        os.environ.setdefault(name, value)
+    server = tvm.rpc.Server(
+        host=host, port=port, port_end=port + 1, tracker_addr=tracker_addr, key=key, silent=True,
+        server_init_callback=functools.partial(register_device_functions, threads),
+    )
+    log.info("RPC server on %s:%s (key %s, tracker %s)", host, server.port, key, tracker)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
