@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from workbench import nnpack
-from workbench.compare import TVMKernelCandidate, _build_default, compare, nnpack_candidates, tvm_candidates, winners
+from workbench.compare import compare, winners
+from workbench.kernels.default import DefaultCandidate, default_conv_func
+from workbench.kernels.nnpack import nnpack_candidates
+from workbench.kernels.tvm_kernel import FactoryCandidate
 from workbench.measure import TimingConfig
 from workbench.model import Model, conv_layer, random_params
 from workbench.records import RecordStore
@@ -28,7 +31,7 @@ def small_records(small_model, device, tmp_path_factory):
 
 def test_every_implementation_of_every_layer_is_reported(small_records):
     _, layers, records = small_records
-    impls = {c.impl for c in nnpack_candidates(2) + tvm_candidates()}
+    impls = {c.impl for c in nnpack_candidates(2) + [DefaultCandidate()]}
     assert {(r["layer"], r["impl"]) for r in records} == {(l, i) for l in layers for i in impls}
     for r in records:
         assert r["status"] in ("ok", "not_applicable"), r
@@ -68,11 +71,10 @@ def test_a_rerun_resumes_from_the_records(small_model, device, small_records):
 def test_a_wrong_kernel_is_recorded_and_never_wins(device):
     model = _single_conv_model("w", (1, 4, 12, 12), 4, 3, 1)
 
-    def wrong_weights(case, dev):  # a real kernel fed the wrong weights: fast and wrong
-        module, name, weight = _build_default(case, dev)
-        return module, name, np.ascontiguousarray(weight[:, :, ::-1, :])
+    def wrong_weights(layer, relu, weight):  # a real kernel fed the wrong weights: fast and wrong
+        return default_conv_func(layer, relu), np.ascontiguousarray(weight[:, :, ::-1, :])
 
-    candidates = [TVMKernelCandidate("tvm:wrong", wrong_weights), *tvm_candidates()]
+    candidates = [FactoryCandidate("tvm:wrong", wrong_weights), DefaultCandidate()]
     records = compare(model, device, timing=QUICK, candidates=candidates, progress=False)
     wrong = next(r for r in records if r["impl"] == "tvm:wrong")
     assert wrong["status"] == "wrong" and wrong["numerics_ok"] is False and wrong["median_ms"] > 0

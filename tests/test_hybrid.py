@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from workbench import hybrid
-from workbench.compare import default_conv_func
+from workbench.build import build_hybrid, compile_hybrid
+from workbench.fusion import fusible_chain
+from workbench.kernels.default import default_conv_func
+from workbench.kernels.registry import all_candidates
+from workbench.kernels.tvm_kernel import FactoryCandidate
 from workbench.measure import TimingConfig
+from workbench.plan import LayerPlan, Plan, PlanError, choose_plan
 from workbench.model import Model, conv_layer, random_params, reference_output, sample_input
 
 NNPACK_WT = "nnpack:wt8x8:precompute"
@@ -39,7 +44,7 @@ def test_choose_plan_fastest_usable_wins_and_falls_back(small_model):
         _record(second, NNPACK_WT, 3.0),
         _record("not_a_layer", NNPACK_WT, 0.01),
     ]
-    plan = hybrid.choose_plan(small_model, records)
+    plan = choose_plan(small_model, records)
     assert plan.impl(first) == NNPACK_WT
     assert plan.impl(second) == "nnpack:ft8x8:compute"
     assert all(plan.impl(name) == "tvm:default" for name in convs[2:])
@@ -48,50 +53,64 @@ def test_choose_plan_fastest_usable_wins_and_falls_back(small_model):
 
 
 def test_plan_json_and_frame_round_trip(small_model, tmp_path):
-    plan = hybrid.Plan.uniform(small_model, "tvm:default", overrides=_mixed_overrides(small_model))
-    again = hybrid.Plan.from_json(plan.to_json())
+    plan = Plan.uniform(small_model, "tvm:default", overrides=_mixed_overrides(small_model))
+    again = Plan.from_json(plan.to_json())
     assert again.layers == plan.layers and again.model == plan.model
-    assert hybrid.Plan.load(plan.save(tmp_path / "plan.json")).layers == plan.layers
+    assert Plan.load(plan.save(tmp_path / "plan.json")).layers == plan.layers
     frame = plan.frame()
     assert list(frame.columns) == ["layer", "impl", "fuse"]
     frame.loc[frame.layer == "head_conv", "impl"] = NNPACK_WT  # edited like a user would
-    edited = hybrid.Plan.from_frame(frame, small_model.name)
+    edited = Plan.from_frame(frame, small_model.name)
     edited.validate(small_model)
     assert edited.impl("head_conv") == NNPACK_WT
     assert edited.layers["dec0_reduce"].fuse == ("resize", "add", "relu")
 
 
 def test_bad_plans_fail_clearly(small_model):
-    plan = hybrid.Plan.uniform(small_model)
-    with pytest.raises(hybrid.PlanError, match="not convs of model"):
-        hybrid.Plan(plan.model, {**plan.layers, "nope": hybrid.LayerPlan("nope", "tvm:default")}).validate(small_model)
-    with pytest.raises(hybrid.PlanError, match="unknown implementation id"):
-        hybrid.Plan.uniform(small_model, "winograd-please")
-    with pytest.raises(hybrid.PlanError, match="unknown NNPACK implementation"):
-        hybrid.Plan.uniform(small_model, "nnpack:wt4x4:precompute")
-    with pytest.raises(hybrid.PlanError, match="no entry for conv"):
-        hybrid.Plan(plan.model, dict(list(plan.layers.items())[1:])).validate(small_model)
-    bad_fuse = dict(plan.layers, enc0_conv2=hybrid.LayerPlan("enc0_conv2", "tvm:default", ("relu",)))
-    with pytest.raises(hybrid.PlanError, match="cannot fuse"):
-        hybrid.Plan(plan.model, bad_fuse).validate(small_model)
+    plan = Plan.uniform(small_model)
+    with pytest.raises(PlanError, match="not convs of model"):
+        Plan(plan.model, {**plan.layers, "nope": LayerPlan("nope", "tvm:default")}).validate(small_model)
+    with pytest.raises(PlanError, match="unknown implementation id"):
+        Plan.uniform(small_model, "winograd-please")
+    with pytest.raises(PlanError, match="unknown NNPACK implementation"):
+        Plan.uniform(small_model, "nnpack:wt4x4:precompute")
+    with pytest.raises(PlanError, match="no entry for conv"):
+        Plan(plan.model, dict(list(plan.layers.items())[1:])).validate(small_model)
+    bad_fuse = dict(plan.layers, enc0_conv2=LayerPlan("enc0_conv2", "tvm:default", ("relu",)))
+    with pytest.raises(PlanError, match="cannot fuse"):
+        Plan(plan.model, bad_fuse).validate(small_model)
     # NNPACK takes a ReLU epilogue only, not the decoder's resize/add.
-    nn_fuse = dict(plan.layers, dec0_reduce=hybrid.LayerPlan("dec0_reduce", NNPACK_WT, ("resize", "add", "relu")))
-    with pytest.raises(hybrid.PlanError, match="cannot fuse"):
-        hybrid.Plan(plan.model, nn_fuse).validate(small_model)
+    nn_fuse = dict(plan.layers, dec0_reduce=LayerPlan("dec0_reduce", NNPACK_WT, ("resize", "add", "relu")))
+    with pytest.raises(PlanError, match="cannot fuse"):
+        Plan(plan.model, nn_fuse).validate(small_model)
 
 
 def test_wt8x8_on_1x1_conv_is_refused():
     layer = conv_layer("squeeze", "input", (1, 8, 6, 6), 4, kernel=1, pad=0)
     model = Model("one-by-one", [layer], random_params([layer]), layer.input_shape)
-    with pytest.raises(hybrid.PlanError, match=r"squeeze.*only 3x3.*Options"):
-        hybrid.Plan.uniform(model, NNPACK_WT)
-    hybrid.Plan.uniform(model, "nnpack:direct:compute").validate(model)
+    with pytest.raises(PlanError, match=r"squeeze.*only 3x3.*Options"):
+        Plan.uniform(model, NNPACK_WT)
+    Plan.uniform(model, "nnpack:direct:compute").validate(model)
 
 
-def test_supplied_tvm_kernel_must_exist(small_model):
-    plan = hybrid.Plan.uniform(small_model, overrides={"head_conv": "tvm:tuned"})
-    with pytest.raises(hybrid.PlanError, match="tvm_kernels has no entry"):
-        hybrid.build_hybrid(small_model, plan)
+def test_a_tuned_kernel_must_exist(small_model, tmp_path):
+    from workbench.kernels.tuned import NotTunedError
+    from workbench.rpc import host_target
+
+    plan = Plan.uniform(small_model, overrides={"head_conv": "tvm:tuned"})
+    assert plan.layers["head_conv"].fuse == ()  # tuned without its ReLU: it absorbs nothing
+    with pytest.raises(NotTunedError, match="head_conv.*no tuning record"):
+        build_hybrid(small_model, plan, host_target(2), all_candidates(tuning_dir=tmp_path))
+
+
+def test_unknown_ids_and_kernels_that_cannot_fuse_are_refused(small_model):
+    relu_only = FactoryCandidate("tvm:mine", lambda layer, relu, weight: default_conv_func(layer, relu))
+    candidates = all_candidates() + [relu_only]
+    plan = Plan.uniform(small_model, "tvm:mine", candidates=candidates)
+    assert plan.layers["dec0_reduce"].fuse == ()  # the decoder's resize+add is not a ReLU epilogue
+    assert plan.layers["enc0_conv1"].fuse == ("relu",)
+    with pytest.raises(PlanError, match="unknown implementation id 'tvm:mine'"):
+        plan.validate(small_model)  # without the kernel that answers to the id
 
 
 # ---------------------------------------------------------------- whole-model builds
@@ -101,11 +120,11 @@ def mixed(small_model, device):
     """A mixed plan: NNPACK wt8x8 precompute (ReLU fused) in the middle, tvm:default (with the
     decoder's resize+add+relu epilogue) at the ends, and one 'tuned' kernel supplied by name."""
     overrides = {**_mixed_overrides(small_model), "head_conv": "tvm:mine"}
-    plan = hybrid.Plan.uniform(small_model, "tvm:default", overrides=overrides)
-    kernels = {"tvm:mine": lambda layer, relu: default_conv_func(layer, relu)}
-    mod = hybrid.build_hybrid(small_model, plan, device.target, tvm_kernels=kernels)
+    candidates = all_candidates() + [FactoryCandidate("tvm:mine", lambda l, relu, w: default_conv_func(l, relu))]
+    plan = Plan.uniform(small_model, "tvm:default", overrides=overrides, candidates=candidates)
+    mod = build_hybrid(small_model, plan, device.target, candidates)
     x = sample_input(small_model)
-    return plan, hybrid.compile_hybrid(mod), x, reference_output(small_model, x)
+    return plan, compile_hybrid(mod), x, reference_output(small_model, x)
 
 
 def test_mixed_plan_has_the_expected_fusions(mixed):
@@ -117,10 +136,10 @@ def test_mixed_plan_has_the_expected_fusions(mixed):
 
 def test_mixed_plan_matches_reference_in_process(mixed, small_model):
     plan, executable, x, ref = mixed
-    result = hybrid.run_local(executable, x, reference=ref, timing=QUICK)
+    result = hybrid.run_local(executable, x, reference=ref, timing=QUICK, threads=2)
     assert result["numerics_ok"], result["rel_err"]
     assert result["median_ms"] > 0 and len(result["repeats_ms"]) == QUICK.repeat
-    calls = hybrid.label_calls(hybrid.profile_layers(executable, x, runs=1), small_model, plan)
+    calls = hybrid.label_calls(hybrid.profile_layers(executable, x, threads=2, runs=1), small_model, plan)
     nnpack_calls = calls[calls.symbol.str.startswith("workbench.nnpack.")]
     assert list(nnpack_calls.layer) == [n for n in plan.layers if plan.impl(n) == NNPACK_WT]
     assert any(s.startswith("conv_dec0_reduce_resize_add_relu") for s in calls.symbol)  # TVM epilogue ran
@@ -136,8 +155,10 @@ def test_mixed_plan_matches_reference_over_rpc(mixed, device):
 
 
 def test_export_and_load_round_trip(small_model, tmp_path):
-    plan = hybrid.Plan.uniform(small_model, "tvm:default", overrides=_mixed_overrides(small_model))
-    out = hybrid.export_hybrid(small_model, plan, tmp_path / "hybrid", threads=2)
+    plan = Plan.uniform(small_model, "tvm:default", overrides=_mixed_overrides(small_model))
+    from workbench.rpc import host_target
+
+    out = hybrid.export_hybrid(small_model, plan, tmp_path / "hybrid", host_target(2), threads=2)
     assert {p.name for p in out.iterdir()} >= {"hybrid.so", "plan.json", "model.onnx", "meta.json"}
     model_fn = hybrid.load_hybrid(out)
     x = sample_input(small_model, seed=5)

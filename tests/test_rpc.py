@@ -7,7 +7,8 @@ import psutil
 import pytest
 
 from workbench.ceilings import measure_ceilings
-from workbench.rpc import DeviceError, LocalCluster, open_device, parse_tracker, serve
+from workbench.rpc import DeviceError, LocalCluster, open_device, parse_tracker
+from workbench.server import serve
 
 
 def _group_alive(pgid: int) -> list[int]:

@@ -11,11 +11,11 @@ import tvm_ffi
 from workbench import schedules as S
 from workbench.schedules import ConvLayer, KnobError
 
-SQUARE = ConvLayer("square", 16, 32, 24, 24, relu=True)
-ODD = ConvLayer("odd", 3, 8, 17, 23)
-POINTWISE = ConvLayer("pointwise", 16, 32, 12, 12, kernel=1, pad=0, relu=True)
-STRIDED = ConvLayer("strided", 16, 32, 24, 24, stride=2)
-UNPADDED = ConvLayer("unpadded", 8, 16, 14, 15, pad=0, relu=True)
+SQUARE = ConvLayer.square("square", 16, 32, 24, 24, relu=True)
+ODD = ConvLayer.square("odd", 3, 8, 17, 23)
+POINTWISE = ConvLayer.square("pointwise", 16, 32, 12, 12, kernel=1, pad=0, relu=True)
+STRIDED = ConvLayer.square("strided", 16, 32, 24, 24, stride=2)
+UNPADDED = ConvLayer.square("unpadded", 8, 16, 14, 15, pad=0, relu=True)
 LAYERS = (SQUARE, ODD, POINTWISE, STRIDED, UNPADDED)
 
 # max |err| / max |reference|: float32 reordering for direct; Winograd's error grows with m
@@ -99,7 +99,7 @@ def test_weight_prim_func_matches_numpy_packing():
         np.testing.assert_allclose(packed.numpy(), S.pack_weight(impl, SQUARE, None, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layer", [SQUARE, ODD, ConvLayer("unet", 3, 16, 192, 192), ConvLayer("deep", 256, 256, 12, 12)])
+@pytest.mark.parametrize("layer", [SQUARE, ODD, ConvLayer.square("unet", 3, 16, 192, 192), ConvLayer.square("deep", 256, 256, 12, 12)])
 def test_default_knobs_are_valid(layer):
     for impl in S.IMPLEMENTATIONS:
         if S.applicable(impl, layer) is None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from workbench import tuning
-from workbench.compare import tvm_candidates
+from workbench.kernels.default import DefaultCandidate
+from workbench.kernels.tuned import TunedCandidate
 from workbench.measure import ConvCase, TimingConfig, measure, reference_conv
 from workbench.model import conv_layer
 
@@ -58,9 +59,9 @@ def test_rerun_with_same_arguments_measures_nothing(tuned, device):
 
 def test_tuned_kernel_is_correct_and_not_slower_than_default(tuned, device, case):
     work_dir, result = tuned
-    default = tvm_candidates()[0]
+    default = DefaultCandidate()
     tuned_run, default_run = device.run(
-        lambda session: [measure(c, case, session, device, TIMING) for c in (tuning.tuned_candidate(work_dir), default)])
+        lambda session: [measure(c, case, session, device, TIMING) for c in (TunedCandidate(work_dir), default)])
     assert tuned_run.impl == "tvm:tuned"
     assert tuned_run.status == "ok" and tuned_run.numerics_ok, tuned_run.note
     assert default_run.status == "ok", default_run.note
@@ -70,8 +71,8 @@ def test_tuned_kernel_is_correct_and_not_slower_than_default(tuned, device, case
 
 
 def test_untuned_layer_has_no_module_and_a_clear_error(device, case, tmp_path):
-    assert tuning.best_module(LAYER, device, tmp_path) is None
-    result = device.run(lambda session: measure(tuning.tuned_candidate(tmp_path), case, session, device, TIMING))
+    assert tuning.best_prim_func(LAYER, device.target, tmp_path) is None
+    result = device.run(lambda session: measure(TunedCandidate(tmp_path), case, session, device, TIMING))
     assert result.status == "failed"
     assert "no tuning record" in result.note
 
