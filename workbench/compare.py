@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from . import nnpack
+from . import nnpack, nnpack_tvm
 from .measure import TIME_GLOBAL_FUNC, Candidate, ConvCase, Measurement, Running, TimingConfig, measure
 from .model import Layer, Model
 from .records import RecordStore
@@ -57,10 +57,10 @@ class NNPACKRunning(Running):
     def __init__(self, candidate: NNPACKCandidate, session, case: ConvCase):
         import tvm
 
-        session.get_function(nnpack.SET_THREADS)(candidate.threads)
+        session.get_function(nnpack_tvm.SET_THREADS)(candidate.threads)
         dev = session.cpu(0)
         self.session, self.dev = session, dev
-        self.name = nnpack.CONV2D_PREPACKED if candidate.strategy == "precompute" else nnpack.CONV2D
+        self.name = nnpack_tvm.CONV2D_PREPACKED if candidate.strategy == "precompute" else nnpack_tvm.CONV2D
         shape = conv_shape(case.layer)
         # Names travel as NNPACK's codes: TVM RPC does not carry string arguments.
         attrs = [*shape.pad, shape.stride, nnpack.ALGORITHMS[candidate.algorithm]]
@@ -76,9 +76,9 @@ class NNPACKRunning(Running):
         return self.out.numpy()
 
     def phases(self) -> dict:
-        profile = json.loads(self.session.get_function(nnpack.LAST_PROFILE)())
+        profile = json.loads(self.session.get_function(nnpack_tvm.LAST_PROFILE)())
         phases = {f"{k}_ms": v * 1e3 for k, v in profile.get("run", {}).items()}
-        if "transform" in profile and self.name == nnpack.CONV2D_PREPACKED:
+        if "transform" in profile and self.name == nnpack_tvm.CONV2D_PREPACKED:
             phases["precompute_kernel_ms"] = profile["transform"]["total"] * 1e3
         return phases
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from . import nnpack
+from . import nnpack, nnpack_tvm
 from .compare import conv_shape, default_conv_func, schedule_layer
 from .measure import TimingConfig
 from .model import Layer, Model, reference_output, save_onnx
@@ -493,9 +493,9 @@ def _nnpack_call(data, weight, bias, conv: Layer, impl: Impl, relu: bool):
     shape = conv_shape(conv)
     attrs = [*shape.pad, shape.stride, nnpack.ALGORITHMS[impl.algorithm]]
     if impl.strategy == "precompute":
-        func = nnpack.CONV2D_PREPACKED
+        func = nnpack_tvm.CONV2D_PREPACKED
     else:
-        func = nnpack.CONV2D
+        func = nnpack_tvm.CONV2D
         attrs.append(nnpack.STRATEGY_CODES[impl.strategy])
     attrs.append(nnpack.ACTIVATIONS["relu" if relu else "identity"])
     args = [data, weight, bias, *(relax.prim_value(int(a)) for a in attrs)]
@@ -660,8 +660,8 @@ def local_vm(executable, threads: int = 2):
     # TVM's pool reads this once, when it starts; unset, it halves the cores on x86.
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     if uses_nnpack(executable):
-        nnpack.share_cores_with_tvm()
-    nnpack.register_tvm_functions(threads)
+        nnpack_tvm.share_cores_with_tvm()
+    nnpack_tvm.register_tvm_functions(threads)
     return relax.VirtualMachine(executable, tvm.cpu())
 
 
@@ -691,7 +691,7 @@ def run_local(executable, x: np.ndarray, reference: np.ndarray | Model | None = 
 
     vm = local_vm(executable, threads)
     result = _run_and_time(vm, tvm.cpu(), tvm.runtime.tensor(x), _reference(reference, x), timing)
-    result["nnpack_profile"] = json.loads(nnpack.last_profile_json())
+    result["nnpack_profile"] = json.loads(nnpack_tvm.last_profile_json())
     return result
 
 
@@ -714,9 +714,9 @@ def _remote_work(session, executable, x, reference, timing, threads, export_kwar
     from tvm import relax
 
     if threads:
-        session.get_function(nnpack.SET_THREADS)(threads)
+        session.get_function(nnpack_tvm.SET_THREADS)(threads)
     if uses_nnpack(executable):
-        session.get_function(nnpack.SHARE_CORES)()
+        session.get_function(nnpack_tvm.SHARE_CORES)()
     name = f"hybrid-{uuid.uuid4().hex[:8]}.so"  # fresh name: the device caches loaded paths
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, name)
@@ -725,7 +725,7 @@ def _remote_work(session, executable, x, reference, timing, threads, export_kwar
     dev = session.cpu()
     vm = relax.VirtualMachine(session.load_module(name), dev)
     result = _run_and_time(vm, dev, tvm.runtime.tensor(x, dev), reference, timing)
-    result["nnpack_profile"] = json.loads(session.get_function(nnpack.LAST_PROFILE)())
+    result["nnpack_profile"] = json.loads(session.get_function(nnpack_tvm.LAST_PROFILE)())
     return result
 
 

@@ -318,11 +318,11 @@ def _register_device_functions(threads: int | None) -> None:
     ceilings.register_device_functions()
     measure.register_device_functions()
     try:
-        from workbench import nnpack
+        from workbench import nnpack_tvm
     except ImportError as err:  # the bridge needs torch's library; a server without it still serves TVM
         logging.getLogger(__name__).warning("NNPACK bridge not registered: %s", err)
         return
-    nnpack.register_tvm_functions(threads=threads or 1)
+    nnpack_tvm.register_tvm_functions(threads=threads or 1)
 
 
 def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = DEFAULT_KEY,
