@@ -1,13 +1,18 @@
-"""Tests of the NNPACK bridge (workbench.nnpack) against PyTorch's conv2d in float64."""
+"""Tests of the NNPACK bridge (workbench.nnpack) and its TVM functions (workbench.nnpack_tvm)
+against PyTorch's conv2d in float64."""
 
 from __future__ import annotations
 
+import ast
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from workbench import nnpack
+from workbench import nnpack, nnpack_tvm
+from workbench.errors import WorkbenchError
+from workbench.geometry import ConvGeometry
 from workbench.nnpack import ConvShape, NNPACKError, NotApplicableError
 
 torch = pytest.importorskip("torch")
@@ -178,6 +183,24 @@ def test_conv_shape_normalises_and_refuses_empty_outputs():
         ConvShape(0, 2, 3, 3, 1, 1)
 
 
+def test_conv_shape_is_the_workbench_geometry_and_rules_come_from_it():
+    assert ConvShape is ConvGeometry
+    one_by_one = SHAPES["kernel_1x1"]
+    assert "only 3x3" in nnpack.why_not_applicable(one_by_one, "wt8x8")
+    assert "only 3x3" in nnpack.why_not_applicable(one_by_one, "wt8x8_fp16")
+    assert "1x1" in nnpack.why_not_applicable(SHAPES["unet_64_48"], "direct")
+
+
+def test_errors_are_workbench_errors(bridge):
+    for name in ("algorithm", "strategy", "activation"):
+        kwargs = {"algorithm": "wt8x8", "strategy": "compute", "activation": "identity", name: "nope"}
+        with pytest.raises(nnpack.NNPACKNameError, match=f"unknown .*{name}") as info:
+            bridge.convolution(*make_data(SHAPES["unet_16_96"]), SHAPES["unet_16_96"], **kwargs)
+        assert isinstance(info.value, WorkbenchError) and isinstance(info.value, ValueError)
+    assert issubclass(NNPACKError, WorkbenchError) and issubclass(NNPACKError, RuntimeError)
+    assert issubclass(NotApplicableError, WorkbenchError) and issubclass(NotApplicableError, ValueError)
+
+
 @pytest.mark.parametrize("shape,algorithm,strategy,status,name", [
     (SHAPES["unet_64_48"], "direct", "compute", 26, "nnp_status_unsupported_algorithm"),
     (SHAPES["stride_2"], "wt8x8", "compute", 26, "nnp_status_unsupported_algorithm"),
@@ -229,6 +252,37 @@ def test_changed_weight_is_transformed_again():
     assert nnpack.within_tolerance(y, reference(x, w, b, shape), "wt8x8")
 
 
+def test_run_pointers_matches_convolution(bridge):
+    shape = SHAPES["odd_asymmetric_pad"]
+    x, w, b = make_data(shape)
+    y_ref, _ = bridge.convolution(x, w, b, shape, algorithm="ft8x8", activation="relu")
+    y = np.full(shape.output_shape, np.nan, np.float32)
+    profile = bridge.run_pointers(shape, "ft8x8", "compute", x.ctypes.data, w.ctypes.data, b.ctypes.data,
+                                  y.ctypes.data, "relu")
+    np.testing.assert_array_equal(y, y_ref)
+    assert profile.total > 0
+    with pytest.raises(nnpack.NNPACKNameError, match="unknown run strategy 'precompute'"):
+        bridge.run_pointers(shape, "ft8x8", "precompute", 0, 0, 0, 0)
+
+
+def test_transformed_at_transforms_once_per_weight_buffer():
+    shape = SHAPES["unet_16_96"]
+    x, w, _ = make_data(shape)
+    with nnpack.Bridge(1) as bridge:
+        tk, first = bridge.transformed_at(w.ctypes.data, shape, "wt8x8")
+        again, second = bridge.transformed_at(w.ctypes.data, shape, "wt8x8")
+        assert first is not None and first.kernel_transform > 0
+        assert second is None and again is tk
+        y = np.empty(shape.output_shape, np.float32)
+        bridge.run_pointers(shape, "wt8x8", "reuse", x.ctypes.data, tk.ptr, bridge.zero_bias(shape).ctypes.data,
+                            y.ctypes.data)
+        y_no_bias, _ = bridge.convolution(x, w, None, shape, algorithm="wt8x8")
+        np.testing.assert_allclose(y, y_no_bias, rtol=1e-6, atol=1e-6 * np.abs(y_no_bias).max())
+        w[0, 0, 0, 0] += 1.0  # same address, new content: transformed again
+        _, changed = bridge.transformed_at(w.ctypes.data, shape, "wt8x8")
+        assert changed is not None
+
+
 @pytest.mark.parametrize("algorithm,strategy", [("wt8x8", "precompute"), ("ft16x16", "compute"),
                                                 ("implicit_gemm", "compute")])
 def test_two_threads_match_one_thread(algorithm, strategy):
@@ -254,6 +308,17 @@ def test_wt8x8_fp16_runs_as_wt8x8_on_x86(bridge):
     np.testing.assert_array_equal(y16, y32)
 
 
+def test_bridge_module_does_not_import_tvm():
+    tree = ast.parse(Path(nnpack.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    assert not {name for name in imported if name.split(".")[0] in ("tvm", "tvm_ffi")}, imported
+
+
 # ---------------------------------------------------------------------------------------
 # TVM global functions
 # ---------------------------------------------------------------------------------------
@@ -262,7 +327,7 @@ def test_wt8x8_fp16_runs_as_wt8x8_on_x86(bridge):
 @pytest.fixture(scope="module")
 def tvm_functions():
     tvm = pytest.importorskip("tvm")
-    names = nnpack.register_tvm_functions(threads=1)
+    names = nnpack_tvm.register_tvm_functions(threads=1)
     assert names == ["workbench.nnpack.conv2d", "workbench.nnpack.conv2d_prepacked", "workbench.nnpack.last_profile",
                      "workbench.nnpack.set_threads", "workbench.nnpack.share_cores_with_tvm"]
     return tvm
@@ -276,7 +341,7 @@ def test_relax_call_dps_packed_matches_torch(tvm_functions, algorithm, strategy,
     x, w, b = make_data(shape)
     ref = reference(x, w, b, shape, relu=activation == "relu")
 
-    vm = nnpack.relax_vm(shape, algorithm, strategy, activation)  # call_dps_packed inside a compiled module
+    vm = nnpack_tvm.relax_vm(shape, algorithm, strategy, activation)  # call_dps_packed inside a compiled module
     for _ in range(2):  # the second call reuses the transformed kernel when precomputing
         y = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b)).numpy()
         assert nnpack.within_tolerance(y, ref, algorithm), nnpack.relative_error(y, ref)
@@ -322,3 +387,18 @@ def test_packed_function_reports_not_applicable(tvm_functions):
     func = tvm.get_global_func("workbench.nnpack.conv2d")
     with pytest.raises(Exception, match="direct.*does not apply"):
         func(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b), 1, 1, 1, 1, 1, "direct", out)
+
+
+@pytest.mark.parametrize("algorithm,strategy", [("wt8x8", "precompute"), ("implicit_gemm", "compute")])
+def test_packed_and_relax_paths_give_the_bridges_numbers(tvm_functions, bridge, algorithm, strategy):
+    tvm = tvm_functions
+    shape = SHAPES["unet_16_96"]
+    x, w, b = make_data(shape, seed=3)
+    y_bridge, _ = bridge.convolution(x, w, b, shape, algorithm=algorithm, strategy=strategy)
+    xt, wt, bt = (tvm.runtime.tensor(a) for a in (x, w, b))
+
+    out = tvm.runtime.tensor(np.zeros(shape.output_shape, np.float32))
+    tvm.get_global_func(nnpack_tvm.CONV2D)(xt, wt, bt, *shape.pad, shape.stride, algorithm, strategy, out)
+    y_vm = nnpack_tvm.relax_vm(shape, algorithm, strategy)["main"](xt, wt, bt).numpy()
+    np.testing.assert_array_equal(out.numpy(), y_bridge)
+    np.testing.assert_array_equal(y_vm, y_bridge)

@@ -1,4 +1,4 @@
-"""The NNPACK bridge: every NNPACK convolution algorithm and transform strategy, from Python and TVM.
+"""The NNPACK bridge: every NNPACK convolution algorithm and transform strategy, from Python.
 
 The real NNPACK library ships inside the PyTorch CPU wheel (``torch/lib/libtorch_cpu.so``);
 PyTorch picks one algorithm for us, this module calls ``nnp_convolution_inference`` directly
@@ -7,13 +7,16 @@ the fused activation, and read NNPACK's own per-phase profile.
 
 Main entry points:
 
-- :class:`ConvShape` describes one batch-1 NCHW float32 convolution.
+- :class:`ConvShape` (an alias of :class:`workbench.geometry.ConvGeometry`) describes one
+  batch-1 NCHW float32 convolution.
 - :func:`why_not_applicable` / :func:`applicable_algorithms`: the applicability rules, so a
-  sweep says "not applicable" instead of crashing.
+  sweep says "not applicable" instead of crashing.  The Winograd and FFT rules come from
+  :mod:`workbench.geometry`; NNPACK's own limits are added here.
 - :class:`Bridge` owns a thread pool and workspaces and runs convolutions, returning the
-  output and a :class:`Profile`.
-- :func:`register_tvm_functions` registers TVM global functions (destination-passing style)
-  that a Relax VM reaches with ``relax.call_dps_packed`` and TE with ``te.extern``.
+  output and a :class:`Profile`; its pointer-level methods (``run_pointers``,
+  ``transformed_at``) serve callers that own their buffers, such as the TVM functions.
+
+The TVM global functions live in :mod:`workbench.nnpack_tvm`; this module does not import TVM.
 
 Facts about the library that shaped this code (verified against the library in torch 2.13):
 
@@ -26,7 +29,7 @@ Facts about the library that shaped this code (verified against the library in t
 - NNPACK rejects any padding >= the kernel size in that direction
   (``nnp_status_invalid_input_padding``, 12) for every algorithm.
 - A kernel larger than the padded input makes NNPACK compute a wrapped-around output size
-  and crash, so :class:`ConvShape` refuses shapes whose output would be empty.
+  and crash, so :class:`ConvGeometry` refuses shapes whose output would be empty.
 - ft8x8/ft16x16/wt8x8 with stride > 1, wt8x8 with a non-3x3 kernel, ft8x8 above 8x8 and
   ft16x16 above 16x16, direct with a non-1x1 kernel or stride > 1: status 26
   (``nnp_status_unsupported_algorithm``).  direct with precompute: status 27.
@@ -39,6 +42,7 @@ import ctypes
 import dataclasses
 import functools
 import importlib.util
+import math
 import os
 import platform
 import threading
@@ -50,25 +54,26 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import WorkbenchError
+from .geometry import ConvGeometry, fft_rule, winograd_rule
+
 __all__ = [
     "ACTIVATIONS",
     "ALGORITHMS",
     "STRATEGIES",
+    "STRATEGY_CODES",
     "STATUS_NAMES",
     "TOLERANCE",
     "Bridge",
     "ConvShape",
     "NNPACKError",
+    "NNPACKNameError",
     "NotApplicableError",
     "Profile",
     "TransformedKernel",
     "applicable_algorithms",
     "auto_algorithm",
-    "overhead_vs_direct",
-    "register_tvm_functions",
     "relative_error",
-    "relax_conv2d",
-    "relax_vm",
     "resolved_algorithm",
     "runs_as",
     "shared_bridge",
@@ -95,6 +100,10 @@ ACTIVATIONS = {"identity": 0, "relu": 1}
 # nnp_convolution_transform_strategy: "precompute" in this module means transform the kernel
 # once (2) and then run every call with the transformed kernel (3).
 _COMPUTE, _PRECOMPUTE, _REUSE = 1, 2, 3
+# The codes of STRATEGIES, for callers that cannot pass strings (TVM RPC).
+STRATEGY_CODES = {"compute": _COMPUTE, "precompute": _PRECOMPUTE}
+# What run_pointers accepts: a plain run, or a run with a kernel transformed beforehand.
+_RUN_CODES = {"compute": _COMPUTE, "reuse": _REUSE}
 
 # nnp_status.  Three values are shared by two names in the header; we name the meaning that
 # applies to convolutions first.
@@ -184,7 +193,7 @@ def within_tolerance(y: np.ndarray, ref: np.ndarray, algorithm: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-class NNPACKError(RuntimeError):
+class NNPACKError(WorkbenchError, RuntimeError):
     """NNPACK returned a status other than success."""
 
     def __init__(self, status: int, function: str, context: str = ""):
@@ -196,10 +205,10 @@ class NNPACKError(RuntimeError):
         super().__init__(f"{function} failed{where}: {self.status_name} ({status}). {advice}")
 
 
-class NotApplicableError(ValueError):
+class NotApplicableError(WorkbenchError, ValueError):
     """The chosen algorithm/strategy does not apply to this convolution."""
 
-    def __init__(self, shape: "ConvShape", algorithm: str, strategy: str, reason: str,
+    def __init__(self, shape: ConvGeometry, algorithm: str, strategy: str, reason: str,
                  name: str | None = None):
         self.shape, self.algorithm, self.strategy, self.reason = shape, algorithm, strategy, reason
         self.layer = name
@@ -212,113 +221,29 @@ class NotApplicableError(ValueError):
         )
 
 
+class NNPACKNameError(WorkbenchError, ValueError):
+    """An algorithm, strategy or activation name NNPACK does not have."""
+
+
 # --------------------------------------------------------------------------------------
 # Shapes and applicability
 # --------------------------------------------------------------------------------------
 
 
-def _as_padding(pad: int | Sequence[int]) -> tuple[int, int, int, int]:
-    """int -> all sides; (vertical, horizontal); or (top, right, bottom, left) as NNPACK."""
-    if isinstance(pad, (int, np.integer)):
-        return (int(pad),) * 4
-    pad = tuple(int(p) for p in pad)
-    if len(pad) == 2:
-        return (pad[0], pad[1], pad[0], pad[1])
-    if len(pad) == 4:
-        return pad  # type: ignore[return-value]
-    raise ValueError(f"padding must be an int, (vertical, horizontal) or (top, right, bottom, left), got {pad}")
-
-
-@dataclass(frozen=True)
-class ConvShape:
-    """One convolution: batch 1, NCHW, float32, bias, square stride.
-
-    ``pad`` is (top, right, bottom, left), NNPACK's order; an int or a 2-tuple
-    (vertical, horizontal) is accepted and normalised.
-    """
-
-    in_channels: int
-    out_channels: int
-    height: int
-    width: int
-    kernel_h: int
-    kernel_w: int
-    stride: int = 1
-    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
-
-    def __post_init__(self):
-        object.__setattr__(self, "pad", _as_padding(self.pad))
-        for field in ("in_channels", "out_channels", "height", "width", "kernel_h", "kernel_w", "stride"):
-            value = getattr(self, field)
-            if int(value) != value or value < 1:
-                raise ValueError(f"ConvShape.{field} must be a positive integer, got {value!r}")
-            object.__setattr__(self, field, int(value))
-        if min(self.pad) < 0:
-            raise ValueError(f"ConvShape.pad must be non-negative, got {self.pad}")
-        # NNPACK would wrap the output size around (size_t) and crash: refuse early.
-        top, right, bottom, left = self.pad
-        if self.height + top + bottom < self.kernel_h or self.width + left + right < self.kernel_w:
-            raise ValueError(f"kernel {self.kernel_h}x{self.kernel_w} is larger than the padded input "
-                             f"of {self.describe()}")
-
-    @classmethod
-    def from_arrays(cls, x_shape: Sequence[int], w_shape: Sequence[int], padding: int | Sequence[int] = 0,
-                    stride: int = 1) -> "ConvShape":
-        """Shape of conv(x, w): x is (1, C, H, W) or (C, H, W), w is (K, C, kh, kw)."""
-        x_shape, w_shape = tuple(x_shape), tuple(w_shape)
-        if len(x_shape) == 4:
-            if x_shape[0] != 1:
-                raise ValueError(f"NNPACK inference takes batch 1, got input shape {x_shape}")
-            x_shape = x_shape[1:]
-        if len(x_shape) != 3 or len(w_shape) != 4:
-            raise ValueError(f"expected x (1,C,H,W) or (C,H,W) and w (K,C,kh,kw), got {x_shape} and {w_shape}")
-        if x_shape[0] != w_shape[1]:
-            raise ValueError(f"input has {x_shape[0]} channels but the kernel expects {w_shape[1]}")
-        return cls(x_shape[0], w_shape[0], x_shape[1], x_shape[2], w_shape[2], w_shape[3], stride, _as_padding(padding))
-
-    @property
-    def out_height(self) -> int:
-        return (self.height + self.pad[0] + self.pad[2] - self.kernel_h) // self.stride + 1
-
-    @property
-    def out_width(self) -> int:
-        return (self.width + self.pad[1] + self.pad[3] - self.kernel_w) // self.stride + 1
-
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.in_channels, self.height, self.width)
-
-    @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.out_channels, self.in_channels, self.kernel_h, self.kernel_w)
-
-    @property
-    def output_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.out_channels, self.out_height, self.out_width)
-
-    @property
-    def flops(self) -> int:
-        """Multiply-adds counted as 2 FLOPs, direct-convolution count."""
-        macs = self.out_channels * self.in_channels * self.kernel_h * self.kernel_w * self.out_height * self.out_width
-        return 2 * macs
-
-    def describe(self) -> str:
-        pad = f" pad {self.pad}" if any(self.pad) else ""
-        stride = f" stride {self.stride}" if self.stride != 1 else ""
-        return (f"{self.in_channels}->{self.out_channels} {self.height}x{self.width} "
-                f"kernel {self.kernel_h}x{self.kernel_w}{stride}{pad}")
+# The bridge's name for the workbench's one geometry type, kept so existing callers work.
+ConvShape = ConvGeometry
 
 
 def _check_names(algorithm: str, strategy: str = "compute", activation: str = "identity") -> None:
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown NNPACK algorithm {algorithm!r}; choose from {list(ALGORITHMS)}")
+        raise NNPACKNameError(f"unknown NNPACK algorithm {algorithm!r}; choose from {list(ALGORITHMS)}")
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown transform strategy {strategy!r}; choose from {list(STRATEGIES)}")
+        raise NNPACKNameError(f"unknown transform strategy {strategy!r}; choose from {list(STRATEGIES)}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
+        raise NNPACKNameError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
 
 
-def auto_algorithm(shape: ConvShape) -> str:
+def auto_algorithm(shape: ConvGeometry) -> str:
     """The algorithm NNPACK's "auto" picks for this shape (a copy of its select_algorithm)."""
     kh, kw = shape.kernel_h, shape.kernel_w
     if shape.stride == 1:
@@ -335,30 +260,29 @@ def auto_algorithm(shape: ConvShape) -> str:
     return "implicit_gemm"
 
 
-def _algorithm_rule(shape: ConvShape, algorithm: str, strategy: str) -> str | None:
+def _algorithm_rule(shape: ConvGeometry, algorithm: str, strategy: str) -> str | None:
     """Why this explicit algorithm cannot run this shape, or None."""
-    kernel = f"{shape.kernel_h}x{shape.kernel_w}"
-    stride_1 = f"{algorithm} needs stride 1, this layer has stride {shape.stride}"
     if algorithm in ("ft8x8", "ft16x16"):
-        limit = 8 if algorithm == "ft8x8" else 16
-        if max(shape.kernel_h, shape.kernel_w) > limit:
-            return f"{algorithm} handles kernels up to {limit}x{limit}, this one is {kernel}"
-        return stride_1 if shape.stride != 1 else None
+        return fft_rule(shape, 8 if algorithm == "ft8x8" else 16)
     if algorithm in ("wt8x8", "wt8x8_fp16"):
-        if (shape.kernel_h, shape.kernel_w) != (3, 3):
-            return f"{algorithm} (Winograd F(6x6,3x3)) handles only 3x3 kernels, this one is {kernel}"
-        return stride_1 if shape.stride != 1 else None
+        return winograd_rule(shape)  # F(6x6, 3x3)
     if algorithm == "direct":
-        if (shape.kernel_h, shape.kernel_w) != (1, 1):
-            return f"direct handles only 1x1 kernels, this one is {kernel}"
-        if shape.stride != 1:
-            return stride_1
-        if strategy == "precompute":
-            return "direct has no kernel transform to precompute (nnp_status_unsupported_transform_strategy)"
+        return _direct_rule(shape, strategy)
     return None  # implicit_gemm takes anything
 
 
-def why_not_applicable(shape: ConvShape, algorithm: str, strategy: str = "compute") -> str | None:
+def _direct_rule(shape: ConvGeometry, strategy: str) -> str | None:
+    """NNPACK's direct kernel is a 1x1 stride-1 special case with nothing to precompute."""
+    if (shape.kernel_h, shape.kernel_w) != (1, 1):
+        return f"direct handles only 1x1 kernels, this one is {shape.kernel_h}x{shape.kernel_w}"
+    if shape.stride != 1:
+        return f"direct needs stride 1, this layer has stride {shape.stride}"
+    if strategy == "precompute":
+        return "direct has no kernel transform to precompute (nnp_status_unsupported_transform_strategy)"
+    return None
+
+
+def why_not_applicable(shape: ConvGeometry, algorithm: str, strategy: str = "compute") -> str | None:
     """A sentence saying why NNPACK cannot run ``shape`` this way, or None if it can."""
     _check_names(algorithm, strategy)
     top, right, bottom, left = shape.pad
@@ -372,7 +296,7 @@ def why_not_applicable(shape: ConvShape, algorithm: str, strategy: str = "comput
     return _algorithm_rule(shape, algorithm, strategy)
 
 
-def applicable_algorithms(shape: ConvShape, strategy: str = "compute") -> list[str]:
+def applicable_algorithms(shape: ConvGeometry, strategy: str = "compute") -> list[str]:
     """Algorithm names (in ALGORITHMS order, "auto" included) that can run ``shape``."""
     return [a for a in ALGORITHMS if why_not_applicable(shape, a, strategy) is None]
 
@@ -405,7 +329,7 @@ def runs_as(algorithm: str) -> str:
     return algorithm
 
 
-def resolved_algorithm(shape: ConvShape, algorithm: str) -> str:
+def resolved_algorithm(shape: ConvGeometry, algorithm: str) -> str:
     """What NNPACK actually runs for ``shape``: resolves "auto", then :func:`runs_as`."""
     return runs_as(auto_algorithm(shape) if algorithm == "auto" else algorithm)
 
@@ -517,7 +441,7 @@ def _aligned_empty(nbytes: int, alignment: int = 64) -> np.ndarray:
 class TransformedKernel:
     """A kernel NNPACK transformed once (strategy precompute), for runs with reuse."""
 
-    shape: ConvShape
+    shape: ConvGeometry
     algorithm: str
     buffer: np.ndarray  # 64-byte-aligned bytes owned by this object
     profile: Profile  # of the transform call
@@ -561,14 +485,14 @@ class _KernelCache:
 # --------------------------------------------------------------------------------------
 
 
-def _as_input(x: np.ndarray, shape: ConvShape) -> np.ndarray:
+def _as_input(x: np.ndarray, shape: ConvGeometry) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape not in (shape.input_shape, shape.input_shape[1:]):
         raise ValueError(f"input of shape {x.shape} does not match {shape.describe()} (want {shape.input_shape})")
     return x
 
 
-def _as_weight(weight: np.ndarray, shape: ConvShape) -> np.ndarray:
+def _as_weight(weight: np.ndarray, shape: ConvGeometry) -> np.ndarray:
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     if weight.shape != shape.weight_shape:
         raise ValueError(f"weight of shape {weight.shape} does not match {shape.describe()} "
@@ -576,11 +500,17 @@ def _as_weight(weight: np.ndarray, shape: ConvShape) -> np.ndarray:
     return weight
 
 
-def _check_out(out: np.ndarray, shape: ConvShape, batched: bool) -> np.ndarray:
+def _check_out(out: np.ndarray, shape: ConvGeometry, batched: bool) -> np.ndarray:
     want = shape.output_shape if batched else shape.output_shape[1:]
     if not isinstance(out, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != want:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {want}")
     return out
+
+
+def _fingerprint(ptr: int, nbytes: int) -> bytes:
+    """First, middle and last 64 bytes of a weight: catches a different weight at a reused address."""
+    n = min(64, nbytes)
+    return b"".join(ctypes.string_at(ptr + off, n) for off in (0, (nbytes - n) // 2, nbytes - n))
 
 
 class Bridge:
@@ -603,7 +533,7 @@ class Bridge:
         self._workspace_sizes: dict[tuple, int] = {}
         self._kernels = _KernelCache(kernel_cache_bytes)
         self._zeros: dict[int, np.ndarray] = {}
-        self._structs: dict[ConvShape, tuple] = {}
+        self._structs: dict[ConvGeometry, tuple] = {}
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -639,7 +569,7 @@ class Bridge:
     # -- public API ----------------------------------------------------------------------
 
     def convolution(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-                    shape: ConvShape | None = None, *, padding: int | Sequence[int] = 0, stride: int = 1,
+                    shape: ConvGeometry | None = None, *, padding: int | Sequence[int] = 0, stride: int = 1,
                     algorithm: str = "auto", strategy: str = "compute", activation: str = "identity",
                     out: np.ndarray | None = None, name: str | None = None,
                     precheck: bool = True) -> tuple[np.ndarray, Profile]:
@@ -653,10 +583,10 @@ class Bridge:
         """
         _check_names(algorithm, strategy, activation)
         if shape is None:
-            shape = ConvShape.from_arrays(np.shape(x), np.shape(weight), padding, stride)
+            shape = ConvGeometry.from_arrays(np.shape(x), np.shape(weight), padding, stride)
         x, weight = _as_input(x, shape), _as_weight(weight, shape)
         if precheck:
-            self._require_applicable(shape, algorithm, strategy, name)
+            self.require_applicable(shape, algorithm, strategy, name)
         if strategy == "precompute":
             tk, first_profile = self._cached_transform(weight, shape, algorithm)
             y, profile = self.run_transformed(x, tk, bias, activation, out)
@@ -666,11 +596,11 @@ class Bridge:
                             y.ctypes.data, activation)
         return y, profile
 
-    def transform_kernel(self, weight: np.ndarray, shape: ConvShape, algorithm: str = "auto") -> TransformedKernel:
+    def transform_kernel(self, weight: np.ndarray, shape: ConvGeometry, algorithm: str = "auto") -> TransformedKernel:
         """Transform ``weight`` once for ``shape`` (strategy precompute); see run_transformed."""
         _check_names(algorithm, "precompute")
         weight = _as_weight(weight, shape)
-        self._require_applicable(shape, algorithm, "precompute", None)
+        self.require_applicable(shape, algorithm, "precompute")
         return self._transform(weight.ctypes.data, shape, algorithm)
 
     def run_transformed(self, x: np.ndarray, tk: TransformedKernel, bias: np.ndarray | None,
@@ -683,33 +613,77 @@ class Bridge:
                             y.ctypes.data, activation)
         return y, profile
 
-    # -- internals -----------------------------------------------------------------------
+    # -- pointer level: for callers that own their buffers (the TVM functions) ----------
 
-    def _require_applicable(self, shape: ConvShape, algorithm: str, strategy: str, name: str | None) -> None:
+    def require_applicable(self, shape: ConvGeometry, algorithm: str, strategy: str = "compute",
+                           name: str | None = None) -> None:
+        """Raise NotApplicableError (naming layer ``name`` if given) unless NNPACK can run this."""
         reason = why_not_applicable(shape, algorithm, strategy)
         if reason is not None:
             raise NotApplicableError(shape, algorithm, strategy, reason, name)
 
-    def _bias(self, bias: np.ndarray | None, shape: ConvShape) -> np.ndarray:
+    def zero_bias(self, shape: ConvGeometry) -> np.ndarray:
+        """K float32 zeros (cached per K): the bias of a convolution without one."""
+        zeros = self._zeros.get(shape.out_channels)
+        if zeros is None:
+            zeros = self._zeros[shape.out_channels] = np.zeros(shape.out_channels, np.float32)
+        return zeros
+
+    def run_pointers(self, shape: ConvGeometry, algorithm: str, strategy: str, x_ptr: int, k_ptr: int,
+                     b_ptr: int, y_ptr: int, activation: str = "identity") -> Profile:
+        """One convolution on raw addresses; returns NNPACK's profile.
+
+        Strategy "compute" reads the weight at ``k_ptr``; "reuse" reads a transformed kernel
+        (``TransformedKernel.ptr`` from transformed_at or transform_kernel).  Only the names are
+        checked: the caller guarantees contiguous float32 buffers of ``shape``'s sizes and
+        should call require_applicable once per shape (NNPACK's own refusal is an NNPACKError).
+        """
+        code = _RUN_CODES.get(strategy)
+        if code is None:
+            raise NNPACKNameError(f"unknown run strategy {strategy!r}; choose from {list(_RUN_CODES)}")
+        _check_names(algorithm, activation=activation)
+        return self._run(shape, algorithm, code, x_ptr, k_ptr, b_ptr, y_ptr, activation)
+
+    def transformed_at(self, w_ptr: int, shape: ConvGeometry,
+                       algorithm: str) -> tuple[TransformedKernel, Profile | None]:
+        """The weight at ``w_ptr`` transformed for reuse, once per weight buffer.
+
+        Cached by address and a sample of the bytes (first, middle and last 64), not the whole
+        content: hashing a large weight on every call would cost more than the call.  This
+        assumes weights are constants (a compiled model's parameters are); after changing one
+        in place call clear_kernel_cache.  The profile is the transform's when this call
+        transformed, None when the kernel came from the cache.
+        """
+        _check_names(algorithm, "precompute")
+        nbytes = 4 * math.prod(shape.weight_shape)
+        key = ("address", shape, algorithm, w_ptr, _fingerprint(w_ptr, nbytes))
+        with self._lock:
+            tk = self._kernels.get(key)
+            if tk is not None:
+                return tk, None
+            tk = self._transform(w_ptr, shape, algorithm)
+            self._kernels.put(key, tk)
+            return tk, tk.profile
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _bias(self, bias: np.ndarray | None, shape: ConvGeometry) -> np.ndarray:
         """bias as K contiguous float32 values; zeros (cached) when None."""
         if bias is None:
-            zeros = self._zeros.get(shape.out_channels)
-            if zeros is None:
-                zeros = self._zeros[shape.out_channels] = np.zeros(shape.out_channels, np.float32)
-            return zeros
+            return self.zero_bias(shape)
         bias = np.ascontiguousarray(bias, dtype=np.float32)
         if bias.shape != (shape.out_channels,):
             raise ValueError(f"bias must have shape ({shape.out_channels},), got {bias.shape}")
         return bias
 
-    def _output(self, x: np.ndarray, shape: ConvShape, out: np.ndarray | None) -> np.ndarray:
+    def _output(self, x: np.ndarray, shape: ConvGeometry, out: np.ndarray | None) -> np.ndarray:
         """The output array: ``out`` checked, or a new one of x's rank."""
         batched = x.ndim == 4
         if out is not None:
             return _check_out(out, shape, batched)
         return np.empty(shape.output_shape if batched else shape.output_shape[1:], np.float32)
 
-    def _cached_transform(self, weight: np.ndarray, shape: ConvShape, algorithm: str):
+    def _cached_transform(self, weight: np.ndarray, shape: ConvGeometry, algorithm: str):
         """Transformed kernel for this weight content; the profile is zero when cached."""
         # Content, not address: a converted copy of the same weight must hit the cache.
         key = (shape, algorithm, zlib.crc32(memoryview(weight).cast("B")),
@@ -722,7 +696,7 @@ class Bridge:
             self._kernels.put(key, tk)
             return tk, tk.profile
 
-    def _transform(self, weight_ptr: int, shape: ConvShape, algorithm: str) -> TransformedKernel:
+    def _transform(self, weight_ptr: int, shape: ConvGeometry, algorithm: str) -> TransformedKernel:
         with self._lock:
             size = self._query(shape, algorithm, _PRECOMPUTE, weight_ptr)
             buffer = _aligned_empty(size)
@@ -731,7 +705,7 @@ class Bridge:
                                  buffer.ctypes.data, nbytes, ACTIVATIONS["identity"])
             return TransformedKernel(shape, algorithm, buffer, profile)
 
-    def _structs_for(self, shape: ConvShape) -> tuple:
+    def _structs_for(self, shape: ConvGeometry) -> tuple:
         structs = self._structs.get(shape)
         if structs is None:
             structs = self._structs[shape] = (
@@ -739,7 +713,7 @@ class Bridge:
                 _Size(shape.kernel_w, shape.kernel_h), _Size(shape.stride, shape.stride))
         return structs
 
-    def _call(self, shape: ConvShape, algorithm: str, strategy_code: int, x_ptr, k_ptr, b_ptr, y_ptr,
+    def _call(self, shape: ConvGeometry, algorithm: str, strategy_code: int, x_ptr, k_ptr, b_ptr, y_ptr,
               workspace_ptr, workspace_size: ctypes.c_size_t, activation_code: int) -> Profile:
         """One nnp_convolution_inference call; raises NNPACKError on a failure status."""
         if self._pool is None and self.threads > 1:
@@ -755,7 +729,7 @@ class Bridge:
                               f"{shape.describe()}, algorithm {algorithm}, strategy {strategy}")
         return Profile._from_struct(profile)
 
-    def _query(self, shape: ConvShape, algorithm: str, strategy_code: int, weight_ptr=None) -> int:
+    def _query(self, shape: ConvGeometry, algorithm: str, strategy_code: int, weight_ptr=None) -> int:
         """Workspace bytes NNPACK wants (NULL workspace = size query), remembered per key."""
         key = (shape, algorithm, strategy_code)
         size = self._workspace_sizes.get(key)
@@ -766,7 +740,7 @@ class Bridge:
             size = self._workspace_sizes[key] = nbytes.value
         return size
 
-    def _run(self, shape: ConvShape, algorithm: str, strategy_code: int, x_ptr: int, k_ptr: int, b_ptr: int,
+    def _run(self, shape: ConvGeometry, algorithm: str, strategy_code: int, x_ptr: int, k_ptr: int, b_ptr: int,
              y_ptr: int, activation: str) -> Profile:
         """Run compute or reuse with the shared, grow-only, 64-byte-aligned workspace."""
         with self._lock:
@@ -779,10 +753,10 @@ class Bridge:
 
 
 # --------------------------------------------------------------------------------------
-# Shared bridges and TVM global functions
+# One bridge per process and thread count
 # --------------------------------------------------------------------------------------
 
-_SHARED: dict[int, Bridge] = {}
+_SHARED: dict[tuple[int, int], Bridge] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -798,303 +772,3 @@ def shared_bridge(threads: int = 1) -> Bridge:
         if bridge is None:
             bridge = _SHARED[key] = Bridge(threads)
         return bridge
-
-
-CONV2D = "workbench.nnpack.conv2d"
-CONV2D_PREPACKED = "workbench.nnpack.conv2d_prepacked"
-LAST_PROFILE = "workbench.nnpack.last_profile"
-SET_THREADS = "workbench.nnpack.set_threads"
-SHARE_CORES = "workbench.nnpack.share_cores_with_tvm"
-
-# Positional attributes between (x, w, b) and the trailing output, with their defaults.
-_CONV2D_ATTRS = (("pad_top", 0), ("pad_right", 0), ("pad_bottom", 0), ("pad_left", 0), ("stride", 1),
-                 ("algorithm", "auto"), ("strategy", "compute"), ("activation", "identity"))
-_PREPACKED_ATTRS = tuple(a for a in _CONV2D_ATTRS if a[0] != "strategy")
-
-
-STRATEGY_CODES = {"compute": _COMPUTE, "precompute": _PRECOMPUTE}
-
-
-def _name(value: Any, codes: dict[str, int]) -> str:
-    """An attribute given by name or by its NNPACK code (TVM RPC cannot carry strings)."""
-    if isinstance(value, str):
-        return value
-    by_code = {code: name for name, code in codes.items()}
-    if int(value) not in by_code:
-        raise ValueError(f"unknown code {value}; expected one of {by_code}")
-    return by_code[int(value)]
-
-
-def _parse_attrs(values: Sequence[Any], spec: tuple) -> dict[str, Any]:
-    if len(values) > len(spec):
-        raise TypeError(f"too many attributes {tuple(values)}; expected at most {[n for n, _ in spec]}")
-    attrs = {name: default for name, default in spec}
-    attrs.update({name: value for (name, _), value in zip(spec, values)})
-    return attrs
-
-
-def _tensor_ptr(t: Any, what: str, shape: tuple[int, ...]) -> int:
-    """Data pointer of a contiguous float32 CPU tvm tensor (DLPack views from TE included).
-
-    We read the pointer rather than converting with np.from_dlpack: a DLTensor that a TE
-    extern passes is a non-owning view, and exporting it through DLPack segfaults.
-    """
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    if str(t.dtype) != "float32" or not t.is_contiguous():
-        raise ValueError(f"{what} must be a contiguous float32 tensor, got {t.dtype}")
-    if t.__dlpack_device__()[0] != 1:  # kDLCPU
-        raise ValueError(f"{what} must be on the CPU, got {t.device}")
-    return t.data_ptr()
-
-
-def _fingerprint(ptr: int, nbytes: int) -> bytes:
-    """First, middle and last 64 bytes of a weight: catches a different weight at a reused address."""
-    n = min(64, nbytes)
-    return b"".join(ctypes.string_at(ptr + off, n) for off in (0, (nbytes - n) // 2, nbytes - n))
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one packed-call signature means, validated once."""
-
-    shape: ConvShape
-    algorithm: str
-    strategy: str
-    activation: str
-    out_shape: tuple[int, ...]
-    weight_nbytes: int
-
-
-# Profiles of the latest packed call in this process, for measurements over RPC.
-_LAST_PROFILE: dict[str, dict[str, float]] = {}
-
-
-class _PackedConv2d:
-    """Body of the TVM global functions; ``prepacked`` forces strategy precompute."""
-
-    def __init__(self, threads: int, prepacked: bool):
-        self.threads, self.prepacked = threads, prepacked
-        self.spec = _PREPACKED_ATTRS if prepacked else _CONV2D_ATTRS
-        self._plans: dict[tuple, _Plan] = {}
-
-    @property
-    def bridge(self) -> Bridge:
-        # Looked up per call, not bound at registration: registration happens before an RPC
-        # server forks its session processes, and each process needs its own thread pool.
-        return shared_bridge(self.threads)
-
-    def _plan(self, x_shape: tuple, w_shape: tuple, attr_values: tuple) -> _Plan:
-        """Parse and check the attributes once per (shapes, attributes) signature."""
-        attrs = _parse_attrs(attr_values, self.spec)
-        strategy = "precompute" if self.prepacked else _name(attrs["strategy"], STRATEGY_CODES)
-        algorithm = _name(attrs["algorithm"], ALGORITHMS)
-        activation = _name(attrs["activation"], ACTIVATIONS)
-        _check_names(algorithm, strategy, activation)
-        pad = tuple(int(attrs[k]) for k in ("pad_top", "pad_right", "pad_bottom", "pad_left"))
-        shape = ConvShape.from_arrays(x_shape, w_shape, pad, int(attrs["stride"]))
-        self.bridge._require_applicable(shape, algorithm, strategy, None)
-        out_shape = shape.output_shape if len(x_shape) == 4 else shape.output_shape[1:]
-        return _Plan(shape, algorithm, strategy, activation, out_shape, 4 * int(np.prod(w_shape)))
-
-    def __call__(self, *args):
-        if len(args) < 4:
-            raise TypeError("expected (x, w, b, [attrs...], out)")
-        x, w, b, out = args[0], args[1], args[2], args[-1]
-        key = (tuple(x.shape), tuple(w.shape), args[3:-1])
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._plan(*key)
-        shape, bridge = plan.shape, self.bridge
-        x_ptr = _tensor_ptr(x, "x", key[0])
-        w_ptr = _tensor_ptr(w, "w", key[1])
-        y_ptr = _tensor_ptr(out, "out", plan.out_shape)
-        if b is None:
-            b_ptr = bridge._bias(None, shape).ctypes.data
-        else:
-            b_ptr = _tensor_ptr(b, "b", (shape.out_channels,))
-        if plan.strategy == "compute":
-            profile = bridge._run(shape, plan.algorithm, _COMPUTE, x_ptr, w_ptr, b_ptr, y_ptr, plan.activation)
-        else:
-            tk = self._transformed(bridge, plan, w_ptr)
-            profile = bridge._run(shape, plan.algorithm, _REUSE, x_ptr, tk.ptr, b_ptr, y_ptr, plan.activation)
-        _LAST_PROFILE["run"] = profile.to_dict()
-
-    def _transformed(self, bridge: Bridge, plan: _Plan, w_ptr: int) -> TransformedKernel:
-        """Transform once per weight buffer (address + sampled bytes); weights are constants."""
-        key = ("tvm", plan.shape, plan.algorithm, w_ptr, _fingerprint(w_ptr, plan.weight_nbytes))
-        with bridge._lock:
-            tk = bridge._kernels.get(key)
-            if tk is None:
-                tk = bridge._transform(w_ptr, plan.shape, plan.algorithm)
-                bridge._kernels.put(key, tk)
-                _LAST_PROFILE["transform"] = tk.profile.to_dict()
-            return tk
-
-
-def last_profile_json() -> str:
-    """JSON of the latest packed call's phases ("run") and the latest kernel transform ("transform")."""
-    import json
-
-    return json.dumps(_LAST_PROFILE)
-
-
-def register_tvm_functions(threads: int = 1) -> list[str]:
-    """Register the NNPACK convolution as TVM global functions; returns their names.
-
-    Both take ``(x, w, b, *attrs, out)`` and write the result into ``out`` (destination
-    passing, so ``relax.call_dps_packed`` and ``te.extern`` + ``tvm.tirx.call_packed`` can call
-    them); x is (1, C, H, W) or (C, H, W), w (K, C, kh, kw), b (K,) float32 tensors.  Missing
-    trailing attributes take their defaults.
-
-    - ``workbench.nnpack.conv2d``: attrs pad_top=0, pad_right=0, pad_bottom=0, pad_left=0,
-      stride=1, algorithm="auto", strategy="compute", activation="identity".
-    - ``workbench.nnpack.conv2d_prepacked``: the same without ``strategy``; the kernel is
-      transformed on the first call and reused after (precompute + reuse).  The transformed
-      kernel is cached by the weight buffer's address and a sample of its bytes, which
-      assumes weights are constants (true for a compiled model's parameters); after
-      changing a weight in place call ``shared_bridge(threads).clear_kernel_cache()``.
-      ``workbench.nnpack.conv2d`` with strategy "precompute" behaves the same.
-
-    Functions registered in one process do not exist in another: an RPC server must call
-    this itself at start-up (e.g. in ``tvm.rpc.Server(server_init_callback=...)``).
-    """
-    import tvm_ffi
-
-    tvm_ffi.register_global_func(CONV2D, _PackedConv2d(threads, prepacked=False), override=True)
-    tvm_ffi.register_global_func(CONV2D_PREPACKED, _PackedConv2d(threads, prepacked=True), override=True)
-    tvm_ffi.register_global_func(LAST_PROFILE, last_profile_json, override=True)
-    # Lets an RPC client pick the thread count for its own session process.
-    tvm_ffi.register_global_func(SET_THREADS, lambda n: register_tvm_functions(int(n)) and None, override=True)
-    tvm_ffi.register_global_func(SHARE_CORES, share_cores_with_tvm, override=True)
-    return [CONV2D, CONV2D_PREPACKED, LAST_PROFILE, SET_THREADS, SHARE_CORES]
-
-
-def share_cores_with_tvm() -> None:
-    """Make TVM's thread pool sleep instead of spin between kernels, in this process.
-
-    In a model that alternates NNPACK calls (its own pthreadpool) with TVM kernels (TVM's
-    pool), TVM's workers spin after each kernel and starve NNPACK's threads: measured on the
-    reference UNet with NNPACK on every conv, 20.8 ms spinning against 10.5 ms sleeping.
-    TVM reads the setting once, when its pool starts: call this before the first TVM kernel.
-    """
-    os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
-
-
-def relax_conv2d(x, w, b, shape: ConvShape, *, algorithm: str = "auto", strategy: str = "compute",
-                 activation: str = "identity"):
-    """A Relax ``call_dps_packed`` expression running NNPACK on Relax values x, w, b.
-
-    Strategy "precompute" calls ``workbench.nnpack.conv2d_prepacked``.  Emit it with a
-    BlockBuilder; the functions must be registered (register_tvm_functions) before the VM runs.
-    """
-    from tvm import ir, relax
-
-    _check_names(algorithm, strategy, activation)
-    attrs = [relax.prim_value(p) for p in (*shape.pad, shape.stride)]
-    names = [algorithm] + ([] if strategy == "precompute" else [strategy]) + [activation]
-    attrs += [ir.StringImm(s) for s in names]
-    func = CONV2D_PREPACKED if strategy == "precompute" else CONV2D
-    return relax.call_dps_packed(func, [x, w, b, *attrs], relax.TensorType(shape.output_shape, "float32"))
-
-
-# --------------------------------------------------------------------------------------
-# Overhead of the TVM path
-# --------------------------------------------------------------------------------------
-
-
-def _blocked_medians(fns: dict[str, Any], repeat: int, blocks: int = 10) -> dict[str, float]:
-    """Median seconds per call of each function.
-
-    Calls run in blocks (each path keeps its own kernel and tensors in cache, as in steady
-    state) and the blocks rotate over the functions, so machine drift hits all alike.
-    """
-    import time
-
-    per_block = max(1, repeat // blocks)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(blocks):
-        for name, fn in fns.items():
-            fn()  # warm this path's data after the other paths ran
-            for _ in range(per_block):
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    return {name: float(np.median(s)) for name, s in samples.items()}
-
-
-def _relax_module(shape: ConvShape, algorithm: str, strategy: str, activation: str):
-    from tvm import relax
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape.input_shape, "float32"))
-    w = relax.Var("w", relax.TensorType(shape.weight_shape, "float32"))
-    b = relax.Var("b", relax.TensorType((shape.out_channels,), "float32"))
-    with bb.function("main", [x, w, b]):
-        with bb.dataflow():
-            y = bb.emit_output(relax_conv2d(x, w, b, shape, algorithm=algorithm, strategy=strategy,
-                                            activation=activation))
-        bb.emit_func_output(y)
-    return bb.get()
-
-
-def relax_vm(shape: ConvShape, algorithm: str = "auto", strategy: str = "compute", activation: str = "identity"):
-    """A Relax VM whose ``main(x, w, b)`` runs this NNPACK convolution (for tests and timing)."""
-    import tvm
-    from tvm import relax
-
-    mod = _relax_module(shape, algorithm, strategy, activation)
-    executable = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
-    return relax.VirtualMachine(executable, tvm.cpu())
-
-
-def overhead_vs_direct(shapes: Sequence[ConvShape] | None = None, *, algorithm: str = "wt8x8",
-                       strategy: str = "precompute", threads: int = 1, repeat: int = 30,
-                       seed: int = 0) -> list[dict[str, Any]]:
-    """Median time of one convolution called three ways, and the TVM overhead.
-
-    - direct: ``Bridge.run_transformed`` (or ``convolution``) with a preallocated output;
-    - packed: the registered global function called from Python;
-    - relax: a Relax VM calling it through ``call_dps_packed`` (allocates its output).
-    Defaults to the UNet middle layers 64->64 48x48 and 128->128 24x24, 3x3 pad 1.  The
-    three are timed in rotating blocks.  Registers the TVM functions for ``threads`` (replacing
-    earlier registrations).
-    """
-    import tvm
-    import tvm_ffi
-
-    if shapes is None:
-        shapes = [ConvShape(64, 64, 48, 48, 3, 3, 1, 1), ConvShape(128, 128, 24, 24, 3, 3, 1, 1)]
-    register_tvm_functions(threads)
-    bridge = shared_bridge(threads)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for shape in shapes:
-        x = rng.standard_normal(shape.input_shape, dtype=np.float32)
-        w = rng.standard_normal(shape.weight_shape, dtype=np.float32)
-        b = rng.standard_normal(shape.out_channels, dtype=np.float32)
-        y = np.empty(shape.output_shape, np.float32)
-        if strategy == "precompute":
-            tk = bridge.transform_kernel(w, shape, algorithm)
-            direct = lambda: bridge.run_transformed(x, tk, b, out=y)  # noqa: E731
-            name, attrs = CONV2D_PREPACKED, [*shape.pad, shape.stride, algorithm]
-        else:
-            direct = lambda: bridge.convolution(x, w, b, shape, algorithm=algorithm, out=y)  # noqa: E731
-            name, attrs = CONV2D, [*shape.pad, shape.stride, algorithm, strategy]
-        xt, wt, bt = (tvm.runtime.tensor(a) for a in (x, w, b))
-        yt = tvm.runtime.tensor(y)
-        func = tvm_ffi.get_global_func(name)
-        vm = relax_vm(shape, algorithm, strategy)
-        times = _blocked_medians({
-            "direct": direct,
-            "packed": lambda: func(xt, wt, bt, *attrs, yt),
-            "relax": lambda: vm["main"](xt, wt, bt),
-        }, repeat)
-        rows.append({
-            "shape": shape.describe(), "algorithm": algorithm, "strategy": strategy, "threads": threads,
-            **{f"{k}_ms": v * 1e3 for k, v in times.items()},
-            "packed_overhead_us": (times["packed"] - times["direct"]) * 1e6,
-            "relax_overhead_us": (times["relax"] - times["direct"]) * 1e6,
-            "relax_overhead_pct": 100 * (times["relax"] / times["direct"] - 1),
-        })
-    return rows
