@@ -13,16 +13,15 @@ import json
 import sys
 import time
 
-from workbench import baselines, compare, study, tuning
-from workbench.measure import ConvCase, TimingConfig
+from workbench import baselines, study
+from workbench.measure import ConvCase, TimingConfig, usable
 from workbench.model import reference_unet
 from workbench.records import WorkDir
-from workbench.rpc import LocalCluster
+from workbench.rpc import open_device
 
 
 def best(records, layer, library):
-    rows = [r for r in records if r["layer"] == layer and r["impl"].startswith(library + ":")
-            and r["status"] == "ok" and r["numerics_ok"] and not r.get("alias_of")]
+    rows = [r for r in usable(records) if r["layer"] == layer and r["impl"].startswith(library + ":")]
     return min(rows, key=lambda r: r["median_ms"]) if rows else None
 
 
@@ -34,15 +33,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     model, work, timing = reference_unet(), WorkDir.at(args.work_dir), TimingConfig()
-    config = study.StudyConfig(trials=args.trials, tune=args.tune)
-    with LocalCluster(threads=args.threads) as cluster:
-        device = cluster.device()
+    config = study.StudyConfig(trials=args.trials, tune=args.tune, timing=timing)
+    tuned = study.tuned_layers(model, config)
+    with open_device(threads=args.threads) as device:
         start = time.time()
-        tuned = study.tuned_layers(model, config)
-        results = tuning.tune_layers(model, device, args.trials, work.tuning, layers=tuned, progress=False)
-        tuning_seconds = time.time() - start
-        records = compare.compare(model, device, candidates=study.candidates(model, device, work, tuned, args.trials),
-                                  timing=timing, store=work.records, progress=False)
+        measured = study.measure_layers(model, device, work, config, progress=False)
+        seconds = time.time() - start
+    # ONNX Runtime runs after the device's session is closed: its thread pool never shares the cores.
+    records, results = measured.records, measured.tuning
     rows = []
     for layer in model.convs:
         ort = baselines.onnxruntime_conv(ConvCase.from_model(model, layer), args.threads, timing)
@@ -59,7 +57,7 @@ def main() -> None:
     best_of_both = sum(min(v for v in (r["best_tvm_ms"], r["best_nnpack_ms"]) if v) for r in rows)
     json.dump({
         "budget": {"trials_per_tuned_layer": args.trials, "tuned_layers": tuned, "threads": args.threads},
-        "tuning_seconds": tuning_seconds,
+        "tuning_and_measuring_seconds": seconds,
         "trials_per_minute": [r.trials_per_minute for r in results],
         "layers": rows,
         "sum_ms": {**total, "best_of_both": best_of_both},

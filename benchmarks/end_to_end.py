@@ -13,11 +13,11 @@ import argparse
 import json
 import sys
 
-from workbench import baselines, compare, hybrid, study, tuning
+from workbench import study
 from workbench.measure import TimingConfig
 from workbench.model import reference_unet, sample_input
 from workbench.records import WorkDir
-from workbench.rpc import LocalCluster
+from workbench.rpc import open_device
 
 GOALS = {"onnxruntime": 1.0, "nnpack_everywhere": 1 / 1.2, "tvm_only": 1 / 1.4}
 
@@ -30,19 +30,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     model, work = reference_unet(), WorkDir.at(args.work_dir)
-    config = study.StudyConfig(trials=args.trials)
-    timing = TimingConfig(number=1, repeat=args.repeat, min_repeat_ms=100)
-    with LocalCluster(threads=args.threads) as cluster:
-        device = cluster.device()
-        tuned = study.tuned_layers(model, config)
-        tuning.tune_layers(model, device, args.trials, work.tuning, layers=tuned, progress=False)
-        records = compare.compare(model, device, candidates=study.candidates(model, device, work, tuned, args.trials),
-                                  timing=config.timing, store=work.records, progress=False)
-        kernels = study.tvm_kernels(model, work, device.target)
-        executables = {name: hybrid.compile_hybrid(hybrid.build_hybrid(model, plan, device.target, kernels), device.target)
-                       for name, plan in study.plans(model, records).items()}
-        results = baselines.measure_baselines(model, device, args.threads, timing, x=sample_input(model),
-                                              extra=executables)
+    config = study.StudyConfig(trials=args.trials,
+                               end_to_end_timing=TimingConfig(number=1, repeat=args.repeat, min_repeat_ms=100))
+    with open_device(threads=args.threads) as device:
+        records = study.measure_layers(model, device, work, config, progress=False).records
+        executables = study.build_models(model, study.choose_plans(model, records), work, device.target)
+        results = study.compare_end_to_end(model, device, executables, config, args.threads, x=sample_input(model))
     by_name = {r["name"]: r for r in results}
     hybrid_ms = by_name["hybrid"]["median_ms"]
     ratios = {name: hybrid_ms / r["median_ms"] for name, r in by_name.items() if name != "hybrid"}

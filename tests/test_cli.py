@@ -45,3 +45,16 @@ def test_ceilings_json_against_a_tracker(cluster):
     result = json.loads(proc.stdout)
     assert result["peak_gflops"] > 1 and result["bandwidth_gbs"] > 0.5
     assert result["device"]["tracker"] == f"127.0.0.1:{cluster.port}"
+
+
+def test_a_bad_thread_count_is_one_clear_line_before_any_device_starts():
+    proc = run("ceilings", "--threads", "0", "--json", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "thread count must be a positive integer" in proc.stderr and proc.stdout == ""
+
+
+def test_an_unknown_conv_layer_names_the_ones_there(tmp_path, small_model):
+    path = save_onnx(small_model, tmp_path / "small.onnx")
+    proc = run("compare", "--model", str(path), "--layers", "nope", "--json", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown conv layer(s) ['nope']" in proc.stderr and "enc0_conv1" in proc.stderr

@@ -84,3 +84,19 @@ def test_export_without_a_study_says_what_to_do(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workbench", "export", "--work-dir", str(tmp_path), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "run `python -m workbench study`" in proc.stderr
+
+
+def test_the_readme_python_runs_as_written(study, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README has no Python example"
+    workbench("export", "--model", str(study["onnx"]), "--work-dir", str(study["work"]), "--out",
+              str(tmp_path / "unet_hybrid"))
+    monkeypatch.chdir(tmp_path)  # where the README's `unet_hybrid` folder is
+    for block in blocks:
+        namespace = {}
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["y"].shape == tuple(namespace["hybrid"].meta["output_shape"])
