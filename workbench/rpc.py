@@ -25,7 +25,9 @@ DEFAULT_KEY = "workbench"
 
 # Named targets for common boards; "host" is detected when used.
 TARGET_PRESETS = {
-    "armv7": {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf", "mattr": ["+neon"]},
+    # Hard-float calling convention, as the gnueabihf toolchain links: without it the linker
+    # refuses the objects ("uses VFP register arguments, ... does not").
+    "armv7": {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf", "mattr": ["+neon"], "mfloat-abi": "hard"},
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
 }
 CROSS_COMPILERS = {"armv7": "arm-linux-gnueabihf-g++", "aarch64": "aarch64-linux-gnu-g++"}
@@ -117,9 +119,9 @@ class Device:
         """Arguments for Module.export_library so the shared object loads on the device."""
         if not self.cross_compiler:
             return {}
-        from tvm.contrib import cc
+        from workbench.tvm_compat import cross_compiler
 
-        return {"fcompile": cc.cross_compiler(self.cross_compiler)}
+        return {"fcompile": cross_compiler(self.cross_compiler)}
 
     def describe(self) -> dict:
         return {"tracker": self.tracker, "key": self.key, "target": self.target}
