@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test study report lab clean-venv
+.PHONY: venv test study report lab clean-venv system-deps
 
 venv: $(STAMP)
 
@@ -28,3 +28,12 @@ lab: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Debian's cross g++ for the armv7 and aarch64 targets (the cross-compiling test runs only with them).
+CROSS_GXX := aarch64-linux-gnu-g++ arm-linux-gnueabihf-g++
+system-deps:
+	@missing=$$(for c in $(CROSS_GXX); do command -v $$c >/dev/null || echo $$c; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu g++-arm-linux-gnueabihf >/dev/null; \
+	else echo "note: $$missing missing; as root: apt-get install g++-aarch64-linux-gnu g++-arm-linux-gnueabihf"; fi

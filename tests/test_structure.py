@@ -258,3 +258,22 @@ def test_cycles_and_chains_are_found_and_reported_as_paths(fake_package):
     assert chain(fake_package, "pkg.a", "pkg") == ["pkg.a", "pkg.b", "pkg.c", "pkg"]
     assert find_cycles({"x": {"y": 1}, "y": {}}) == []
     assert find_cycles({"x": {"x": 1}}) == [["x", "x"]]
+
+
+def test_every_error_class_of_the_package_is_a_workbench_error():
+    """The error contract: the command line prints a WorkbenchError as one line, so every error
+    class the package defines for its users must be one."""
+    import importlib
+    import inspect
+
+    from workbench.errors import WorkbenchError
+
+    package = Path(__file__).resolve().parents[1] / "workbench"
+    strays = []
+    for path in sorted(package.rglob("*.py")):
+        name = ".".join(("workbench", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+        module = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == name and issubclass(cls, Exception) and not issubclass(cls, WorkbenchError):
+                strays.append(f"{name}.{cls_name}")
+    assert strays == []
