@@ -7,7 +7,6 @@ import pytest
 
 from workbench import hybrid
 from workbench.build import build_hybrid, compile_hybrid
-from workbench.fusion import fusible_chain
 from workbench.kernels.default import default_conv_func
 from workbench.kernels.registry import all_candidates
 from workbench.kernels.tvm_kernel import FactoryCandidate

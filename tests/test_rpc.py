@@ -1,25 +1,12 @@
 """Local RPC cluster, remote-tracker path, and ceilings measured through them."""
 
-import os
-import signal
 
-import psutil
 import pytest
+from processes import group_alive
 
 from workbench.ceilings import measure_ceilings
 from workbench.rpc import DeviceError, LocalCluster, open_device, parse_tracker
 from workbench.server import serve
-
-
-def _group_alive(pgid: int) -> list[int]:
-    alive = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return alive
 
 
 def test_cluster_stops_every_process_it_started():
@@ -27,9 +14,9 @@ def test_cluster_stops_every_process_it_started():
         groups = list(cluster.pids)
         assert cluster.device().run(lambda session: session.cpu(0).exist)
         # the server forked workers: more processes than the ones we started directly
-        assert sum(len(_group_alive(g)) for g in groups) > len(groups)
+        assert sum(len(group_alive(g)) for g in groups) > len(groups)
     for group in groups:
-        assert _group_alive(group) == [], "an RPC process outlived the cluster"
+        assert group_alive(group) == [], "an RPC process outlived the cluster"
 
 
 def test_a_kernel_runs_on_the_device_and_the_server_registered_workbench_functions(device):

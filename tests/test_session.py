@@ -2,7 +2,6 @@
 
 import gc
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,27 +9,17 @@ import time
 
 import psutil
 import pytest
+from processes import group_alive
 
 from workbench.errors import WorkbenchError
 from workbench.session import DeviceSession, open_session
-
-
-def _group_alive(pgid: int) -> list[int]:
-    alive = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return alive
 
 
 def _wait_until_gone(groups, timeout: float = 20.0) -> dict[int, list[int]]:
     """Poll until no process of `groups` is alive; return the survivors per group (empty if none)."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = {g: pids for g in groups if (pids := _group_alive(g))}
+        alive = {g: pids for g in groups if (pids := group_alive(g))}
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
@@ -40,7 +29,7 @@ def test_a_session_runs_on_its_device_and_close_stops_its_cluster():
     session = open_session(threads=1)
     groups = session.pids
     assert len(groups) == 2  # tracker and one server
-    assert all(_group_alive(g) for g in groups)
+    assert all(group_alive(g) for g in groups)
     assert session.device.run(lambda s: s.cpu(0).exist)
     assert "local cluster" in repr(session) and session.tracker in repr(session) and "open" in repr(session)
 
@@ -49,13 +38,13 @@ def test_a_session_runs_on_its_device_and_close_stops_its_cluster():
         assert remote.pids == []
         assert remote.device.run(lambda s: s.cpu(0).exist)
         assert "remote tracker" in repr(remote)
-    assert remote.closed and all(_group_alive(g) for g in groups)
+    assert remote.closed and all(group_alive(g) for g in groups)
 
     session.close()
     session.close()  # idempotent
     assert session.closed and "closed" in repr(session)
     for group in groups:
-        assert _group_alive(group) == [], "an RPC process outlived the closed session"
+        assert group_alive(group) == [], "an RPC process outlived the closed session"
     assert session.pids == groups  # still listed, so callers can check
     with pytest.raises(WorkbenchError, match="closed"):
         session.device

@@ -100,7 +100,6 @@ def compile_hybrid(mod, target=None, fuse_ops: bool = True):
     kernels, and an unfused TVM conv absorbs a following elementwise op.
     """
     import tvm
-    from tvm import relax
 
     if target is None:
         recorded = mod.attrs.get("workbench.target") if mod.attrs is not None else None
@@ -119,7 +118,6 @@ def cpu_pipeline(target):
     default schedule touches them; on 2 cores that left about 1 ms of the UNet single-threaded.
     """
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     @tvm.transform.module_pass(opt_level=0)
