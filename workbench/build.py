@@ -30,13 +30,12 @@ def build_hybrid(model: Model, plan: Plan, target, candidates: list[Candidate] |
     module (attr `workbench.target`) so that `compile_hybrid` defaults to it. `candidates` are
     the implementations the plan's ids resolve to (default: the kernel layer's, untuned).
     """
-    import tvm
     from tvm import relax
 
     candidates = all_candidates() if candidates is None else candidates
     plan.validate(model, candidates)
-    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    target_dict = _target_dict(target)
+    # Kernels look their tuning records up by the target dict as the device gave it.
+    target_dict = dict(target) if isinstance(target, dict) else _target_dict(target)
     groups = conv_groups(model, plan.fusions())
     tails = {group.tail.name: group for group in groups.values()}
     absorbed = {m.name for g in groups.values() for m in (g.conv, *g.members) if m.name != g.tail.name}
