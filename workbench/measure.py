@@ -19,8 +19,6 @@ from .model import Layer, Model
 
 log = logging.getLogger(__name__)
 
-# Statuses a measurement ends with; only "ok" with numerics_ok is usable.
-STATUSES = ("ok", "wrong", "failed", "not_applicable")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from .names import symbol
 
 log = logging.getLogger(__name__)
 
-FAILED_SECONDS = 1e9  # MetaSchedule stores failed builds/runs as huge times (1e10 s)
 
 
 @dataclass
@@ -130,7 +129,8 @@ def best_history(database, mod, directory) -> list[tuple[int, float]]:
 
 def _mean_ms(run_secs) -> float | None:
     secs = [float(s) for s in (run_secs or [])]
-    if not secs or min(secs) >= FAILED_SECONDS:
+    # MetaSchedule stores a failed build or run as FAILED_RUN_SECONDS: a marker, not a time.
+    if not secs or min(secs) >= tvm_compat.FAILED_RUN_SECONDS / 10:
         return None
     return sum(secs) / len(secs) * 1e3
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .. import schedules
 from .tvm_kernel import FactoryCandidate, TVMCandidate
 
 
 class HandSchedule(TVMCandidate):
     def __init__(self, schedule: str, knobs_for: Callable | None = None):
-        from .. import schedules
-
         schedules.knobs_class(schedule)  # fails clearly on an unknown schedule name
         self.schedule, self.knobs_for = schedule, knobs_for
         self.impl = f"tvm:{schedule}"
@@ -23,33 +22,24 @@ class HandSchedule(TVMCandidate):
         self.note = "hand schedule, default knobs" if knobs_for is None else "hand schedule, chosen knobs"
 
     def why_not_applicable(self, layer):
-        from .. import schedules
-
         return schedules.applicable(self.schedule, schedules.ConvLayer.of(layer))
 
     def knobs(self, layer):
-        from .. import schedules
-
         chosen = self.knobs_for(layer) if self.knobs_for else None
         return chosen or schedules.default_knobs(self.schedule, schedules.ConvLayer.of(layer))
 
     def prim_func(self, layer, relu, weight, target):
-        from .. import schedules
-
         conv, knobs = schedules.ConvLayer.of(layer, relu), self.knobs(layer)
         sch = schedules.schedule(self.schedule, schedules.new_schedule(self.schedule, conv, knobs), conv, knobs)
         return sch.mod["main"], schedules.pack_weight(self.schedule, conv, knobs, weight)
 
 
 def hand_candidates() -> list[HandSchedule]:
-    from ..schedules import IMPLEMENTATIONS
-
-    return [HandSchedule(name) for name in IMPLEMENTATIONS]
+    return [HandSchedule(name) for name in schedules.IMPLEMENTATIONS]
 
 
 def step_candidate(schedule: str, step: str, sch, knobs=None) -> FactoryCandidate:
     """One intermediate schedule (from schedules.steps) as a candidate, to time each step."""
-    from .. import schedules
 
     def factory(layer, relu, weight):
         packed = schedules.pack_weight(schedule, schedules.ConvLayer.of(layer, relu), knobs, weight)
