@@ -79,7 +79,7 @@ def cmd_compare(args) -> None:
     model.select_convs(layers)  # fail on unknown names before starting a device
     timing = TimingConfig.quick() if args.quick else TimingConfig()
     work = WorkDir.at(args.work_dir)
-    with open_device(args.tracker, args.key, args.target, args.threads) as device:
+    with work.lock("compare"), open_device(args.tracker, args.key, args.target, args.threads) as device:
         # NNPACK and TVM's default, the hand schedules, and tvm:tuned where the work dir has tuning records.
         tuned = tuning.tuned_layers(model, device.target, work.tuning)
         candidates = all_candidates(int(device.target.get("num-cores") or 1), work.tuning, tuned)
@@ -99,7 +99,7 @@ def cmd_tune(args) -> None:
     if args.trials < 1:
         raise UserError("--trials must be at least 1")
     work = WorkDir.at(args.work_dir)
-    with open_device(args.tracker, args.key, args.target, args.threads) as device:
+    with work.lock("tune"), open_device(args.tracker, args.key, args.target, args.threads) as device:
         if args.whole_model:
             results = tuning.tune_model(model, device, args.trials, work.tuning, layers=layers, progress=not args.json)
         else:
@@ -125,14 +125,14 @@ def cmd_study(args) -> None:
     if args.tune:
         config.tune = args.tune
     work = WorkDir.at(args.work_dir)
-    with open_device(args.tracker, args.key, args.target, args.threads) as device:
+    with work.lock("study"), open_device(args.tracker, args.key, args.target, args.threads) as device:
         summary = run_study(model, device, work, config, progress=not args.json)
     _emit(args, summary, lambda: json.dumps({k: summary[k] for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios")},
                                             indent=1) + f"\nreport: {work.report}")
 
 
 def cmd_export(args) -> None:
-    from .hybrid import export_hybrid
+    from .hybrid import check_export_dir, export_hybrid
     from .kernels.registry import all_candidates
     from .plan import Plan
     from .records import WorkDir
@@ -140,13 +140,17 @@ def cmd_export(args) -> None:
 
     model = _load_model(args.model)
     work = WorkDir.at(args.work_dir)
+    check_export_dir(args.out, args.force)  # before the plan and the build: fail fast, write nothing
     plan_path = work.hybrid / "plan.json"
     if not plan_path.exists():
         raise UserError(f"no plan at {plan_path}; run `python -m workbench study` with this --work-dir first")
     plan = Plan.load(plan_path)
+    if plan.model and plan.model != model.name:
+        raise UserError(f"the plan in {plan_path} is for model {plan.model!r}, not {model.name!r}; pass the --model "
+                        "the study ran on, or run the study for this model with another --work-dir")
     candidates = all_candidates(args.threads, tuning_dir=work.tuning)
     plan.validate(model, candidates)
-    out = export_hybrid(model, plan, args.out, host_target(args.threads), args.threads, candidates)
+    out = export_hybrid(model, plan, args.out, host_target(args.threads), args.threads, candidates, force=args.force)
     _emit(args, {"out": str(out), "plan": {n: e.impl for n, e in plan.layers.items()}}, lambda: f"exported to {out}")
 
 
@@ -197,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the study's hybrid model, plan and source model to a folder")
     _common(p, "--model", "--work-dir", "--json")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_export)
 

@@ -20,6 +20,7 @@ from .errors import WorkbenchError
 from .measure import TimingConfig
 from .model import Model, reference_output, save_onnx
 from .names import symbol
+from .paths import make_dir, writable_dir
 from .plan import Plan
 
 # Whole-model numerics: max|y - ref| / max|ref|.  Winograd loses ~1e-5 per layer and the
@@ -175,20 +176,59 @@ class ExportError(WorkbenchError):
     """An export that would overwrite something, or a folder that holds no exported hybrid."""
 
 
+EXPORTED = ("hybrid.so", "plan.json", "model.onnx", "meta.json")
+
+
 def export_hybrid(model: Model, plan: Plan, out_dir: str | Path, target: dict, threads: int,
-                  candidates=None) -> Path:
-    """Write hybrid.so (weights embedded), plan.json, model.onnx and meta.json into out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+                  candidates=None, force: bool = False) -> Path:
+    """Write hybrid.so (weights embedded), plan.json, model.onnx and meta.json into out_dir.
+
+    A folder that already holds something is refused unless `force` (then only those four files
+    are replaced). Nothing is written before the build succeeds, and each file appears whole.
+    """
+    out = check_export_dir(out_dir, force)
     executable = compile_hybrid(build_hybrid(model, plan, target, candidates), target)
-    executable.export_library(str(out / "hybrid.so"))
-    plan.save(out / "plan.json")
-    save_onnx(model, out / "model.onnx")
     meta = {"model": model.name, "input_name": model.input_name, "input_shape": list(model.input_shape),
             "output_shape": list(model.layers[-1].output_shape), "threads": threads,
             "weights": "embedded in hybrid.so as constants"}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    make_dir(out, "--out", EXPORT_HINT)
+    try:
+        _write_whole(out / "hybrid.so", lambda path: executable.export_library(str(path)))
+        _write_whole(out / "plan.json", lambda path: path.write_text(plan.to_json()))
+        _write_whole(out / "model.onnx", lambda path: save_onnx(model, path))
+        _write_whole(out / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=1)))
+    except OSError as err:
+        raise ExportError(f"cannot write the export into {str(out)!r} ({err.strerror or err}); {EXPORT_HINT}") from None
     return out
+
+
+EXPORT_HINT = "pass --out a new or empty folder you can write to"
+
+
+def check_export_dir(out_dir: str | Path, force: bool = False) -> Path:
+    """The export folder, checked before anything is built: writable, and empty unless `force`."""
+    out = writable_dir(out_dir, "--out", EXPORT_HINT)
+    if out.is_dir() and not force:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+            raise ExportError(f"--out {str(out)!r} is not empty ({count}: {shown}); "
+                              f"pass a new or empty folder, or --force to replace {', '.join(EXPORTED)} in it")
+    for name in EXPORTED:
+        if (out / name).is_dir():
+            raise ExportError(f"{str(out / name)!r} is a folder, where the export writes a file; {EXPORT_HINT}")
+    return out
+
+
+def _write_whole(path: Path, write) -> None:
+    """`write(temporary path)`, then rename: an interrupted export never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class HybridInputError(WorkbenchError, ValueError):
@@ -205,7 +245,12 @@ class HybridModel:
         if not (out / "meta.json").is_file() or not (out / "hybrid.so").is_file():
             raise ExportError(f"{out} holds no exported hybrid (meta.json and hybrid.so); "
                               "write one with `python -m workbench export --work-dir DIR --out FOLDER`")
-        self.meta = json.loads((out / "meta.json").read_text())
+        try:
+            self.meta = json.loads((out / "meta.json").read_text())
+            tuple(self.meta["input_shape"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise ExportError(f"{out / 'meta.json'} is not an export's meta.json ({err!r}); "
+                              "export again with `python -m workbench export --work-dir DIR --out FOLDER`") from None
         self.plan = Plan.load(out / "plan.json")
         self.threads = threads or int(self.meta.get("threads", 1))
         # The library calls the NNPACK bridge by name: register it in this process first.

@@ -102,12 +102,19 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        try:
-            rows = data["layers"]
-            entries = {r["layer"]: LayerPlan(r["layer"], r["impl"], tuple(r.get("fuse") or ())) for r in rows}
-        except (KeyError, TypeError, AttributeError) as err:
-            raise PlanError(f"not a plan: expected {{'model', 'layers': [{{'layer', 'impl', 'fuse'}}...]}} ({err!r})") from None
-        return cls(data.get("model", ""), entries, list(data.get("notes", [])))
+        shape = "expected {'model': str, 'layers': [{'layer': str, 'impl': str, 'fuse': [str, ...]}, ...]}"
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise PlanError(f"not a plan: {shape}; got {_brief(data)}")
+        entries = {}
+        for index, row in enumerate(data["layers"]):
+            entry = _entry(row, index, shape)
+            if entry.layer in entries:
+                raise PlanError(f"the plan lists layer {entry.layer!r} twice; keep one entry per conv")
+            entries[entry.layer] = entry
+        model, notes = data.get("model", ""), data.get("notes", [])
+        if not isinstance(model, str) or not isinstance(notes, list):
+            raise PlanError(f"not a plan: 'model' must be a string and 'notes' a list; {shape}")
+        return cls(model, entries, [str(n) for n in notes])
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -125,7 +132,13 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_json(Path(path).read_text())
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            raise PlanError(f"cannot read the plan {str(path)!r} ({getattr(err, 'strerror', None) or err}); "
+                            "write it again with Plan.save or run the study") from None
+        except PlanError as err:
+            raise PlanError(f"{path}: {err}") from None
 
     # -- DataFrame (fuse as "relu" / "resize+add+relu" / "")
     def frame(self) -> pd.DataFrame:
@@ -143,6 +156,22 @@ class Plan:
                 fuse = tuple(fuse) if isinstance(fuse, (list, tuple)) else ()
             entries[row["layer"]] = LayerPlan(row["layer"], row["impl"], fuse)
         return cls(model, entries)
+
+
+def _entry(row, index: int, shape: str) -> LayerPlan:
+    """One `layers` row, its types checked: a wrong type fails here, not deep in the build."""
+    if not isinstance(row, dict) or not isinstance(row.get("layer"), str) or not isinstance(row.get("impl"), str):
+        raise PlanError(f"not a plan: layers[{index}] must have string 'layer' and 'impl'; {shape}; got {_brief(row)}")
+    fuse = row.get("fuse") or []
+    if not isinstance(fuse, list) or not all(isinstance(f, str) for f in fuse):
+        raise PlanError(f"not a plan: layers[{index}] ({row['layer']!r}) 'fuse' must be a list of op names, "
+                        f"got {_brief(fuse)}")
+    return LayerPlan(row["layer"], row["impl"], tuple(fuse))
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[Candidate]) -> None:
