@@ -71,6 +71,41 @@ def test_a_torn_last_line_is_set_aside_and_the_next_record_is_whole(tmp_path):
     assert [r["layer"] for r in store.read()] == ["a", "c"]
 
 
+APPEND_FOREVER = """
+import sys
+from workbench.records import RecordStore
+store, blob = RecordStore(sys.argv[1]), "x" * (8 << 20)
+print("appending", flush=True)
+while True:
+    store.append("big", {"blob": blob})
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_tail_the_next_append_sets_aside(tmp_path):
+    """SIGKILL lands inside an 8 MB write() often enough (the kernel stops a write at a page boundary
+    for a fatal signal): the file really ends mid-record, and the next append must not glue onto it."""
+    store = RecordStore(tmp_path / "records.jsonl")
+    for attempt in range(20):
+        store.path.unlink(missing_ok=True)
+        writer = subprocess.Popen([sys.executable, "-c", APPEND_FOREVER, str(store.path)], stdout=subprocess.PIPE,
+                                  text=True, start_new_session=True)
+        assert writer.stdout.readline().strip() == "appending"
+        time.sleep(0.2 + 0.03 * attempt)
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=30)
+        writer.stdout.close()
+        if not store.path.read_bytes().endswith(b"\n"):
+            break
+    else:
+        pytest.fail("20 kills never landed mid-write")
+    data = store.path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    store.append("small", {"n": 1})
+    assert [r["kind"] for r in store.read()] == ["big"] * data.count(b"\n") + ["small"]
+    assert store.path.read_bytes()[:end] == data[:end]  # the whole records kept as they were
+    assert store.torn_path.read_bytes().endswith(b"\n" + data[end:] + b"\n")  # the fragment, set aside whole
+
+
 def test_a_run_that_starts_sets_a_torn_tail_aside_before_anything_is_appended(tmp_path):
     work = WorkDir.at(tmp_path / "w")
     work.records.append("ceilings", {"peak_gflops": 1.0})
