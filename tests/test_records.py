@@ -326,7 +326,7 @@ CASES = {
     "plan empty": (lambda t, m: _plan(t, m, ""), EXPORT, "not valid JSON"),
     "plan not UTF-8": (lambda t, m: _plan(t, m, b"\xff\xfe{}"), EXPORT, "cannot read the plan"),
     "plan is a folder": (lambda t, m: (t / "w" / "hybrid" / "plan.json").mkdir(parents=True), EXPORT,
-                         "cannot read the plan"),
+                         "plan.json' must be a regular file but is a folder"),
     "plan is a list": (lambda t, m: _plan(t, m, data=[1, 2]), EXPORT, "not a plan"),
     "plan without layers": (lambda t, m: _plan(t, m, data={"model": "small"}), EXPORT, "not a plan"),
     "plan row without impl": (lambda t, m: _plan(t, m, data=_edit_first(m, impl=None)), EXPORT, "layers[0]"),

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WORK_DIR = Path(__file__).resolve().parents[1] / "data"
 PACKAGES = ("apache-tvm", "apache-tvm-ffi", "torch", "onnxruntime", "numpy", "xgboost-cpu")
 LOCK_NAME = ".workbench.lock"
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # flock unsupported by the filesystem
 WORK_DIR_HINT = "pass --work-dir a folder you can write to (it is created if missing)"
 
 
@@ -79,7 +80,8 @@ class WorkDir:
         hint = "move it away or pass another --work-dir"
         for folder in (self.root / "results", self.tuning, self.hybrid):
             expect_kind(folder, True, hint)
-        for file in (self.records.path, self.report, self.root / "study.json", self.root / LOCK_NAME):
+        for file in (self.records.path, self.report, self.root / "study.json", self.root / LOCK_NAME,
+                     self.hybrid / "plan.json"):
             expect_kind(file, False, hint)
         return self
 
@@ -135,12 +137,26 @@ def _acquire(fd: int, path: Path, wait: float) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except OSError as err:
+            if err.errno in NO_LOCKS:
+                log.warning("%s: this filesystem cannot lock files; make sure no other run uses this work dir", path)
+                return
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
         if time.monotonic() >= deadline:
             raise WorkDirBusyError(f"work dir {str(path.parent)!r} is in use by {_holder(fd)}; "
                                    "wait for that run to finish, or pass another --work-dir")
         time.sleep(0.2)
+
+
+def _flock_or_warn(fd: int, path: Path) -> None:
+    """Wait for the exclusive lock; on a filesystem without locks (some network and FUSE mounts),
+    go on with a warning: the work-dir lock already keeps one run per work dir."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in NO_LOCKS:
+            raise
+        log.debug("%s: no file locks here (%s)", path, err.strerror)
 
 
 def _holder(fd: int) -> str:
@@ -228,7 +244,7 @@ class RecordStore:
             except OSError as err:
                 raise RecordError(f"cannot open {str(self.path)!r} for appending ({err.strerror}); "
                                   f"{WORK_DIR_HINT}") from None
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock_or_warn(fd, self.path)
             # compact() may have replaced the file while we waited: lock the one now at the path.
             if _same_file(fd, self.path):
                 break
