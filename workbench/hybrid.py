@@ -177,6 +177,7 @@ class ExportError(WorkbenchError):
 
 
 EXPORTED = ("hybrid.so", "plan.json", "model.onnx", "meta.json")
+EXPORT_HINT = "pass --out a new or empty folder you can write to"
 
 
 def export_hybrid(model: Model, plan: Plan, out_dir: str | Path, target: dict, threads: int,
@@ -200,9 +201,6 @@ def export_hybrid(model: Model, plan: Plan, out_dir: str | Path, target: dict, t
     except OSError as err:
         raise ExportError(f"cannot write the export into {str(out)!r} ({err.strerror or err}); {EXPORT_HINT}") from None
     return out
-
-
-EXPORT_HINT = "pass --out a new or empty folder you can write to"
 
 
 def check_export_dir(out_dir: str | Path, force: bool = False) -> Path:
