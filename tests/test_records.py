@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from workbench.model import UNetSpec, reference_unet, save_onnx
+from workbench.model import save_onnx
 from workbench.plan import Plan
 from workbench.records import LOCK_NAME, RecordStore, WorkDir, WorkDirBusyError
 
