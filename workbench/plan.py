@@ -102,12 +102,18 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        try:
-            rows = data["layers"]
-            entries = {r["layer"]: LayerPlan(r["layer"], r["impl"], tuple(r.get("fuse") or ())) for r in rows}
-        except (KeyError, TypeError, AttributeError) as err:
-            raise PlanError(f"not a plan: expected {{'model', 'layers': [{{'layer', 'impl', 'fuse'}}...]}} ({err!r})") from None
-        return cls(data.get("model", ""), entries, list(data.get("notes", [])))
+        shape = "{'model': NAME, 'layers': [{'layer': CONV, 'impl': ID, 'fuse': [OPS]}, ...]}"
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise PlanError(f"not a plan: expected {shape}, got {_preview(data)}; write it with Plan.save "
+                            "or run the study again")
+        entries = {}
+        for index, row in enumerate(data["layers"]):
+            entry = _entry(row, index, shape)
+            if entry.layer in entries:
+                raise PlanError(f"the plan lists layer {entry.layer!r} twice; keep one entry per conv")
+            entries[entry.layer] = entry
+        notes = data.get("notes") or []
+        return cls(str(data.get("model", "")), entries, [str(n) for n in notes] if isinstance(notes, list) else [str(notes)])
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -125,7 +131,15 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            raise PlanError(f"cannot read the plan {path} ({reason}); write it with Plan.save or run the study") from None
+        try:
+            return cls.from_json(text)
+        except PlanError as err:
+            raise PlanError(f"{path}: {err}") from None
 
     # -- DataFrame (fuse as "relu" / "resize+add+relu" / "")
     def frame(self) -> pd.DataFrame:
@@ -143,6 +157,24 @@ class Plan:
                 fuse = tuple(fuse) if isinstance(fuse, (list, tuple)) else ()
             entries[row["layer"]] = LayerPlan(row["layer"], row["impl"], fuse)
         return cls(model, entries)
+
+
+def _entry(row, index: int, shape: str) -> LayerPlan:
+    """One plan row, its fields checked for type: a hand-edited plan fails here, not in the build."""
+    if not isinstance(row, dict) or "layer" not in row or "impl" not in row:
+        raise PlanError(f"plan entry {index} is {_preview(row)}; every entry needs 'layer' and 'impl': {shape}")
+    layer, impl, fuse = row["layer"], row["impl"], row.get("fuse") or []
+    if not isinstance(layer, str) or not isinstance(impl, str):
+        raise PlanError(f"plan entry {index}: 'layer' and 'impl' must be strings, got {_preview(row)}")
+    if not isinstance(fuse, list) or not all(isinstance(op, str) for op in fuse):
+        raise PlanError(f"plan entry {index} ({layer!r}): 'fuse' must be a list of op names such as "
+                        f"['relu'], got {_preview(fuse)}")
+    return LayerPlan(layer, impl, tuple(fuse))
+
+
+def _preview(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[Candidate]) -> None:
