@@ -611,7 +611,7 @@ def _float32_param(name: str, consts) -> np.ndarray:
     if value.dtype != np.float32:
         raise ModelError(f"initializer {name!r} is {value.dtype}; the workbench measures float32 models only. "
                          "Export the model in float32 (model.float() before torch.onnx.export)")
-    return value
+    return np.array(value)  # a writable copy: onnx hands out read-only views of the file's bytes
 
 
 def _resize_from_node(node, name, srcs, shapes, consts, attrs) -> Layer:
