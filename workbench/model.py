@@ -360,12 +360,16 @@ def _read_onnx(path: Path):
         raise ModelError(f"model file {path} does not exist; pass the path of an .onnx file")
     if not path.is_file():
         raise ModelError(f"model path {path} is not a file; pass the path of an .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file {path} is empty; export the model again")
     try:
         proto = onnx.load(str(path))
     except Exception as err:  # onnx raises several unrelated types for a bad file
         raise _invalid(path, err) from None
     # Before the checker: it reports a missing initializer as a topological-sort problem.
     _check_references(proto.graph)
+    if not proto.graph.node:
+        raise ModelError(f"{path}: the model's graph has no nodes; export a network with at least one Conv")
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
@@ -402,6 +406,7 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
     _check_supported(graph)
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     real_inputs = [i for i in graph.input if i.name not in consts]
+    _check_weights_constant(graph, {i.name for i in real_inputs})
     if len(real_inputs) != 1 or len(graph.output) != 1:
         raise ModelError(f"the workbench handles models with one input and one output; "
                          f"this one has {len(real_inputs)} inputs and {len(graph.output)} outputs")
@@ -438,6 +443,14 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
     if not any(layer.op == "conv" for layer in layers):
         raise ModelError("the model has no Conv node; the workbench studies convolutional networks")
     return Model(name, layers, params, input_shape, input_name=input_name, source=source, notes=names.notes)
+
+
+def _check_weights_constant(graph, inputs: set[str]) -> None:
+    # A weight fed as a graph input would otherwise read as "two inputs".
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Conv" and any(name in inputs for name in node.input[1:]):
+            raise ModelError(f"node {node.name or index!r} (Conv): the conv weight must be a constant initializer, "
+                             "not a graph input; export with the weights as initializers (the default of torch.onnx.export)")
 
 
 class _LayerNames:

@@ -97,12 +97,12 @@ def check_target(target: dict) -> None:
         raise TargetError(f"the target's num-cores must be a positive integer, got {cores!r}")
     import tvm
 
+    _check_llvm(target)  # first: TVM logs its own complaint about an invalid mcpu to stderr
     try:
         tvm.target.Target(target)
     except Exception as err:  # TVM raises ValueError/TVMError with a long message; keep its last line
         reason = (str(err).strip().splitlines() or ["invalid"])[-1][:300]
         raise TargetError(f"TVM cannot use target {json.dumps(target)}: {reason}; {FORMS}") from None
-    _check_llvm(target)
 
 
 def _check_llvm(target: dict) -> None:
