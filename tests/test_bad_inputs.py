@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -254,7 +255,7 @@ def corpus(tmp_path_factory, small_model):
     return {"models": _models(d), "small": save_onnx(small_model, d / "small.onnx"), "plans": _plans(small_model)}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def no_cluster(monkeypatch):
     """A tripwire: every case must fail before a local cluster starts (and measures anything)."""
     from workbench.rpc import LocalCluster
@@ -326,7 +327,7 @@ def _model_and_work_dir(argv: list[str], model: str, place: Place) -> list[str]:
 # ---------------------------------------------------------------- the corpus
 
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
-def test_bad_models(case, corpus, tmp_path, capfd, monkeypatch):
+def test_bad_models(case, corpus, tmp_path, capfd, monkeypatch, no_cluster):
     place = Place(tmp_path)
     command = "compare" if sum(map(ord, case)) % 2 else "layers"  # both paths read models the same way
     argv = [command, "--model", str(corpus["models"][case])] + (["--work-dir", str(place.work)] if command == "compare" else [])
@@ -334,7 +335,7 @@ def test_bad_models(case, corpus, tmp_path, capfd, monkeypatch):
 
 
 @pytest.mark.parametrize("case", FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
-def test_bad_flags(case, corpus, tmp_path, capfd, monkeypatch):
+def test_bad_flags(case, corpus, tmp_path, capfd, monkeypatch, no_cluster):
     _, argv, fragment = case
     place = Place(tmp_path)
     argv = place.argv(argv)
@@ -343,7 +344,7 @@ def test_bad_flags(case, corpus, tmp_path, capfd, monkeypatch):
 
 
 @pytest.mark.parametrize("case", sorted(PLAN_CASES))
-def test_bad_plans(case, corpus, tmp_path, capfd, monkeypatch):
+def test_bad_plans(case, corpus, tmp_path, capfd, monkeypatch, no_cluster):
     place = Place(tmp_path)
     hybrid = place.work / "hybrid"
     hybrid.mkdir(parents=True)
@@ -388,3 +389,31 @@ def test_a_real_process_exits_2_with_one_line(case, corpus, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     _check(proc.returncode, proc.stdout, proc.stderr, fragment, place)
+
+
+# ---------------------------------------------------------------- a remote device checks on connecting
+
+def test_a_remote_device_reports_its_machine_and_refuses_what_it_cannot_run(cluster):
+    from workbench.rpc import open_device
+    from workbench.targets import TargetError
+
+    address = f"127.0.0.1:{cluster.port}"
+    with open_device(address, cluster.key) as device:
+        described = device.describe()
+    assert described["machine"] == platform.machine() and described["cores"] == os.cpu_count()
+    assert described["target"]["num-cores"] == os.cpu_count()  # no --threads: every core the device has
+    with pytest.raises(TargetError, match=f"generates aarch64 code, but the device .* runs on {platform.machine()}"):
+        with open_device(address, cluster.key, target="aarch64"):
+            pass
+    with pytest.raises(TargetError, match=f"{os.cpu_count() + 1} threads asked for, but the device .* has "
+                                          f"{os.cpu_count()} core"):
+        with open_device(address, cluster.key, threads=os.cpu_count() + 1):
+            pass
+
+
+def test_a_foreign_target_on_a_remote_device_is_one_line_in_a_real_process(cluster, tmp_path):
+    place = Place(tmp_path)
+    argv = ["ceilings", "--tracker", f"127.0.0.1:{cluster.port}", "--key", cluster.key, "--target", "armv7", "--quick"]
+    proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    _check(proc.returncode, proc.stdout, proc.stderr, "generates arm code", place)

@@ -178,3 +178,15 @@ def test_symbols_are_identifiers_and_tuning_logs_stay_in_their_folder(name, tmp_
 def test_symbols_of_different_names_differ():
     names = ["/enc.0/Conv", "_enc_0_Conv", "enc.0/Conv", "/enc/0/Conv", "enc_0_conv"]
     assert len({symbol(n) for n in names}) == len(names)
+
+
+def test_torch_layer_names_select_layers_on_the_command_line(torch_unet, tmp_path):
+    """`--layers` takes torch's names as they are: only the unknown one is reported."""
+    import subprocess
+    import sys
+
+    _, path = torch_unet
+    argv = ["compare", "--model", str(path), "--work-dir", str(tmp_path / "work"), "--layers", f"{FIRST_CONV},/nope"]
+    proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown conv layer(s) ['/nope']" in proc.stderr and FIRST_CONV in proc.stderr

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import WorkbenchError
-from .targets import CROSS_COMPILERS, TARGET_PRESETS, check_device, device_info, host_target, probe, resolve_target  # noqa: F401
+from .targets import CROSS_COMPILERS, TARGET_PRESETS, host_target  # noqa: F401  (callers import them from here)
+from .targets import check_device, device_info, probe, resolve_target
 from .threads import check_positive, resolve_threads
 
 log = logging.getLogger(__name__)
