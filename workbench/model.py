@@ -482,7 +482,7 @@ class _LayerNames:
 
 def _data_inputs(node, consts, alias, shapes) -> list[str]:
     """The layers (or the graph input) a node reads, failing on inputs the family cannot take."""
-    data = [i for i in node.input[:1]] if node.op_type in ("Conv", "MaxPool", "Relu", "Resize") else list(node.input)
+    data = list(node.input[:1]) if node.op_type in ("Conv", "MaxPool", "Relu", "Resize") else list(node.input)
     srcs = []
     for tensor in data:
         if not tensor:
