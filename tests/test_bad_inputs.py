@@ -57,7 +57,7 @@ def _save(path, nodes, inits=(), inputs=None, outputs=None, check=True):
     return path
 
 
-def _conv_relu(op_attrs=None, **conv_attrs):
+def _conv_relu(**conv_attrs):
     conv, inits = _conv(out="c", **conv_attrs)
     return [conv, helper.make_node("Relu", ["c"], ["y"], name="relu")], inits
 
@@ -115,8 +115,8 @@ def _models(d: Path) -> dict[str, Path]:
     m["dilated"] = _save(d / "dilated.onnx", nodes, inits)
     nodes, inits = _conv_relu(pads=[1, 0, 1, 0])
     m["asymmetric_pads"] = _save(d / "pads.onnx", nodes, inits, outputs=[_vi("y", [1, 4, 8, 6])])
-    nodes, inits = _conv_relu(auto_pad="SAME_UPPER", pads=None)
-    nodes[0].ClearField("attribute")
+    nodes, inits = _conv_relu()
+    nodes[0].ClearField("attribute")  # no pads: SAME_UPPER instead
     nodes[0].attribute.extend([helper.make_attribute("auto_pad", "SAME_UPPER")])
     m["auto_pad"] = _save(d / "autopad.onnx", nodes, inits)
     conv, inits = _conv(out="c")
