@@ -42,9 +42,10 @@ def test_a_tracker_given_by_address_is_used_as_a_remote_device(cluster):
 
 
 def test_a_wrong_key_fails_at_once_naming_the_keys_there(cluster):
-    with open_device(tracker=f"127.0.0.1:{cluster.port}", key="no-such-board") as device:
-        with pytest.raises(DeviceError, match=r"'no-such-board'.*keys there: \['workbench'\]"):
-            device.session()
+    # Opening the device asks it what it is: a key nobody registered fails right there.
+    with pytest.raises(DeviceError, match=r"'no-such-board'.*keys there: \['workbench'\]"):
+        with open_device(tracker=f"127.0.0.1:{cluster.port}", key="no-such-board"):
+            pass
 
 
 def test_bad_addresses_and_remote_binding_are_refused():

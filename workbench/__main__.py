@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import UserError, WorkbenchError
-from .threads import resolve_threads
+from .threads import check_positive, resolve_threads
 
 log = logging.getLogger("workbench")
+
+# Commands that measure on a device: a local cluster, or a remote one with --tracker.
+DEVICE_COMMANDS = ("ceilings", "compare", "tune", "study")
 
 
 def _load_model(path: str | None):
     from .model import load_onnx, reference_unet
 
-    return load_onnx(path) if path else reference_unet()
+    model = load_onnx(path) if path else reference_unet()
+    for note in model.notes:  # renamed layers, say: the names the user will see in results
+        log.warning("%s: %s", model.name, note)
+    return model
+
+
+def _layer_names(text: str | None) -> list[str] | None:
+    return text.split(",") if text else None
 
 
 def _emit(args, payload, human) -> None:
@@ -47,6 +58,82 @@ def _device_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads on the device (default: all cores)")
 
 
+# ---------------------------------------------------------------- the door
+
+def check_arguments(args) -> None:
+    """Every flag checked before a model is read or a device starts; a bad one is one line."""
+    command = args.command
+    remote = command in DEVICE_COMMANDS and bool(args.tracker)
+    if getattr(args, "tracker", None) is not None:
+        from .rpc import parse_tracker
+
+        parse_tracker(args.tracker)
+    _check_key(args, command)
+    if "threads" in args:
+        args.threads = _checked_threads(args.threads, command, remote)
+    if getattr(args, "target", None) is not None:
+        _check_target(args.target, args.threads, remote)
+    if getattr(args, "trials", None) is not None and args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if getattr(args, "layers", None) is not None and "" in args.layers.split(","):
+        raise UserError(f"--layers {args.layers!r} has an empty name; give conv names separated by commas "
+                        "(python -m workbench layers lists them)")
+    if getattr(args, "port", None) is not None and not 0 < args.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    if getattr(args, "work_dir", None) is not None:
+        _check_work_dir(args.work_dir, create=command != "export")
+
+
+def _check_key(args, command) -> None:
+    key = getattr(args, "key", None)
+    if key is None:
+        return
+    if not key.strip():
+        raise UserError("--key is empty; give the key the device's server registered (e.g. rpi)")
+    if command in DEVICE_COMMANDS and not args.tracker:
+        raise UserError(f"--key {key!r} names a device at a remote tracker; pass --tracker HOST:PORT too "
+                        "(without it, a local cluster on this machine is used)")
+
+
+def _checked_threads(threads, command, remote):
+    """None stays None where the device decides (every core); export and serve run here."""
+    if remote:
+        return None if threads is None else check_positive(threads)  # the device's cores: checked on connecting
+    checked = resolve_threads(threads)  # this machine's cores bound it
+    return checked if command not in DEVICE_COMMANDS or threads is not None else None
+
+
+def _check_target(target, threads, remote) -> None:
+    from .targets import check_device, device_info, resolve_target
+
+    checked, _ = resolve_target(target, threads)
+    if not remote:
+        checked.setdefault("num-cores", resolve_threads(None))
+        check_device(checked, device_info(), "this machine (the local cluster)")
+
+
+def _check_work_dir(path: str, create: bool) -> None:
+    from pathlib import Path
+
+    work = Path(path)
+    if work.exists() and not work.is_dir():
+        raise UserError(f"--work-dir {path} is a file, not a folder; give a folder (it is created if missing)")
+    if create and not work.exists():
+        try:
+            work.mkdir(parents=True)
+        except OSError as err:
+            raise UserError(f"--work-dir {path} cannot be created ({err.strerror}); give a folder you can write") from None
+    if work.is_dir() and not os.access(work, os.W_OK | os.X_OK):
+        raise UserError(f"--work-dir {path} is not writable; give a folder you can write")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a misused flag reported as one line like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 # ---------------------------------------------------------------- commands
 
 def cmd_layers(args) -> None:
@@ -75,7 +162,7 @@ def cmd_compare(args) -> None:
     from .rpc import open_device
 
     model = _load_model(args.model)
-    layers = args.layers.split(",") if args.layers else None
+    layers = _layer_names(args.layers)
     model.select_convs(layers)  # fail on unknown names before starting a device
     timing = TimingConfig.quick() if args.quick else TimingConfig()
     work = WorkDir.at(args.work_dir)
@@ -94,10 +181,8 @@ def cmd_tune(args) -> None:
     from .rpc import open_device
 
     model = _load_model(args.model)
-    layers = args.layers.split(",") if args.layers else None
+    layers = _layer_names(args.layers)
     model.select_convs(layers)
-    if args.trials < 1:
-        raise UserError("--trials must be at least 1")
     work = WorkDir.at(args.work_dir)
     with work.lock("tune"), open_device(args.tracker, args.key, args.target, args.threads) as device:
         if args.whole_model:
@@ -161,7 +246,7 @@ def cmd_serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
+    parser = _Parser(prog="python -m workbench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -223,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # MetaSchedule logs every batch at INFO; the progress bar says enough
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     try:
-        args.threads = resolve_threads(getattr(args, "threads", None))  # once, here; passed down explicitly
+        check_arguments(args)  # once, here, before anything starts; resolved values passed down
         args.func(args)
     except WorkbenchError as err:  # anything else is a bug: let it surface with its traceback
         print(f"error: {err}", file=sys.stderr)

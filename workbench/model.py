@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import WorkbenchError
 from .geometry import ConvGeometry
+from .names import symbol
 
 SUPPORTED_OPS = ("Conv", "Relu", "MaxPool", "Resize", "Add", "Concat")
 # ONNX ops that carry no computation of their own (constants feeding Resize, say).
@@ -233,9 +234,10 @@ def torch_module(model: Model):
         def __init__(self):
             super().__init__()
             self.weights = torch.nn.ParameterDict()
+            # ParameterDict keys cannot hold "." (torch-exported names do): keyed by symbol.
             for name, (weight, bias) in model.params.items():
-                self.weights[name + "_w"] = torch.nn.Parameter(torch.from_numpy(weight.copy()), False)
-                self.weights[name + "_b"] = torch.nn.Parameter(torch.from_numpy(bias.copy()), False)
+                self.weights[symbol(name) + "_w"] = torch.nn.Parameter(torch.from_numpy(weight.copy()), False)
+                self.weights[symbol(name) + "_b"] = torch.nn.Parameter(torch.from_numpy(bias.copy()), False)
 
         def forward(self, x):
             values = {model.input_name: x}
@@ -246,7 +248,7 @@ def torch_module(model: Model):
 
         def _run(self, layer, args):
             if layer.op == "conv":
-                w, b = self.weights[layer.name + "_w"], self.weights[layer.name + "_b"]
+                w, b = self.weights[symbol(layer.name) + "_w"], self.weights[symbol(layer.name) + "_b"]
                 return F.conv2d(args[0], w, b, stride=layer.stride, padding=layer.pad)
             if layer.op == "relu":
                 return F.relu(args[0])
@@ -278,12 +280,10 @@ def to_onnx(model: Model, opset: int = 17):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    fresh = _fresh_names(model)
     nodes, inits = [], []
     for layer in model.layers:
-        nodes.extend(_onnx_nodes(layer, inits, helper, numpy_helper))
-    for name, (weight, bias) in model.params.items():
-        inits.append(numpy_helper.from_array(weight, name + "_w"))
-        inits.append(numpy_helper.from_array(bias, name + "_b"))
+        nodes.extend(_onnx_nodes(layer, model.params, inits, fresh, helper, numpy_helper))
     graph = helper.make_graph(
         nodes,
         model.name,
@@ -297,19 +297,39 @@ def to_onnx(model: Model, opset: int = 17):
     return proto
 
 
-def _onnx_nodes(layer: Layer, inits, helper, numpy_helper):
+def _fresh_names(model: Model):
+    """`base` for an initializer, or `base_<k>` if a layer (or the input) already uses that name:
+    ONNX tensor names are one namespace, and layer names come from the source file."""
+    used = {model.input_name} | {layer.name for layer in model.layers}
+
+    def fresh(base: str) -> str:
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        return name
+
+    return fresh
+
+
+def _onnx_nodes(layer: Layer, params, inits, fresh, helper, numpy_helper):
     ins, out, name = list(layer.inputs), [layer.name], layer.name
     p = layer.pad
     if layer.op == "conv":
-        return [helper.make_node("Conv", ins + [name + "_w", name + "_b"], out, name=name,
+        weight_bias = []
+        for value, suffix in zip(params[name], ("_w", "_b")):
+            weight_bias.append(fresh(name + suffix))
+            inits.append(numpy_helper.from_array(value, weight_bias[-1]))
+        return [helper.make_node("Conv", ins + weight_bias, out, name=name,
                                  kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2)]
     if layer.op == "maxpool":
         return [helper.make_node("MaxPool", ins, out, name=name,
                                  kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2)]
     if layer.op == "resize":
         scales = np.array([1, 1, layer.scale, layer.scale], np.float32)
-        inits.append(numpy_helper.from_array(scales, name + "_scales"))
-        return [helper.make_node("Resize", ins + ["", name + "_scales"], out, name=name, mode="nearest",
+        scales_name = fresh(name + "_scales")
+        inits.append(numpy_helper.from_array(scales, scales_name))
+        return [helper.make_node("Resize", ins + ["", scales_name], out, name=name, mode="nearest",
                                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")]
     op = {"relu": "Relu", "add": "Add", "concat": "Concat"}[layer.op]
     extra = {"axis": 1} if layer.op == "concat" else {}
@@ -338,34 +358,66 @@ def _read_onnx(path: Path):
 
     if not path.exists():
         raise ModelError(f"model file {path} does not exist; pass the path of an .onnx file")
+    if not path.is_file():
+        raise ModelError(f"model path {path} is not a file; pass the path of an .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file {path} is empty; export the model again")
     try:
         proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
     except Exception as err:  # onnx raises several unrelated types for a bad file
-        raise ModelError(
-            f"{path} is not a valid ONNX model ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            "re-export it with torch.onnx.export or onnx.save"
-        ) from None
+        raise _invalid(path, err) from None
+    # Before the checker: it reports a missing initializer as a topological-sort problem.
+    _check_references(proto.graph)
+    if not proto.graph.node:
+        raise ModelError(f"{path}: the model's graph has no nodes; export a network with at least one Conv")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as err:
+        raise _invalid(path, err) from None
     return proto
+
+
+def _invalid(path: Path, err: Exception) -> ModelError:
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return ModelError(f"{path} is not a valid ONNX model ({type(err).__name__}: {first}); "
+                      "re-export it with torch.onnx.export or onnx.save")
+
+
+def _check_references(graph) -> None:
+    """Every tensor a node reads exists somewhere: a graph input, an initializer or a node's output."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    known |= {out for node in graph.node for out in node.output}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in known:
+                raise ModelError(
+                    f"node {node.name or index!r} ({node.op_type}) reads {name!r}, which is no initializer, "
+                    f"graph input or node output: the file lacks the initializer {name!r}. Re-export the model "
+                    "with its weights inside (onnx.save(model, path, save_as_external_data=False))"
+                )
 
 
 def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
     from onnx import numpy_helper
 
     graph = proto.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    if not graph.node:
+        raise ModelError("the model's graph has no nodes; export a network with at least one Conv")
     _check_supported(graph)
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     real_inputs = [i for i in graph.input if i.name not in consts]
+    _check_weights_constant(graph, {i.name for i in real_inputs})
     if len(real_inputs) != 1 or len(graph.output) != 1:
         raise ModelError(f"the workbench handles models with one input and one output; "
                          f"this one has {len(real_inputs)} inputs and {len(graph.output)} outputs")
+    _check_float32(real_inputs[0], graph.output[0])
     input_name = real_inputs[0].name
     input_shape = _static_shape(real_inputs[0])
     shapes = {input_name: input_shape}
     alias: dict[str, str] = {}  # tensor name -> producing layer name
+    names = _LayerNames(graph, input_name)
     layers, params = [], {}
     for index, node in enumerate(graph.node):
-        node_name = node.name or f"{node.op_type.lower()}_{index}"
         if node.op_type == "Constant":
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
             continue
@@ -376,8 +428,9 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
             else:
                 alias[node.output[0]] = alias.get(src, src)
             continue
-        srcs = [alias.get(i, i) for i in node.input if i and i not in consts]
+        node_name = names.take(node, index)
         try:
+            srcs = _data_inputs(node, consts, alias, shapes)
             layer = _layer_from_node(node, node_name, srcs, shapes, consts, params)
         except ModelError as err:
             raise ModelError(f"node {node_name!r} ({node.op_type}): {err}") from None
@@ -387,7 +440,86 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
     out = alias.get(graph.output[0].name)
     if not layers or out != layers[-1].name:
         raise ModelError("the graph output must be produced by the last node; re-export the model in topological order")
-    return Model(name, layers, params, input_shape, input_name=input_name, source=source)
+    if not any(layer.op == "conv" for layer in layers):
+        raise ModelError("the model has no Conv node; the workbench studies convolutional networks")
+    return Model(name, layers, params, input_shape, input_name=input_name, source=source, notes=names.notes)
+
+
+def _check_weights_constant(graph, inputs: set[str]) -> None:
+    # A weight fed as a graph input would otherwise read as "two inputs".
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Conv" and any(name in inputs for name in node.input[1:]):
+            raise ModelError(f"node {node.name or index!r} (Conv): the conv weight must be a constant initializer, "
+                             "not a graph input; export with the weights as initializers (the default of torch.onnx.export)")
+
+
+class _LayerNames:
+    """Unique layer names from node names: a layer is found, planned and measured by its name.
+
+    A nameless node gets `<op>_<index>`; a name taken already (a duplicate, or the graph input's
+    name) gets the first free `<name>_<k>`, with a note, so no two layers ever share one.
+    """
+
+    def __init__(self, graph, input_name: str):
+        self.input_name = input_name
+        self.wanted = {node.name for node in graph.node if node.name}
+        self.used = {input_name}
+        self.notes: list[str] = []
+
+    def take(self, node, index: int) -> str:
+        name = node.name or f"{node.op_type.lower()}_{index}"
+        if name in self.used:
+            k = 2
+            while f"{name}_{k}" in self.used or f"{name}_{k}" in self.wanted:
+                k += 1
+            why = "the graph input's name" if name == self.input_name else "the name of an earlier node"
+            renamed = f"{name}_{k}"
+            self.notes.append(f"node {index} ({node.op_type}) is named {name!r}, {why}; it is layer {renamed!r} here")
+            name = renamed
+        self.used.add(name)
+        return name
+
+
+def _data_inputs(node, consts, alias, shapes) -> list[str]:
+    """The layers (or the graph input) a node reads, failing on inputs the family cannot take."""
+    data = list(node.input[:1]) if node.op_type in ("Conv", "MaxPool", "Relu", "Resize") else list(node.input)
+    srcs = []
+    for tensor in data:
+        if not tensor:
+            continue
+        if tensor in consts:
+            raise ModelError(
+                f"input {tensor!r} is a constant; {node.op_type} is supported between feature maps only "
+                "(a broadcast bias or scale is not). Fold the constant into the preceding Conv's weights or "
+                "bias before export, or remove it"
+            )
+        src = alias.get(tensor, tensor)
+        if src not in shapes:
+            raise ModelError(f"reads {tensor!r} before any node produces it (or from a second output); "
+                             "re-export the model in topological order")
+        srcs.append(src)
+    if not srcs:
+        raise ModelError("it has no feature-map input")
+    return srcs
+
+
+def _check_float32(value_info, output_info) -> None:
+    for info, role in ((value_info, "input"), (output_info, "output")):
+        elem = info.type.tensor_type.elem_type
+        if elem != 1:  # TensorProto.FLOAT
+            raise ModelError(
+                f"the model's {role} {info.name!r} is {_dtype_name(elem)}; the workbench measures float32 models "
+                "only. Export the model in float32 (model.float() before torch.onnx.export)"
+            )
+
+
+def _dtype_name(elem_type: int) -> str:
+    from onnx import helper
+
+    try:
+        return str(helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:  # an unknown or undefined element type
+        return f"ONNX element type {elem_type}"
 
 
 def _check_supported(graph):
@@ -409,7 +541,8 @@ def _static_shape(value_info) -> tuple[int, ...]:
             f"{[d.dim_value or d.dim_param for d in dims]}; export with a fixed input size"
         )
     if shape[0] != 1:
-        raise ModelError(f"batch size must be 1, got {shape[0]}")
+        raise ModelError(f"input {value_info.name!r} has batch size {shape[0]}; the workbench times one image: "
+                         "export with batch 1 (or a dynamic batch)")
     return shape
 
 
@@ -448,9 +581,12 @@ def _layer_from_node(node, name, srcs, shapes, consts, params) -> Layer:
     if op == "Resize":
         return _resize_from_node(node, name, srcs, shapes, consts, attrs)
     if op == "Add":
+        if len(srcs) != 2:
+            raise ModelError(f"Add needs two feature maps, got {len(srcs)} inputs")
         a, b = (shapes[s] for s in srcs)
-        if len(srcs) != 2 or a != b:
-            raise ModelError(f"Add needs two inputs of the same shape (no broadcasting), got {a} and {b}")
+        if a != b:
+            raise ModelError(f"Add needs two inputs of the same shape (no broadcasting), got {a} and {b}; "
+                             "resize or crop one of them before the Add in the source model")
         return add_layer(name, srcs[0], srcs[1], a)
     if op == "Concat":
         if attrs.get("axis") != 1:
@@ -462,10 +598,17 @@ def _layer_from_node(node, name, srcs, shapes, consts, params) -> Layer:
 def _conv_from_node(node, name, srcs, shapes, consts, params, attrs) -> Layer:
     if attrs.get("group", 1) != 1:
         raise ModelError(f"grouped convolution (group={attrs['group']}) is not supported")
-    if node.input[1] not in consts:
+    if len(node.input) < 2 or node.input[1] not in consts:
         raise ModelError("the conv weight must be a constant initializer")
-    weight = consts[node.input[1]].astype(np.float32)
-    bias = (consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(weight.shape[0]))
+    weight = _float32_param(node.input[1], consts)
+    if weight.ndim != 4:
+        raise ModelError(f"weight {node.input[1]!r} has shape {weight.shape}; a 2-D conv needs OIHW")
+    has_bias = len(node.input) > 2 and node.input[2]
+    if has_bias and node.input[2] not in consts:
+        raise ModelError("the conv bias must be a constant initializer")
+    bias = _float32_param(node.input[2], consts) if has_bias else np.zeros(weight.shape[0], np.float32)
+    if bias.shape != (weight.shape[0],):
+        raise ModelError(f"bias {node.input[2]!r} has shape {bias.shape}; expected ({weight.shape[0]},)")
     kernel = _square(weight.shape[2:], "kernel size")
     stride = _square(attrs.get("strides", [1, 1]), "strides")
     pad = _square(attrs.get("pads", [0] * 4), "pads")
@@ -474,6 +617,14 @@ def _conv_from_node(node, name, srcs, shapes, consts, params, attrs) -> Layer:
         raise ModelError(f"weight has {weight.shape[1]} input channels but the input has {layer.in_channels}")
     params[name] = (np.ascontiguousarray(weight), np.ascontiguousarray(bias, dtype=np.float32))
     return layer
+
+
+def _float32_param(name: str, consts) -> np.ndarray:
+    value = consts[name]
+    if value.dtype != np.float32:
+        raise ModelError(f"initializer {name!r} is {value.dtype}; the workbench measures float32 models only. "
+                         "Export the model in float32 (model.float() before torch.onnx.export)")
+    return np.array(value)  # a writable copy: onnx hands out read-only views of the file's bytes
 
 
 def _resize_from_node(node, name, srcs, shapes, consts, attrs) -> Layer:

@@ -102,19 +102,18 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        shape = "expected {'model': str, 'layers': [{'layer': str, 'impl': str, 'fuse': [str, ...]}, ...]}"
+        shape = "{'model': NAME, 'layers': [{'layer': CONV, 'impl': ID, 'fuse': [OPS]}, ...]}"
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
-            raise PlanError(f"not a plan: {shape}; got {_brief(data)}")
+            raise PlanError(f"not a plan: expected {shape}, got {_preview(data)}; write it with Plan.save "
+                            "or run the study again")
         entries = {}
         for index, row in enumerate(data["layers"]):
             entry = _entry(row, index, shape)
             if entry.layer in entries:
                 raise PlanError(f"the plan lists layer {entry.layer!r} twice; keep one entry per conv")
             entries[entry.layer] = entry
-        model, notes = data.get("model", ""), data.get("notes", [])
-        if not isinstance(model, str) or not isinstance(notes, list):
-            raise PlanError(f"not a plan: 'model' must be a string and 'notes' a list; {shape}")
-        return cls(model, entries, [str(n) for n in notes])
+        notes = data.get("notes") or []
+        return cls(str(data.get("model", "")), entries, [str(n) for n in notes] if isinstance(notes, list) else [str(notes)])
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -133,10 +132,12 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         try:
-            return cls.from_json(Path(path).read_text())
+            text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise PlanError(f"cannot read the plan {str(path)!r} ({getattr(err, 'strerror', None) or err}); "
-                            "write it again with Plan.save or run the study") from None
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            raise PlanError(f"cannot read the plan {path} ({reason}); write it with Plan.save or run the study") from None
+        try:
+            return cls.from_json(text)
         except PlanError as err:
             raise PlanError(f"{path}: {err}") from None
 
@@ -159,18 +160,20 @@ class Plan:
 
 
 def _entry(row, index: int, shape: str) -> LayerPlan:
-    """One `layers` row, its types checked: a wrong type fails here, not deep in the build."""
-    if not isinstance(row, dict) or not isinstance(row.get("layer"), str) or not isinstance(row.get("impl"), str):
-        raise PlanError(f"not a plan: layers[{index}] must have string 'layer' and 'impl'; {shape}; got {_brief(row)}")
-    fuse = row.get("fuse") or []
-    if not isinstance(fuse, list) or not all(isinstance(f, str) for f in fuse):
-        raise PlanError(f"not a plan: layers[{index}] ({row['layer']!r}) 'fuse' must be a list of op names, "
-                        f"got {_brief(fuse)}")
-    return LayerPlan(row["layer"], row["impl"], tuple(fuse))
+    """One plan row, its fields checked for type: a hand-edited plan fails here, not in the build."""
+    if not isinstance(row, dict) or "layer" not in row or "impl" not in row:
+        raise PlanError(f"plan entry {index} is {_preview(row)}; every entry needs 'layer' and 'impl': {shape}")
+    layer, impl, fuse = row["layer"], row["impl"], row.get("fuse") or []
+    if not isinstance(layer, str) or not isinstance(impl, str):
+        raise PlanError(f"plan entry {index}: 'layer' and 'impl' must be strings, got {_preview(row)}")
+    if not isinstance(fuse, list) or not all(isinstance(op, str) for op in fuse):
+        raise PlanError(f"plan entry {index} ({layer!r}): 'fuse' must be a list of op names such as "
+                        f"['relu'], got {_preview(fuse)}")
+    return LayerPlan(layer, impl, tuple(fuse))
 
 
-def _brief(value) -> str:
-    text = repr(value)
+def _preview(value) -> str:
+    text = json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

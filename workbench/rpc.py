@@ -19,36 +19,25 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import WorkbenchError
-from .threads import resolve_threads
+from .targets import CROSS_COMPILERS, TARGET_PRESETS, host_target  # noqa: F401  (callers import them from here)
+from .targets import check_device, device_info, probe, resolve_target
+from .threads import check_positive, resolve_threads
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_KEY = "workbench"
 
-# Named targets for common boards; "host" is detected when used.
-TARGET_PRESETS = {
-    # Hard-float ABI, as Debian's armhf toolchain links it ("uses VFP register arguments" otherwise).
-    "armv7": {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf", "mattr": ["+neon"], "mfloat-abi": "hard"},
-    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-}
-CROSS_COMPILERS = {"armv7": "arm-linux-gnueabihf-g++", "aarch64": "aarch64-linux-gnu-g++"}
-
-
 class DeviceError(WorkbenchError, RuntimeError):
     """The device could not be reached or started; the message says what to check."""
 
 
-def host_target(threads: int | None = None) -> dict:
-    from . import tvm_compat
-
-    return {"kind": "llvm", "mcpu": tvm_compat.host_cpu(), "num-cores": resolve_threads(threads)}
-
-
 def parse_tracker(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise DeviceError(f"tracker address {text!r} must look like HOST:PORT, e.g. 127.0.0.1:9190")
+    host, sep, port = str(text).strip().rpartition(":")
+    host = host.strip("[]")  # [::1]:9190
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        raise DeviceError(f"tracker address {text!r} must look like HOST:PORT with a port from 1 to 65535, "
+                          "e.g. 127.0.0.1:9190")
     return host, int(port)
 
 
@@ -62,6 +51,7 @@ class Device:
     target: dict = field(default_factory=host_target)
     cross_compiler: str | None = None  # g++ for export_library when the device is another ISA
     session_timeout: float = 0  # seconds; 0 = none
+    info: dict = field(default_factory=dict)  # the machine the device reported (targets.probe)
 
     @property
     def tracker(self) -> str:
@@ -126,7 +116,10 @@ class Device:
         return {"fcompile": tvm_compat.cross_compiler(self.cross_compiler)}
 
     def describe(self) -> dict:
-        return {"tracker": self.tracker, "key": self.key, "target": self.target}
+        described = {"tracker": self.tracker, "key": self.key, "target": self.target}
+        if self.info:  # what the measurements ran on, as the device itself reported it
+            described.update(machine=self.info.get("machine"), cores=self.info.get("cores"))
+        return described
 
 
 def upload(session, module, name: str = "kernel.so", export_kwargs: dict | None = None):
@@ -279,35 +272,44 @@ class LocalCluster:
 
 def open_device(tracker: str | None = None, key: str | None = None, target: str | dict | None = None,
                 threads: int | None = None):
-    """Context manager yielding a Device: the remote tracker if given, else a fresh local cluster."""
+    """Context manager yielding a Device: the remote tracker if given, else a fresh local cluster.
+
+    The target and thread count are checked before anything starts; the device then reports its
+    machine, and a target it cannot run (or more threads than it has cores) is refused.
+    `threads` None means every core of the device.
+    """
     from contextlib import contextmanager
 
     @contextmanager
     def remote():
         host, port = parse_tracker(tracker)
-        yield Device(host, port, key or DEFAULT_KEY, **_target_kwargs(target, threads))
+        kwargs = _target_kwargs(target, None if threads is None else check_positive(threads))
+        device = Device(host, port, key or DEFAULT_KEY, **kwargs)
+        _identify(device, f"the device with key {device.key!r} at {device.tracker}")
+        yield device
 
     @contextmanager
     def local():
-        with LocalCluster(threads=threads) as cluster:
-            yield cluster.device(**_target_kwargs(target, threads))
+        kwargs = _target_kwargs(target, None if threads is None else resolve_threads(threads))
+        kwargs["target"].setdefault("num-cores", resolve_threads(None))
+        check_device(kwargs["target"], device_info(), "this machine (the local cluster)")
+        with LocalCluster(threads=kwargs["target"]["num-cores"]) as cluster:
+            device = cluster.device(**kwargs)
+            _identify(device, "the local cluster")
+            yield device
 
     return remote() if tracker else local()
 
 
 def _target_kwargs(target, threads) -> dict:
-    if target is None or target == "host":
-        return {"target": host_target(threads)}
-    if isinstance(target, dict):
-        return {"target": target}
-    if target in TARGET_PRESETS:
-        return {"target": dict(TARGET_PRESETS[target]), "cross_compiler": CROSS_COMPILERS[target]}
-    import json
+    """Device arguments for a target given as 'host', a preset, JSON or a dict (checked here)."""
+    checked, cross = resolve_target(target, threads)
+    return {"target": checked, "cross_compiler": cross} if cross else {"target": checked}
 
-    try:
-        return {"target": json.loads(target)}
-    except json.JSONDecodeError:
-        raise DeviceError(
-            f"unknown target {target!r}; use 'host', one of {sorted(TARGET_PRESETS)}, "
-            'or a JSON target dict such as {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}'
-        ) from None
+
+def _identify(device: Device, where: str) -> None:
+    """Ask the device what it is, record it, and refuse a target or thread count it cannot take."""
+    device.info = probe(device)
+    if "num-cores" not in device.target:  # no thread count given: every core of the device
+        device.target["num-cores"] = int(device.info.get("cores") or resolve_threads(None))
+    check_device(device.target, device.info, where)

@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 
 def register_device_functions(threads: int) -> None:
     """Runs inside the RPC server process: make the workbench's probes and NNPACK callable by name."""
-    from . import ceilings, measure
+    from . import ceilings, measure, targets
 
     ceilings.register_device_functions()
     import tvm
 
     tvm.register_global_func(measure.TIME_GLOBAL_FUNC, measure.time_global_func, override=True)
+    tvm.register_global_func(targets.DEVICE_INFO, targets.device_info_json, override=True)  # machine, cores
     try:
         from . import nnpack_tvm
     except ImportError as err:  # the bridge needs torch's library; a server without it still serves TVM
