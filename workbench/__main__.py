@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from .errors import UserError, WorkbenchError
@@ -81,7 +80,9 @@ def check_arguments(args) -> None:
     if getattr(args, "port", None) is not None and not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if getattr(args, "work_dir", None) is not None:
-        _check_work_dir(args.work_dir, create=command != "export")
+        from .records import WorkDir
+
+        WorkDir.at(args.work_dir)  # checked, not created: a bad path fails before anything is measured
 
 
 def _check_key(args, command) -> None:
@@ -110,21 +111,6 @@ def _check_target(target, threads, remote) -> None:
     if not remote:
         checked.setdefault("num-cores", resolve_threads(None))
         check_device(checked, device_info(), "this machine (the local cluster)")
-
-
-def _check_work_dir(path: str, create: bool) -> None:
-    from pathlib import Path
-
-    work = Path(path)
-    if work.exists() and not work.is_dir():
-        raise UserError(f"--work-dir {path} is a file, not a folder; give a folder (it is created if missing)")
-    if create and not work.exists():
-        try:
-            work.mkdir(parents=True)
-        except OSError as err:
-            raise UserError(f"--work-dir {path} cannot be created ({err.strerror}); give a folder you can write") from None
-    if work.is_dir() and not os.access(work, os.W_OK | os.X_OK):
-        raise UserError(f"--work-dir {path} is not writable; give a folder you can write")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -112,8 +112,10 @@ class Plan:
             if entry.layer in entries:
                 raise PlanError(f"the plan lists layer {entry.layer!r} twice; keep one entry per conv")
             entries[entry.layer] = entry
-        notes = data.get("notes") or []
-        return cls(str(data.get("model", "")), entries, [str(n) for n in notes] if isinstance(notes, list) else [str(notes)])
+        model, notes = data.get("model", ""), data.get("notes", [])
+        if not isinstance(model, str) or not isinstance(notes, list):
+            raise PlanError(f"not a plan: 'model' must be a string and 'notes' a list; expected {shape}")
+        return cls(model, entries, [str(n) for n in notes])
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
