@@ -83,16 +83,17 @@ def _alive(pid: int) -> bool:
 
 
 def _assert_all_gone(groups, ports, pids=()) -> None:
+    """Within GONE_WITHIN s: no live process in `groups` or `pids`, and `ports` free to bind."""
     deadline = time.monotonic() + GONE_WITHIN
     while True:
         alive = {g: members for g in groups if (members := group_alive(g))}
         alive_pids = [pid for pid in pids if _alive(pid)]
-        if not alive and not alive_pids or time.monotonic() > deadline:
+        held = [port for port in ports if not _port_free(port)]  # a dying process may hold it a moment
+        if not (alive or alive_pids or held) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert alive == {}, f"cluster processes outlived the killed command: {alive}"
     assert alive_pids == [], f"TVM popen workers outlived the killed command: {alive_pids}"
-    held = [port for port in ports if not _port_free(port)]
     assert held == [], f"ports still held after the command died: {held}"
 
 
@@ -136,6 +137,53 @@ def test_a_command_killed_while_tuning_leaves_no_popen_worker(tmp_path, model_fi
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
         _assert_all_gone(groups, ports, workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+BUSY_WORKER = """
+import os, signal, time
+import psutil
+from workbench.lifeline import guard_popen_workers
+guard_popen_workers()
+from tvm.support.popen_pool import PopenPoolExecutor
+pool = PopenPoolExecutor(max_workers=1)  # as MetaSchedule's runner: workers started from pool threads
+pool.submit(time.sleep, 300)  # a busy worker does not notice its pipe closing
+deadline = time.monotonic() + 60
+while not (workers := [p.pid for p in psutil.Process().children() if "popen_worker" in " ".join(p.cmdline())]):
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+time.sleep(1)  # the task is in the worker now
+print(workers[0], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_busy_tvm_popen_worker_dies_with_the_process_that_started_it(tmp_path):
+    # Output to files, not pipes: a surviving worker would hold a pipe open and stall the wait.
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.run([sys.executable, "-c", BUSY_WORKER], stdout=stdout, stderr=stderr, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err.read_text()[-2000:]
+    worker = int(out.read_text().split()[-1])
+    _wait(lambda: not _alive(worker), GONE_WITHIN, "the busy popen worker to end")
+
+
+def test_a_server_killed_outright_takes_its_tvm_worker_and_port_with_it(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "wb"))
+    try:
+        # TVM's server listens in a popen worker whose listening thread outlives its pipe.
+        worker = _wait(lambda: [p.pid for p in psutil.Process(proc.pid).children() if port in _listening_ports([p.pid])],
+                       90, "the server to listen", proc)[0]
+        proc.kill()
+        proc.wait(10)
+        _assert_all_gone([], [port], [worker])
     finally:
         if proc.poll() is None:
             proc.kill()
