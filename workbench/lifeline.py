@@ -59,14 +59,12 @@ def _watch(parent: int) -> None:
 
 
 def end_own_group() -> None:
-    """Kill this process's group, this process last (it is in the group)."""
-    group = os.getpgrp()
-    try:
-        os.killpg(group, signal.SIGTERM)
-        time.sleep(0.5)  # let TVM's workers close their sockets
-    except OSError:
-        pass
-    os.killpg(group, signal.SIGKILL)
+    """Kill this process's whole group, this process included.
+
+    SIGKILL at once: with the parent gone there is nothing to finish, and a gentler signal
+    could let this process exit (its SIGTERM handler) before the rest of the group is ended.
+    """
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- TVM's popen workers
