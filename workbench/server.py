@@ -52,6 +52,10 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
         )
     tracker_addr = parse_tracker(tracker) if tracker else None
     key = key or os.environ.pop(KEY_ENV, None) or DEFAULT_KEY
+    if key == DEFAULT_KEY and host not in LOOPBACK:
+        log.warning("serving beyond loopback with the default key %r: whoever reaches the tracker can run code "
+                    "here. Set %s to a random key (python -c 'import secrets; print(secrets.token_hex(16))')",
+                    key, KEY_ENV)
     watch_parent()  # started by a LocalCluster: end with it
     guard_popen_workers()  # TVM's server process (a popen worker) ends with this one
     threads = resolve_threads(threads)
