@@ -1,6 +1,12 @@
 """Local RPC cluster, remote-tracker path, and ceilings measured through them."""
 
+import gc
+import json
+import os
+import socket
+import struct
 
+import psutil
 import pytest
 from processes import group_alive
 
@@ -43,9 +49,67 @@ def test_a_tracker_given_by_address_is_used_as_a_remote_device(cluster):
 
 def test_a_wrong_key_fails_at_once_naming_the_keys_there(cluster):
     # Opening the device asks it what it is: a key nobody registered fails right there.
-    with pytest.raises(DeviceError, match=r"'no-such-board'.*keys there: \['workbench'\]"):
+    with pytest.raises(DeviceError, match=r"'no-such-board'.*keys there: \['sha256:[0-9a-f]+'\]"):
         with open_device(tracker=f"127.0.0.1:{cluster.port}", key="no-such-board"):
             pass
+
+
+def _request_session(host: str, port: int, key: str, wait: float) -> list | None:
+    """Ask the tracker for a server of `key` as any TVM client would; None if nothing comes within `wait` s."""
+    from tvm.rpc import base
+
+    with socket.create_connection((host, port), timeout=wait) as sock:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
+        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "outsider", 1])
+        try:
+            return base.recvjson(sock)
+        except (TimeoutError, socket.timeout):
+            return None
+
+
+def _server_handshake(host: str, port: int, key: str) -> int:
+    """The code a TVM RPC server answers to a client presenting `key` ("client:..."); never waits long."""
+    from tvm.rpc import base
+
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(struct.pack("<ii", base.RPC_MAGIC, len(key)) + key.encode())
+        return struct.unpack("<i", base.recvall(sock, 4))[0]
+
+
+def test_only_the_workbench_gets_a_session_on_its_local_cluster(cluster):
+    import tvm.rpc
+    from tvm.rpc import base
+
+    summary = tvm.rpc.connect_tracker(cluster.host, cluster.port).summary()
+    processes = [psutil.Process(pid) for group in cluster.pids for pid in group_alive(group)]
+    shown = json.dumps(summary) + " ".join(" ".join(p.cmdline()) for p in processes)
+    assert cluster.key not in shown, "the tracker's summary or a process's argv discloses the key"
+    # The key travels in the environment, which only its owner can read.
+    assert all(os.stat(f"/proc/{p.pid}/environ").st_mode & 0o077 == 0 for p in processes)
+
+    # Everything an outsider sees that looks like a key, as given and without "server:".
+    seen = [*summary["queue_info"], *(info["key"] for info in summary["server_info"])]
+    names = {name for key in seen for name in (key, key.removeprefix("server:"))} | {"workbench"}
+    for name in sorted(names):
+        assert _request_session(cluster.host, cluster.port, name, wait=1.5) is None, f"{name!r} got a server"
+    server_port = summary["server_info"][0]["addr"][1]
+    for name in sorted(names):
+        for header in (f"client:{name}", f"client:{name}:0.5"):
+            assert _server_handshake(cluster.host, server_port, header) == base.RPC_CODE_MISMATCH
+
+    # The same probes with the key get a server: they can tell.
+    granted = _request_session(cluster.host, cluster.port, cluster.key, wait=10)
+    assert granted and granted[0] == base.TrackerCode.SUCCESS
+    host, port, matchkey = granted[1]
+    remote = tvm.rpc.connect(host, port, key=matchkey)  # "client:" + the match key, as TVM's client does
+    assert remote.cpu(0).exist
+    del remote
+    gc.collect()  # frees the server for the next session
+
+    # The workbench, which holds the key, still gets its session.
+    assert cluster.device().run(lambda session: session.cpu(0).exist)
+    assert cluster.key not in json.dumps(cluster.device().describe())  # records never hold the secret
 
 
 def test_bad_addresses_and_remote_binding_are_refused():

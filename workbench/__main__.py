@@ -52,7 +52,7 @@ def _common(parser, *names) -> None:
 
 def _device_args(parser) -> None:
     parser.add_argument("--tracker", help="remote RPC tracker HOST:PORT (default: a local cluster on loopback)")
-    parser.add_argument("--key", help="device key registered at the tracker")
+    parser.add_argument("--key", help="device key registered at the tracker (default: $WORKBENCH_RPC_KEY, else 'workbench')")
     parser.add_argument("--target", help="'host', 'armv7', 'aarch64' or a JSON target dict (default: host)")
     parser.add_argument("--threads", type=int, default=None, help="threads on the device (default: all cores)")
 
@@ -228,7 +228,7 @@ def cmd_export(args) -> None:
 def cmd_serve(args) -> None:
     from .server import serve
 
-    serve(args.host, args.port, args.tracker, args.key or "workbench", args.threads, args.allow_remote)
+    serve(args.host, args.port, args.tracker, args.key, args.threads, args.allow_remote)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an RPC server with the NNPACK bridge registered")
     p.add_argument("--tracker", help="register at this tracker HOST:PORT")
-    p.add_argument("--key", default="workbench")
+    p.add_argument("--key", help="the device key, the secret clients need (default: $WORKBENCH_RPC_KEY, "
+                   "else 'workbench'); the variable keeps it out of the process list")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9090)
     p.add_argument("--threads", type=int, default=None)

@@ -3,7 +3,10 @@
 Every measurement in the workbench runs through an RPC session, so a Raspberry Pi behind a
 tracker and this machine on loopback are driven by the same code. Each tracker and server
 runs in its own process group: TVM's servers fork workers that outlive their parent, so
-stopping means ending the whole group.
+stopping means ending the whole group; each also ends its group when this process dies
+(lifeline.py). A local cluster's device key is a fresh secret, given to its servers through
+the environment (never argv, which every user can read) and never disclosed by its tracker
+(tracker.py): only this process can open a session on it.
 """
 
 from __future__ import annotations
@@ -11,22 +14,27 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 from .errors import WorkbenchError
+from .lifeline import guard_popen_workers, spawn_env
 from .targets import CROSS_COMPILERS, TARGET_PRESETS, host_target  # noqa: F401  (callers import them from here)
 from .targets import check_device, device_info, probe, resolve_target
 from .threads import check_positive, resolve_threads
+from .tracker import key_digest
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_KEY = "workbench"
+KEY_ENV = "WORKBENCH_RPC_KEY"  # the device key, for `serve` and clients, kept out of argv
 
 class DeviceError(WorkbenchError, RuntimeError):
     """The device could not be reached or started; the message says what to check."""
@@ -47,11 +55,12 @@ class Device:
 
     tracker_host: str
     tracker_port: int
-    key: str = DEFAULT_KEY
+    key: str = field(default=DEFAULT_KEY, repr=False)
     target: dict = field(default_factory=host_target)
     cross_compiler: str | None = None  # g++ for export_library when the device is another ISA
     session_timeout: float = 0  # seconds; 0 = none
     info: dict = field(default_factory=dict)  # the machine the device reported (targets.probe)
+    key_is_secret: bool = False  # a local cluster's key: never written to records or logs
 
     @property
     def tracker(self) -> str:
@@ -85,8 +94,12 @@ class Device:
 
     def _check_key(self, summary: dict) -> None:
         # The tracker queues a request for an unknown key forever; say so at once instead.
+        # The workbench's own tracker lists keys by digest (tracker.py), TVM's in plain text.
         keys = sorted(summary.get("queue_info", {}))
-        if self.key not in keys:
+        if self.key not in keys and key_digest(self.key) not in keys:
+            if self.key_is_secret:
+                raise DeviceError(f"the local cluster's server is no longer registered at tracker {self.tracker}; "
+                                  "start a new cluster (open a new device or session)")
             raise DeviceError(
                 f"no RPC server has registered key {self.key!r} at tracker {self.tracker}; keys there: "
                 f"{keys or 'none'}. Start one on the board: python -m workbench serve --tracker "
@@ -116,7 +129,8 @@ class Device:
         return {"fcompile": tvm_compat.cross_compiler(self.cross_compiler)}
 
     def describe(self) -> dict:
-        described = {"tracker": self.tracker, "key": self.key, "target": self.target}
+        key = key_digest(self.key) if self.key_is_secret else self.key
+        described = {"tracker": self.tracker, "key": key, "target": self.target}
         if self.info:  # what the measurements ran on, as the device itself reported it
             described.update(machine=self.info.get("machine"), cores=self.info.get("cores"))
         return described
@@ -152,14 +166,20 @@ def thread_env(threads: int) -> dict:
 
 
 def _spawn(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    """Start a child in its own session so the whole group can be ended together."""
-    return subprocess.Popen(
+    """Start a child in its own session, so the whole group can be ended together, that ends
+    its group should this process die (lifeline.watch_parent in the child)."""
+    # stderr to a file, not a pipe: nobody reads a pipe while the cluster runs, and a full one
+    # would block the child.
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
         [sys.executable, *args],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        stderr=errors,
+        env={**os.environ, **(env or {}), **spawn_env()},
     )
+    proc.errors = errors  # read on failure by LocalCluster._wait_for
+    return proc
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
@@ -175,8 +195,9 @@ def _stop_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
         pass
-    if proc.stderr:
-        proc.stderr.close()
+    errors = getattr(proc, "errors", None)
+    if errors:
+        errors.close()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -186,21 +207,38 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _error_output(proc: subprocess.Popen) -> str:
+    errors = getattr(proc, "errors", None)
+    if errors is None or errors.closed:
+        return ""
+    errors.seek(0)
+    return errors.read().decode(errors="replace")[-2000:]
+
+
 class LocalCluster:
     """A tracker and RPC servers on loopback, started on enter and stopped, whole, on exit.
 
     Servers are `python -m workbench serve`, so NNPACK is registered on them like on a board.
+    The key is a fresh secret unless one is given (see the module's docstring); the tracker
+    is `python -m workbench.tracker`, which does not disclose it. Should this process die
+    without stopping the cluster (SIGKILL, a crash), the tracker and servers end themselves.
     """
 
-    def __init__(self, servers: int = 1, key: str = DEFAULT_KEY, threads: int | None = None,
+    def __init__(self, servers: int = 1, key: str | None = None, threads: int | None = None,
                  host: str = "127.0.0.1", start_timeout: float = 60.0):
         # Always explicit: TVM's runtime otherwise halves the core count on x86 (it assumes
         # hyper-threading), so a 2-core machine would run every TVM kernel on one thread.
         threads = resolve_threads(threads)
+        self.key_is_secret = key is None
+        key = key or f"workbench-{secrets.token_hex(16)}"
         self.servers, self.key, self.threads, self.host = servers, key, threads, host
         self.start_timeout = start_timeout
         self.port: int | None = None
         self.procs: list[subprocess.Popen] = []
+
+    def __repr__(self) -> str:
+        where = f"{self.host}:{self.port}" if self.port else "not started"
+        return f"<LocalCluster {where}, {self.servers} server(s), {self.threads} thread(s)>"
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -214,17 +252,21 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> None:
+        guard_popen_workers()  # MetaSchedule's workers in this process end with it, too
         self.port = free_port(self.host)
-        self.procs.append(_spawn(["-m", "tvm.exec.rpc_tracker", "--host", self.host,
-                                  "--port", str(self.port), "--port-end", str(self.port + 1), "--silent"]))
+        self.procs.append(_spawn(["-m", "workbench.tracker", "--host", self.host,
+                                  "--port", str(self.port), "--port-end", str(self.port + 1)]))
         self._wait_for(lambda: self._tracker_answers(), "the tracker to answer")
         for _ in range(self.servers):
-            port = free_port(self.host)
-            args = ["-m", "workbench", "serve", "--tracker", f"{self.host}:{self.port}", "--key", self.key,
-                    "--host", self.host, "--port", str(port), "--threads", str(self.threads)]
-            self.procs.append(_spawn(args, thread_env(self.threads)))
+            self.procs.append(self._spawn_server())
         self._wait_for(lambda: self._registered() >= self.servers, f"{self.servers} server(s) to register")
-        log.info("local RPC cluster: tracker %s:%s, key %s, %d server(s)", self.host, self.port, self.key, self.servers)
+        log.info("local RPC cluster: tracker %s:%s, %d server(s)", self.host, self.port, self.servers)
+
+    def _spawn_server(self) -> subprocess.Popen:
+        port = free_port(self.host)
+        args = ["-m", "workbench", "serve", "--tracker", f"{self.host}:{self.port}",
+                "--host", self.host, "--port", str(port), "--threads", str(self.threads)]
+        return _spawn(args, {**thread_env(self.threads), KEY_ENV: self.key})
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -239,7 +281,9 @@ class LocalCluster:
         if self.port is None:
             raise DeviceError("the local cluster is not started; use it as `with LocalCluster() as cluster:`")
         target = kwargs.pop("target", None) or host_target(self.threads)
-        return Device(self.host, self.port, self.key, target=target, **kwargs)
+        device = Device(self.host, self.port, self.key, target=target, key_is_secret=self.key_is_secret, **kwargs)
+        _identify(device, "the local cluster")  # records name the machine that measured
+        return device
 
     def _tracker_answers(self) -> bool:
         # A plain socket probe: tvm's own client retries for minutes before it gives up.
@@ -252,16 +296,16 @@ class LocalCluster:
     def _registered(self) -> int:
         import tvm.rpc
 
-        summary = tvm.rpc.connect_tracker(self.host, self.port).summary()
-        return summary["queue_info"].get(self.key, {}).get("free", 0)
+        queues = tvm.rpc.connect_tracker(self.host, self.port).summary()["queue_info"]
+        return queues.get(key_digest(self.key), {}).get("free", 0)
 
     def _wait_for(self, ready, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             dead = [p for p in self.procs if p.poll() is not None]
             if dead:
-                err = dead[0].stderr.read().decode(errors="replace")[-2000:] if dead[0].stderr else ""
-                raise DeviceError(f"an RPC process exited with code {dead[0].returncode} while waiting for {what}:\n{err}")
+                raise DeviceError(f"an RPC process exited with code {dead[0].returncode} while waiting for "
+                                  f"{what}:\n{_error_output(dead[0])}")
             if ready():
                 return
             time.sleep(0.2)
@@ -277,14 +321,18 @@ def open_device(tracker: str | None = None, key: str | None = None, target: str 
     The target and thread count are checked before anything starts; the device then reports its
     machine, and a target it cannot run (or more threads than it has cores) is refused.
     `threads` None means every core of the device.
+
+    A remote device's key is `key`, else $WORKBENCH_RPC_KEY, else "workbench"; a local cluster's
+    is always a fresh secret.
     """
     from contextlib import contextmanager
 
     @contextmanager
     def remote():
         host, port = parse_tracker(tracker)
+        guard_popen_workers()
         kwargs = _target_kwargs(target, None if threads is None else check_positive(threads))
-        device = Device(host, port, key or DEFAULT_KEY, **kwargs)
+        device = Device(host, port, key or os.environ.get(KEY_ENV) or DEFAULT_KEY, **kwargs)
         _identify(device, f"the device with key {device.key!r} at {device.tracker}")
         yield device
 
@@ -294,9 +342,7 @@ def open_device(tracker: str | None = None, key: str | None = None, target: str 
         kwargs["target"].setdefault("num-cores", resolve_threads(None))
         check_device(kwargs["target"], device_info(), "this machine (the local cluster)")
         with LocalCluster(threads=kwargs["target"]["num-cores"]) as cluster:
-            device = cluster.device(**kwargs)
-            _identify(device, "the local cluster")
-            yield device
+            yield cluster.device(**kwargs)
 
     return remote() if tracker else local()
 

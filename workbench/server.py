@@ -13,7 +13,8 @@ import os
 import signal
 import time
 
-from .rpc import DEFAULT_KEY, LOOPBACK, DeviceError, parse_tracker, thread_env
+from .lifeline import guard_popen_workers, watch_parent
+from .rpc import DEFAULT_KEY, KEY_ENV, LOOPBACK, DeviceError, parse_tracker, thread_env
 from .threads import resolve_threads
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,13 @@ def register_device_functions(threads: int) -> None:
     nnpack_tvm.register_tvm_functions(threads=threads)
 
 
-def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = DEFAULT_KEY,
+def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str | None = None,
           threads: int | None = None, allow_remote: bool = False) -> None:
-    """Run an RPC server (NNPACK registered) until interrupted or terminated."""
+    """Run an RPC server (NNPACK registered) until interrupted or terminated.
+
+    The key is `key`, else $WORKBENCH_RPC_KEY (which keeps it out of the process list), else
+    "workbench". With a tracker, a client needs the key to get a session: it is the secret.
+    """
     import tvm.rpc
 
     if host not in LOOPBACK and not allow_remote:
@@ -47,6 +52,13 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
             "Pass --allow-remote to serve beyond loopback, on a trusted network only"
         )
     tracker_addr = parse_tracker(tracker) if tracker else None
+    key = key or os.environ.pop(KEY_ENV, None) or DEFAULT_KEY
+    if key == DEFAULT_KEY and host not in LOOPBACK:
+        log.warning("serving beyond loopback with the default key %r: whoever reaches the tracker can run code "
+                    "here. Set %s to a random key (python -c 'import secrets; print(secrets.token_hex(16))')",
+                    key, KEY_ENV)
+    watch_parent()  # started by a LocalCluster: end with it
+    guard_popen_workers()  # TVM's server process (a popen worker) ends with this one
     threads = resolve_threads(threads)
     for name, value in thread_env(threads).items():  # inherited by every session process
         os.environ.setdefault(name, value)
@@ -54,7 +66,7 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
         host=host, port=port, port_end=port + 1, tracker_addr=tracker_addr, key=key, silent=True,
         server_init_callback=functools.partial(register_device_functions, threads),
     )
-    log.info("RPC server on %s:%s (key %s, tracker %s)", host, server.port, key, tracker)
+    log.info("RPC server on %s:%s (tracker %s)", host, server.port, tracker)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:

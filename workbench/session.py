@@ -10,19 +10,17 @@
 and exiting in the last cell leaves the local tracker and servers running whenever a cell in
 between fails. A DeviceSession stops them when closed, when it is garbage collected, or at
 interpreter exit (the kernel shut down or restarted), whichever comes first. A kernel killed
-outright (SIGKILL, a crash) runs none of that, so a small watchdog process, which sees the
-kernel's end as the end of a pipe, stops the cluster then.
+outright (SIGKILL, a crash) runs none of that; the cluster's processes then notice that their
+parent is gone and end themselves (workbench.lifeline), like every LocalCluster's.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import weakref
 
 from workbench.errors import WorkbenchError
-from workbench.rpc import DEFAULT_KEY, Device, LocalCluster, open_device
+from workbench.rpc import Device, LocalCluster, _target_kwargs, open_device
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ class DeviceSession:
         self.close()
 
     def __repr__(self) -> str:
-        key = f", key {self._device.key!r}" if self._device is not None else ""
+        key = f", key {self._device.key!r}" if self._device is not None and not self._device.key_is_secret else ""
         return f"<DeviceSession {self._where}{key}, {'closed' if self.closed else 'open'}>"
 
 
@@ -97,78 +95,35 @@ def open_session(tracker: str | None = None, key: str | None = None, target: str
                  threads: int | None = None) -> DeviceSession:
     """Open a device for a notebook: the remote tracker HOST:PORT if given, else a fresh local cluster.
 
-    The arguments mean what they mean for workbench.rpc.open_device (a local cluster's servers
-    register under `key`, default "workbench"). Call it once, in one cell; close the session in
-    the last cell, or let the kernel's shutdown close it.
+    The arguments mean what they mean for workbench.rpc.open_device (`key` is for a remote
+    tracker; a local cluster's key is a fresh secret). Call it once, in one cell; close the
+    session in the last cell, or let the kernel's shutdown close it.
     """
     if tracker:
         with open_device(tracker, key, target, threads) as device:  # a remote device holds nothing open
             return DeviceSession(device)
-    cluster = LocalCluster(key=key or DEFAULT_KEY, threads=threads)
+    cluster = LocalCluster(threads=threads)
     try:
         cluster.start()
-        # The cluster's tracker, addressed like any other, resolves `target` as open_device does
-        # (a preset, JSON, or the host with the cluster's thread count).
-        with open_device(f"{cluster.host}:{cluster.port}", cluster.key, target, cluster.threads) as device:
-            return DeviceSession(device, cluster)
+        # `target` resolved as open_device does (a preset, JSON, or the host with the cluster's threads).
+        return DeviceSession(cluster.device(**_target_kwargs(target, cluster.threads)), cluster)
     except BaseException:
         cluster.stop()
         raise
 
 
-# A separate process, in its own session so that killing the kernel's process group spares it.
-# It blocks reading a pipe from the kernel; the read ends when the kernel closes the pipe or
-# dies, however it dies. Unless told "closed" first, it ends the cluster's process groups.
-_WATCHDOG = """\
-import os, signal, sys, time
-groups = [int(g) for g in sys.argv[1:]]
-if not sys.stdin.buffer.read().startswith(b"closed"):
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for group in groups:
-            try:
-                os.killpg(group, sig)
-            except OSError:
-                pass
-        time.sleep(2)
-"""
-
-
 class _Cleanup:
-    """Stops a local cluster once; meanwhile a watchdog stops it should this process die first."""
+    """Stops a local cluster once (should this process die first, the cluster ends itself)."""
 
     def __init__(self, cluster: LocalCluster | None):
-        self.cluster, self.watchdog = cluster, None
-        if cluster is not None and cluster.pids:
-            try:
-                self.watchdog = subprocess.Popen(
-                    [sys.executable, "-I", "-c", _WATCHDOG, *map(str, cluster.pids)],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            except OSError as err:  # the session still works; only a hard kill would leak then
-                log.warning("no watchdog for the local RPC cluster (%s); stop it with session.close()", err)
+        self.cluster = cluster
 
     def __call__(self) -> None:
         cluster, self.cluster = self.cluster, None
-        stopped = False
-        try:
-            if cluster is not None:
-                cluster.stop()
-            stopped = True
-        except Exception:  # noqa: BLE001  (at interpreter exit there is nobody to raise to)
-            log.exception("stopping the local RPC cluster failed; its watchdog ends it: %s", cluster.pids)
-        finally:
-            self._release_watchdog(stopped)
-
-    def _release_watchdog(self, stopped: bool) -> None:
-        """Let the watchdog go: told "closed" if the cluster stopped, else closing the pipe sets it off."""
-        watchdog, self.watchdog = self.watchdog, None
-        if watchdog is None:
+        if cluster is None:
             return
         try:
-            if stopped:
-                watchdog.stdin.write(b"closed\n")
-            watchdog.stdin.close()
-            watchdog.wait(10)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+            cluster.stop()
+        except Exception:  # noqa: BLE001  (at interpreter exit there is nobody to raise to)
+            log.exception("stopping the local RPC cluster failed; its processes end with this one: %s",
+                          cluster.pids)
