@@ -13,6 +13,8 @@ first time a process tunes anything.)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +29,7 @@ from . import tvm_compat
 from .kernels.default import default_conv_func
 from .model import Layer, Model
 from .names import symbol
+from .rpc import DeviceError, SessionLost, is_transport_failure, runner_session, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,9 @@ class TuningConfig:
     number: int = 1  # EvaluatorConfig: calls per repeat (raised until min_repeat_ms)
     repeat: int = 3
     min_repeat_ms: int = 20
-    session_timeout_sec: int = 60
+    session_timeout_sec: int = 60  # per candidate: the server ends a session (a hung kernel) after this
+    request_wait_sec: float = 10  # how long a runner waits for a server to be registered and free
+    revivals: int = 2  # times a tuning run may lose its device (revived each time) before it stops
     builder: str = "in-process"  # or "pool": LocalBuilder with our build function
     seed: int | None = 0
 
@@ -181,14 +186,54 @@ def make_builder(config: TuningConfig):
 
 
 def make_runner(device, config: TuningConfig):
-    """Measure on the device through its tracker, exactly like every other workbench timing."""
+    """Measure on the device through its tracker, exactly like every other workbench timing.
+
+    Sessions come from rpc.runner_session: MetaSchedule's own request waits forever for a
+    server that died (and its worker retries a dead tracker every 5 s).
+    """
     from tvm.s_tir import meta_schedule as ms
 
     rpc = ms.runner.RPCConfig(tracker_host=device.tracker_host, tracker_port=device.tracker_port,
                               tracker_key=device.key, session_timeout_sec=config.session_timeout_sec)
     evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=config.repeat,
                                           min_repeat_ms=config.min_repeat_ms, enable_cpu_cache_flush=False)
-    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=1)
+    worker_device = dataclasses.replace(device.plain(), session_timeout=config.session_timeout_sec)
+    create = functools.partial(runner_session, worker_device, config.request_wait_sec)
+    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=1, f_create_session=create)
+
+
+def _make_device_guard(database, device, lost: list):
+    """A measure callback, first in line: a batch that lost the device stops the search.
+
+    Runner errors that say the transport failed, with the device then gone from its tracker,
+    are not the candidates' results: the batch's real results are committed here, the lost
+    ones dropped, and the search stops (SessionLost) so tune_layer can revive and resume.
+    Transport-like errors while the device still serves were the candidates' own crashes and
+    go through MetaSchedule's callbacks as failed trials.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class DeviceGuard(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            transport = [bool(r.error_msg) and is_transport_failure(RuntimeError(str(r.error_msg)))
+                         for r in runner_results]
+            if not any(transport) or device.alive(wait=3):
+                return
+            context = task_scheduler.tasks_[task_id].ctx
+            workload = database.commit_workload(context.mod)
+            for candidate, result, lost_here in zip(measure_candidates, runner_results, transport):
+                if not lost_here:  # measured, or failed on its own (a build error): a real trial
+                    run_secs = result.run_secs if result.run_secs else [tvm_compat.FAILED_RUN_SECONDS]
+                    database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs,
+                                                               context.target, candidate.args_info))
+            reason = next(str(r.error_msg) for r, t in zip(runner_results, transport) if t)
+            lost.append(short_reason(RuntimeError(reason)))
+            raise SessionLost(f"the device was lost while tuning: {lost[-1]}")
+
+    return DeviceGuard()
 
 
 def _make_progress_callback(bar, best_so_far: list[float]):
@@ -234,9 +279,24 @@ def tune_layer(layer: Layer, device, trials: int, work_dir, relu: bool = False, 
     previous = records_of(database, mod)
     done = len(previous)
     todo = max(0, trials - done)
-    if todo:
-        _search(mod, layer.name, device, database, database_dir(work_dir, device.target), todo, previous,
-                progress, config)
+    revivals = 0
+    while todo:
+        try:
+            _search(mod, layer.name, device, database, database_dir(work_dir, device.target), todo, previous,
+                    progress, config)
+            break
+        except SessionLost as err:  # every record measured so far is in the database already
+            revivals += 1
+            kept = len(records_of(database, mod))
+            if revivals > config.revivals:
+                raise DeviceError(
+                    f"tuning {layer.name} lost the device {revivals} times ({err}); the {kept} trials measured are "
+                    f"kept in {database_dir(work_dir, device.target)}: check the device, then run the same "
+                    "command again to resume") from None
+            log.warning("tuning %s: %s; reviving the device and resuming from %d trials", layer.name, err, kept)
+            device.revive()
+        previous = records_of(database, mod)
+        todo = max(0, trials - len(previous))
     records = records_of(database, mod)
     seconds = time.perf_counter() - started
     new = max(0, len(records) - done)
@@ -265,14 +325,22 @@ def _search(mod, name: str, device, database, logs: Path, todo: int, previous: l
                                  logger=_task_logger(logs, name)).clone()
         cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads, tree_method="auto")
         _warm_start(cost_model, context, previous)
-        ms.tune_tasks(
-            tasks=[context], task_weights=[1.0], work_dir=str(logs), max_trials_global=todo,
-            num_trials_per_iter=min(todo, config.trials_per_batch),
-            builder=make_builder(config), runner=make_runner(device, config), database=database,
-            cost_model=cost_model,
-            measure_callbacks=[*ms.MeasureCallback.create("default"), _make_progress_callback(bar, best)],
-            task_scheduler="round-robin",
-        )
+        runner, lost = make_runner(device, config), []
+        try:
+            ms.tune_tasks(
+                tasks=[context], task_weights=[1.0], work_dir=str(logs), max_trials_global=todo,
+                num_trials_per_iter=min(todo, config.trials_per_batch),
+                builder=make_builder(config), runner=runner, database=database, cost_model=cost_model,
+                measure_callbacks=[_make_device_guard(database, device, lost), *ms.MeasureCallback.create("default"),
+                                   _make_progress_callback(bar, best)],
+                task_scheduler="round-robin",
+            )
+        except Exception as err:
+            if lost:  # raised by the guard, wrapped on its way through MetaSchedule's C++
+                raise SessionLost(f"the device was lost while tuning: {lost[0]}") from None
+            raise
+        finally:
+            runner.pool.shutdown(wait=False)  # its worker must not outlive the search (or a Ctrl-C)
 
 
 def _task_logger(directory: Path, name: str) -> logging.Logger:
