@@ -13,6 +13,7 @@ first time a process tunes anything.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,6 +22,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,6 +166,9 @@ def _make_in_process_builder():
         def build(self, build_inputs):
             results = []
             for item in build_inputs:
+                if _INTERRUPTS:  # Ctrl-C: skip the rest of the batch; the device guard stops the search
+                    results.append(BuilderResult(None, "InProcessBuilder: interrupted"))
+                    continue
                 try:
                     artifact = default_export(build_without_intrinsics(item.mod, item.target))
                     results.append(BuilderResult(artifact, None))
@@ -203,13 +209,15 @@ def make_runner(device, config: TuningConfig):
 
 
 def _make_device_guard(database, device, lost: list):
-    """A measure callback, first in line: a batch that lost the device stops the search.
+    """A measure callback, first in line: a batch that lost the device, or was interrupted, stops
+    the search with only real results committed.
 
     Runner errors that say the transport failed, with the device then gone from its tracker,
-    are not the candidates' results: the batch's real results are committed here, the lost
+    are not the candidates' results: the batch's other results are committed here, the lost
     ones dropped, and the search stops (SessionLost) so tune_layer can revive and resume.
     Transport-like errors while the device still serves were the candidates' own crashes and
-    go through MetaSchedule's callbacks as failed trials.
+    go through MetaSchedule's callbacks as failed trials. After a Ctrl-C every error of the
+    batch is dropped (its workers got the signal too) and the search stops the same way.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.database import TuningRecord
@@ -218,22 +226,52 @@ def _make_device_guard(database, device, lost: list):
     @derived_object
     class DeviceGuard(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            transport = [bool(r.error_msg) and is_transport_failure(RuntimeError(str(r.error_msg)))
-                         for r in runner_results]
-            if not any(transport) or device.alive(wait=3):
-                return
+            if _INTERRUPTS:
+                drop = [bool(r.error_msg) for r in runner_results]
+            else:
+                drop = [bool(r.error_msg) and is_transport_failure(RuntimeError(str(r.error_msg)))
+                        for r in runner_results]
+                if not any(drop) or device.alive(wait=3):
+                    return
+                reason = next(str(r.error_msg) for r, d in zip(runner_results, drop) if d)
+                lost.append(short_reason(RuntimeError(reason)))
             context = task_scheduler.tasks_[task_id].ctx
             workload = database.commit_workload(context.mod)
-            for candidate, result, lost_here in zip(measure_candidates, runner_results, transport):
-                if not lost_here:  # measured, or failed on its own (a build error): a real trial
+            for candidate, result, dropped in zip(measure_candidates, runner_results, drop):
+                if not dropped:  # measured, or failed on its own (a build error): a real trial
                     run_secs = result.run_secs if result.run_secs else [tvm_compat.FAILED_RUN_SECONDS]
                     database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs,
                                                                context.target, candidate.args_info))
-            reason = next(str(r.error_msg) for r, t in zip(runner_results, transport) if t)
-            lost.append(short_reason(RuntimeError(reason)))
-            raise SessionLost(f"the device was lost while tuning: {lost[-1]}")
+            raise SessionLost("interrupted" if _INTERRUPTS else f"the device was lost while tuning: {lost[-1]}")
 
     return DeviceGuard()
+
+
+# Signals noted while MetaSchedule's C++ runs: an exception raised by a signal handler inside
+# it can end in std::terminate (a segfault, records lost), so the search stops at the next batch.
+_INTERRUPTS: list[int] = []
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM are noted during the block and delivered, to their own handlers, after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, _frame: _INTERRUPTS.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        noted, _INTERRUPTS[:] = list(_INTERRUPTS), []
+        for sig in dict.fromkeys(noted):
+            if callable(previous[sig]):
+                previous[sig](sig, None)  # raises KeyboardInterrupt (or the CLI's Terminated)
+            elif previous[sig] == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
 
 def _make_progress_callback(bar, best_so_far: list[float]):
@@ -327,18 +365,21 @@ def _search(mod, name: str, device, database, logs: Path, todo: int, previous: l
         _warm_start(cost_model, context, previous)
         runner, lost = make_runner(device, config), []
         try:
-            ms.tune_tasks(
-                tasks=[context], task_weights=[1.0], work_dir=str(logs), max_trials_global=todo,
-                num_trials_per_iter=min(todo, config.trials_per_batch),
-                builder=make_builder(config), runner=runner, database=database, cost_model=cost_model,
-                measure_callbacks=[_make_device_guard(database, device, lost), *ms.MeasureCallback.create("default"),
-                                   _make_progress_callback(bar, best)],
-                task_scheduler="round-robin",
-            )
-        except Exception as err:
-            if lost:  # raised by the guard, wrapped on its way through MetaSchedule's C++
-                raise SessionLost(f"the device was lost while tuning: {lost[0]}") from None
-            raise
+            with _interrupts_deferred():
+                try:
+                    ms.tune_tasks(
+                        tasks=[context], task_weights=[1.0], work_dir=str(logs), max_trials_global=todo,
+                        num_trials_per_iter=min(todo, config.trials_per_batch),
+                        builder=make_builder(config), runner=runner, database=database, cost_model=cost_model,
+                        measure_callbacks=[_make_device_guard(database, device, lost),
+                                           *ms.MeasureCallback.create("default"), _make_progress_callback(bar, best)],
+                        task_scheduler="round-robin",
+                    )
+                except Exception:
+                    if not _INTERRUPTS:  # else the end of the block delivers the interrupt itself
+                        if lost:  # raised by the guard, wrapped on its way through MetaSchedule's C++
+                            raise SessionLost(f"the device was lost while tuning: {lost[0]}") from None
+                        raise
         finally:
             runner.pool.shutdown(wait=False)  # its worker must not outlive the search (or a Ctrl-C)
 
