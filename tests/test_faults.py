@@ -25,7 +25,7 @@ from workbench.kernels.tvm_kernel import FactoryCandidate
 from workbench.measure import TimingConfig
 from workbench.model import conv_layer, save_onnx
 from workbench.records import RecordStore
-from workbench.rpc import LocalCluster
+from workbench.rpc import Device, LocalCluster, host_target
 
 QUICK = TimingConfig(number=1, repeat=2, min_repeat_ms=1)
 
@@ -127,6 +127,16 @@ def test_a_kernel_that_kills_its_session_is_recorded_crashed_and_the_server_serv
     again, _ = bounded(60, compare, small_model, cluster.device(), [layer], candidates=candidates, timing=QUICK,
                        store=store, progress=False)
     assert len(store.read(KIND)) == len(candidates) and [r["status"] for r in again] == [r["status"] for r in records]
+
+
+def test_a_remote_device_is_waited_for_after_its_session_died(cluster, small_model):
+    """Without a local cluster to restart, the server re-registers by itself and the sweep goes on."""
+    layer = small_model.convs[0].name
+    remote = Device(cluster.host, cluster.port, cluster.key, target=host_target(2), request_timeout=20)
+    candidates = [FactoryCandidate("tvm:abort", aborting_kernel), DefaultCandidate()]
+    records, _ = bounded(90, compare, small_model, remote, [layer], candidates=candidates, timing=QUICK,
+                         progress=False)
+    assert [r["status"] for r in records] == ["crashed", "ok"]
 
 
 # ---------------------------------------------------------------- the server SIGKILLed mid-sweep

@@ -93,8 +93,8 @@ class Device:
             try:
                 tracker = tvm.rpc.connect_tracker(self.tracker_host, self.tracker_port)
                 _bound_tracker(tracker, max(1.0, deadline - time.monotonic()))
+                self._check_key(tracker.summary())  # a key never registered fails at once
                 summary = self._await_server(tracker, deadline)
-                self._check_key(summary)
                 if self.key not in _registered_keys(summary):
                     raise DeviceError(
                         f"no RPC server of key {self.key!r} is registered at tracker {self.tracker} (it died or "
@@ -317,6 +317,8 @@ class SessionKeeper:
         if self._session is not None and self.device.session_timeout and age > self.device.session_timeout / 2:
             self.drop()
         if self._session is None:
+            if self.device.local is not None:  # cheap when it serves; restarts a cluster found dead
+                self.device.revive()
             self._session = self.device.session()
             self._opened = time.monotonic()
         return self._session
