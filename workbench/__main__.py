@@ -251,7 +251,10 @@ def _kept_counter(args):
     work = WorkDir.at(args.work_dir)
 
     def lines() -> int:
-        files = [work.records.path, *work.tuning.glob("*/database_tuning_record.json")]
+        try:
+            files = [work.records.path, *work.tuning.glob("*/database_tuning_record.json")]
+        except OSError:  # a work dir that is not a folder: the command itself says so
+            return 0
         count = 0
         for path in files:
             try:

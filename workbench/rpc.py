@@ -156,7 +156,7 @@ class Device:
         """
         if self.local is not None:
             self.local.revive()
-            self.tracker_host, self.tracker_port = self.local.host, self.local.port
+            self.tracker_host, self.tracker_port, self.key = self.local.host, self.local.port, self.local.key
             return
         wait = self.request_timeout if wait is None else wait
         if not self.alive(wait):
@@ -237,7 +237,7 @@ class SessionLost(DeviceError):
 
 
 # What TVM's client says when the other end is gone (C++ socket errors, the server's session timeout).
-TRANSPORT_MARKERS = ("broken pipe", "kshutdown", "rpccode::kreturn", "connection reset", "connection refused",
+TRANSPORT_MARKERS = ("broken pipe", "kshutdown", "rpccode::", "connection reset", "connection refused",
                      "connection aborted", "session closed", "rpcsessiontimeouterror", "timed out", "end of file",
                      "sessionlost", "cannot request")
 
@@ -475,13 +475,21 @@ class LocalCluster:
             if any(p.poll() is not None for p in self.procs) or not self._tracker_answers():
                 return False
             try:
-                if self._registered() >= self.servers:
+                if self._live_servers() >= self.servers:
                     return True
             except Exception:  # noqa: BLE001 - a tracker that cannot answer is not healthy
                 return False
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
+
+    def _live_servers(self) -> int:
+        """Servers of our key connected to the tracker, free or serving a session."""
+        import tvm.rpc
+
+        tracker = tvm.rpc.connect_tracker(self.host, self.port)
+        _bound_tracker(tracker, 5)
+        return sum(info.get("key") == f"server:{self.key}" for info in tracker.summary().get("server_info", []))
 
     def revive(self) -> None:
         """Bring the cluster back after a server or session died: nothing if it serves again by

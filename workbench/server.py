@@ -65,7 +65,12 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
                 # A fresh process (not a fork of this one) so sessions do not inherit our SIGTERM handler.
                 worker = PopenWorker()
                 worker.send(listen, [host, port, tracker_addr, key, threads])
-                bound = worker.recv()
+                try:
+                    bound = worker.recv()
+                except Exception as err:  # a port in use, an unreachable tracker: say which, once
+                    raise DeviceError(f"the RPC server could not start on {host}:{port}: "
+                                      f"{str(err).strip().splitlines()[-1]}; choose another --port or "
+                                      "check the tracker address") from None
                 log.info("RPC server on %s:%s (key %s, tracker %s)", host, bound, key, tracker)
             time.sleep(0.5)
     except KeyboardInterrupt:
