@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from .errors import UserError, WorkbenchError
@@ -294,13 +295,54 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # MetaSchedule logs every batch at INFO; the progress bar says enough
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so the local cluster and the tuning workers are stopped too.
+    signal.signal(signal.SIGTERM, _terminated)
+    kept = _kept_counter(args)
     try:
         check_arguments(args)  # once, here, before anything starts; resolved values passed down
         args.func(args)
     except WorkbenchError as err:  # anything else is a bug: let it surface with its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up message
+        print(f"\ninterrupted: {kept()}; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that every `with` block cleans up on the way out."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _kept_counter(args):
+    """A function saying how many results this run added to its work dir (they are kept)."""
+    if not hasattr(args, "work_dir"):
+        return lambda: "nothing was written"
+    from .records import WorkDir
+
+    work = WorkDir.at(args.work_dir)
+
+    def lines() -> int:
+        try:
+            files = [work.records.path, *work.tuning.glob("*/database_tuning_record.json")]
+        except OSError:  # a work dir that is not a folder: the command itself says so
+            return 0
+        count = 0
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    count += sum(1 for _ in f)
+            except OSError:
+                pass
+        return count
+
+    before = lines()
+    return lambda: f"{lines() - before} new results kept in {work.root}"
 
 
 if __name__ == "__main__":

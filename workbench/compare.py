@@ -12,13 +12,15 @@ import logging
 import pandas as pd
 
 from .kernels.base import Candidate
-from .measure import ConvCase, Measurement, TimingConfig, measure, usable
+from .measure import FINAL, ConvCase, Measurement, TimingConfig, measure, usable
 from .model import Model
 from .records import RecordStore
+from .rpc import SessionKeeper, SessionLost, short_reason
 
 log = logging.getLogger(__name__)
 
 KIND = "conv_measurement"
+CRASH_LIMIT = 2  # sessions a candidate may lose before it is recorded `crashed`
 PHASES = ("input_transform", "kernel_transform", "output_transform", "block_multiplication", "total")
 
 
@@ -32,8 +34,10 @@ def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: 
 def compare(model: Model, device, layers: list[str] | None = None, candidates: list[Candidate] | None = None,
             timing: TimingConfig = TimingConfig(), store: RecordStore | None = None, resume: bool = True,
             seed: int = 0, progress: bool = True) -> list[dict]:
-    """Measure every candidate (default: the libraries as they come) on every selected conv in one
-    RPC session; returns the records."""
+    """Measure every candidate (default: the libraries as they come) on every selected conv over
+    RPC, surviving a dead session or server; returns the records.
+
+    With a store and resume, records already measured (status in FINAL) are reused."""
     threads = int(device.target.get("num-cores") or 1)
     if candidates is None:
         from .kernels.registry import library_candidates
@@ -43,31 +47,54 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
     context = {"model": model.name, "device": device.describe(), "threads": threads}
     wanted = {(l.name, c.impl): (l, c) for l in convs for c in candidates}
     done = store.latest(KIND, ("layer", "impl"), {"model": model.name, "threads": threads}) if store and resume else {}
-    # A record is reused only if its candidate is configured as when it was measured.
+    # A record is reused only if it is a measured result (not `failed`: a build error, or from
+    # older runs a dead session) and its candidate is configured as when it was measured.
     results = {key: rec for key, rec in done.items()
-               if key in wanted and rec.get("config", "") == wanted[key][1].config}
+               if key in wanted and rec.get("status") in FINAL and rec.get("config", "") == wanted[key][1].config}
     todo = [pair for key, pair in wanted.items() if key not in results]
     if todo:
-        results.update(device.run(_measure_all, device, model, todo, timing, store, context, seed, progress))
+        results.update(_measure_all(device, model, todo, timing, store, context, seed, progress))
     order = {key: i for i, key in enumerate(wanted)}
     return sorted(results.values(), key=lambda r: order[(r["layer"], r["impl"])])
 
 
-def _measure_all(session, device, model, todo, timing, store, context, seed, progress) -> dict:
+def _measure_all(device, model, todo, timing, store, context, seed, progress) -> dict:
     from tqdm.auto import tqdm
 
     results, cases = {}, {}
     bar = tqdm(todo, desc="layers x implementations", disable=not progress, unit="run")
-    for layer, candidate in bar:
-        bar.set_postfix_str(f"{layer.name} {candidate.impl}")
-        if layer.name not in cases:
-            cases[layer.name] = ConvCase.from_model(model, layer, seed)
-        result = measure(candidate, cases[layer.name], session, device, timing)
-        record = _record(result, context, cases[layer.name])
-        if store:
-            store.append(KIND, record)
-        results[(layer.name, candidate.impl)] = record
+    with SessionKeeper(device) as sessions:
+        for layer, candidate in bar:
+            bar.set_postfix_str(f"{layer.name} {candidate.impl}")
+            if layer.name not in cases:
+                cases[layer.name] = ConvCase.from_model(model, layer, seed)
+            result = _survive(candidate, cases[layer.name], sessions, device, timing)
+            record = _record(result, context, cases[layer.name])
+            if store:
+                store.append(KIND, record)
+            results[(layer.name, candidate.impl)] = record
     return results
+
+
+def _survive(candidate, case: ConvCase, sessions: SessionKeeper, device, timing: TimingConfig) -> Measurement:
+    """measure() in a live session; a lost session is revived and the candidate tried again.
+
+    A candidate whose session dies CRASH_LIMIT times (a kernel that kills its process, or
+    hangs past the session timeout) is recorded `crashed` with the reasons; a device that
+    cannot be revived raises DeviceError, which stops the sweep with every record kept.
+    """
+    reasons = []
+    while len(reasons) < CRASH_LIMIT:
+        try:
+            return measure(candidate, case, sessions.get(), device, timing)
+        except SessionLost as err:
+            reasons.append(short_reason(err.__cause__ or err))
+        # Outside the except block, so the dead session's remote objects can be collected.
+        log.warning("%s on %s: session lost (%s); reviving the device", candidate.impl, case.layer.name, reasons[-1])
+        sessions.lost()
+    return Measurement(case.layer.name, candidate.impl, "crashed", numerics_ok=False, tolerance=candidate.tolerance,
+                       alias_of=candidate.alias_of, config=candidate.config,
+                       note=f"the device session died {len(reasons)} times measuring it: {reasons[-1]}"[:500])
 
 
 def _record(result: Measurement, context: dict, case: ConvCase) -> dict:

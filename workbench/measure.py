@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .model import Layer, Model
+from .rpc import SessionLost, is_transport_failure, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,18 @@ def reference_conv(layer: Layer, x, weight, bias, relu: bool = False) -> np.ndar
     return out.float().numpy()
 
 
+# Statuses that are a candidate's measured result and stay so on resume. `failed` (a build error,
+# or, before transport failures were told apart, a dead session) is measured again on resume.
+FINAL = ("ok", "wrong", "not_applicable", "crashed")
+
+
 @dataclass
 class Measurement:
     """A record of one (layer, implementation): status, numerics and timing."""
 
     layer: str
     impl: str
-    status: str  # ok, not_applicable, failed, wrong
+    status: str  # ok, not_applicable, failed, wrong, crashed (see FINAL)
     median_ms: float | None = None
     repeats_ms: list[float] = field(default_factory=list)
     gflops: float | None = None  # direct-equivalent FLOPs / median time
@@ -133,6 +139,9 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
                            f"relative {result.rel_err:.3g} > {candidate.tolerance:g}")
         seconds = running.time(timing)
     except Exception as err:  # one failing implementation must not stop the study
+        if is_transport_failure(err, session):  # the session died: not this candidate's result
+            raise SessionLost(f"the RPC session died while measuring {candidate.impl} on {case.layer.name}: "
+                              f"{short_reason(err)}") from err
         log.debug("%s on %s failed:\n%s", candidate.impl, case.layer.name, traceback.format_exc())
         result.status, result.numerics_ok = "failed", False
         result.note = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"[:500]

@@ -58,7 +58,13 @@ class Device:
     key: str = field(default=DEFAULT_KEY, repr=False)
     target: dict = field(default_factory=host_target)
     cross_compiler: str | None = None  # g++ for export_library when the device is another ISA
-    session_timeout: float = 0  # seconds; 0 = none
+    # Every wait on the device is bounded: the server ends a session older than session_timeout
+    # (a hung kernel included), a request waits request_timeout for a free server, and a tracker
+    # that does not answer fails within connect_timeout.
+    session_timeout: float = 600
+    request_timeout: float = 60
+    connect_timeout: float = 5
+    local: "LocalCluster | None" = field(default=None, repr=False, compare=False)  # restarts what dies
     info: dict = field(default_factory=dict)  # the machine the device reported (targets.probe)
     key_is_secret: bool = False  # a local cluster's key: never written to records or logs
 
@@ -66,31 +72,107 @@ class Device:
     def tracker(self) -> str:
         return f"{self.tracker_host}:{self.tracker_port}"
 
+    @property
+    def shown_key(self) -> str:
+        """The key as messages and records show it: a local cluster's secret only as its digest."""
+        return key_digest(self.key) if self.key_is_secret else self.key
+
     def tvm_target(self):
         import tvm
 
         return tvm.target.Target(self.target)
 
-    def session(self, retries: int = 3):
-        """A new RPC session on one server of this device's key."""
+    def session(self, retries: int = 2, wait: float | None = None):
+        """A new RPC session on one server of this device's key; every wait on the way is bounded.
+
+        `wait`: seconds to wait for a server of the key to be registered and free (default
+        request_timeout). A tracker that does not answer fails within connect_timeout.
+        """
         import tvm.rpc
 
+        self._probe_tracker()
+        deadline = time.monotonic() + (self.request_timeout if wait is None else wait)
         last = None
         for attempt in range(retries):
             try:
                 tracker = tvm.rpc.connect_tracker(self.tracker_host, self.tracker_port)
-                self._check_key(tracker.summary())
-                return tracker.request(self.key, priority=1, session_timeout=self.session_timeout)
+                _bound_tracker(tracker, max(1.0, deadline - time.monotonic()))
+                self._check_key(tracker.summary())  # a key never registered fails at once
+                summary = self._await_server(tracker, deadline)
+                if not self._listed(_registered_keys(summary)):
+                    raise DeviceError(
+                        f"no RPC server of key {self.shown_key!r} is registered at tracker {self.tracker} (it died or "
+                        "was stopped); start it again (python -m workbench serve ...) and run the same command")
+                return tracker.request(self.key, priority=1, session_timeout=self.session_timeout, max_retry=1)
             except DeviceError:
                 raise
-            except Exception as err:  # tvm raises plain RuntimeError/TVMError for every failure
+            except Exception as err:  # tvm raises plain RuntimeError/TVMError/OSError for every failure
                 last = err
+                if time.monotonic() >= deadline:
+                    break
                 time.sleep(0.5 * (attempt + 1))
         raise DeviceError(
-            f"could not open an RPC session with key {self.key!r} at tracker {self.tracker} ({last}); "
+            f"could not open an RPC session with key {self.shown_key!r} at tracker {self.tracker} ({last}); "
             "check that the tracker runs and a server registered that key "
             "(python -m tvm.exec.query_rpc_tracker --host HOST --port PORT)"
         )
+
+    def _probe_tracker(self) -> None:
+        # tvm's own client retries a refused connection for 60 s, three times over; a plain
+        # socket with a timeout says at once that nothing answers there.
+        try:
+            with socket.create_connection((self.tracker_host, self.tracker_port), timeout=self.connect_timeout):
+                pass
+        except OSError as err:
+            raise DeviceError(
+                f"cannot connect to the RPC tracker at {self.tracker} ({err.strerror or err}); check the "
+                "address and that the tracker runs (python -m tvm.exec.rpc_tracker --host HOST --port PORT)"
+            ) from None
+
+    def _await_server(self, tracker, deadline: float) -> dict:
+        """The tracker's summary once a server of this key is registered (or the deadline passed).
+
+        A server that died drops out of the summary; one that restarts comes back in seconds.
+        """
+        while True:
+            summary = tracker.summary()
+            if self._listed(_registered_keys(summary)) or time.monotonic() >= deadline:
+                return summary
+            time.sleep(0.25)
+
+    def alive(self, wait: float = 5.0) -> bool:
+        """Whether a server of this key is registered at the tracker (waiting up to `wait` s)."""
+        import tvm.rpc
+
+        try:
+            self._probe_tracker()
+            tracker = tvm.rpc.connect_tracker(self.tracker_host, self.tracker_port)
+            _bound_tracker(tracker, self.connect_timeout)
+            return self._listed(_registered_keys(self._await_server(tracker, time.monotonic() + wait)))
+        except Exception:  # noqa: BLE001 - any failure to ask means the device is not there
+            return False
+
+    def revive(self, wait: float | None = None) -> None:
+        """Make the device serve again after its session or server died.
+
+        A local cluster restarts what died (the tracker address may change); a remote device is
+        waited for (its server re-registers by itself) until `wait` s (default request_timeout).
+        """
+        if self.local is not None:
+            self.local.revive()
+            self.tracker_host, self.tracker_port, self.key = self.local.host, self.local.port, self.local.key
+            return
+        wait = self.request_timeout if wait is None else wait
+        if not self.alive(wait):
+            raise DeviceError(
+                f"the device with key {self.shown_key!r} at tracker {self.tracker} is gone and did not come back "
+                f"within {wait:.0f}s; restart its server (python -m workbench serve ...), then run the same "
+                "command again to resume"
+            )
+
+    def _listed(self, keys) -> bool:
+        """Whether this device's key is among `keys`, as TVM's tracker names it or as ours does (a digest)."""
+        return self.key in keys or key_digest(self.key) in keys
 
     def _check_key(self, summary: dict) -> None:
         # The tracker queues a request for an unknown key forever; say so at once instead.
@@ -113,12 +195,24 @@ class Device:
         and with it the server, busy until a garbage collection; the collection here frees
         the server for the next request. `work` should return plain data, not remote objects.
         """
-        session = self.session()
-        try:
-            return work(session, *args, **kwargs)
-        finally:
-            del session
-            gc.collect()
+        for attempt in range(2):  # a session lost to the transport is re-opened once; work is a measurement
+            session = self.session()
+            try:
+                return work(session, *args, **kwargs)
+            except Exception as err:
+                if attempt or not is_transport_failure(err, session):
+                    raise
+                log.warning("RPC session lost (%s); reviving the device and running again", short_reason(err))
+            finally:
+                del session
+                gc.collect()
+            self.revive()
+
+    def plain(self) -> "Device":
+        """This device without its local cluster handle: picklable, for worker processes."""
+        import dataclasses
+
+        return dataclasses.replace(self, local=None)
 
     def export_kwargs(self) -> dict:
         """Arguments for Module.export_library so the shared object loads on the device."""
@@ -129,8 +223,7 @@ class Device:
         return {"fcompile": tvm_compat.cross_compiler(self.cross_compiler)}
 
     def describe(self) -> dict:
-        key = key_digest(self.key) if self.key_is_secret else self.key
-        described = {"tracker": self.tracker, "key": key, "target": self.target}
+        described = {"tracker": self.tracker, "key": self.shown_key, "target": self.target}
         if self.info:  # what the measurements ran on, as the device itself reported it
             described.update(machine=self.info.get("machine"), cores=self.info.get("cores"))
         return described
@@ -150,6 +243,115 @@ def upload(session, module, name: str = "kernel.so", export_kwargs: dict | None 
         module.export_library(path, **(export_kwargs or {}))
         session.upload(path)
     return session.load_module(name)
+
+
+# ---------------------------------------------------------------- when the device dies
+
+class SessionLost(DeviceError):
+    """The RPC session or its server died during a call: a transport failure, not the payload's result."""
+
+
+# What TVM's client says when the other end is gone (C++ socket errors, the server's session timeout).
+TRANSPORT_MARKERS = ("broken pipe", "kshutdown", "rpccode::", "connection reset", "connection refused",
+                     "connection aborted", "session closed", "rpcsessiontimeouterror", "timed out", "end of file",
+                     "sessionlost", "cannot request")
+
+
+def is_transport_failure(err: BaseException, session=None) -> bool:
+    """Whether `err` means the session (or server) died rather than the payload failing.
+
+    The message is checked first; otherwise a live session answers a round trip and a dead one
+    does not, whatever the error said.
+    """
+    if isinstance(err, SessionLost):
+        return True
+    text = str(err).lower()
+    if any(marker in text for marker in TRANSPORT_MARKERS):
+        return True
+    return session is not None and not session_alive(session)
+
+
+def session_alive(session) -> bool:
+    try:  # a real round trip: the server resolves a path in its work folder
+        session.get_function("tvm.rpc.server.workpath")("probe")
+        return True
+    except Exception:  # noqa: BLE001 - any failure of the round trip means the session is gone
+        return False
+
+
+def short_reason(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def _registered_keys(summary: dict) -> set[str]:
+    """Keys with a live server: a server that died leaves the tracker's server list at once."""
+    return {info["key"].split(":", 1)[-1] for info in summary.get("server_info", [])
+            if str(info.get("key", "")).startswith("server:")}
+
+
+def _bound_tracker(tracker, seconds: float) -> None:
+    # TrackerSession has no timeout of its own: a request for a key whose server died waits
+    # forever. Bound its socket (a TVM internal: TrackerSession._sock).
+    if getattr(tracker, "_sock", None) is not None:
+        tracker._sock.settimeout(seconds)
+
+
+_RUNNER_LOST: list = []  # in a tuning runner's worker process: the device was lost in this batch
+
+
+def runner_session(device: Device, wait: float, _rpc_config=None):
+    """MetaSchedule's f_create_session: a bounded session request in the runner's worker.
+
+    Once the device is found gone, the rest of the batch fails at once (a SessionLost the
+    tuning loop recognises) instead of waiting for it candidate by candidate.
+    """
+    if _RUNNER_LOST:
+        raise SessionLost(f"skipped: the device was lost earlier in this batch ({_RUNNER_LOST[0]})")
+    try:
+        return device.session(wait=wait)
+    except DeviceError as err:
+        _RUNNER_LOST.append(str(err)[:200])
+        raise SessionLost(f"the device is gone: {err}") from None
+
+
+class SessionKeeper:
+    """One RPC session reused across measurements, replaced when it dies or nears its timeout.
+
+    Opening a session costs about 0.2 s here, so a sweep keeps one; the server ends sessions
+    older than session_timeout, so a session past half of it is replaced before it expires.
+    """
+
+    def __init__(self, device: Device):
+        self.device = device
+        self._session = None
+        self._opened = 0.0
+
+    def get(self):
+        age = time.monotonic() - self._opened
+        if self._session is not None and self.device.session_timeout and age > self.device.session_timeout / 2:
+            self.drop()
+        if self._session is None:
+            if self.device.local is not None:  # cheap when it serves; restarts a cluster found dead
+                self.device.revive()
+            self._session = self.device.session()
+            self._opened = time.monotonic()
+        return self._session
+
+    def drop(self) -> None:
+        self._session = None
+        gc.collect()  # remote objects of the old session hold it (and its server) until collected
+
+    def lost(self) -> None:
+        """The session died: forget it and bring the device back (bounded; DeviceError if it cannot)."""
+        self.drop()
+        self.device.revive()
+
+    def __enter__(self) -> "SessionKeeper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.drop()
 
 
 # ---------------------------------------------------------------- local cluster
@@ -281,7 +483,8 @@ class LocalCluster:
         if self.port is None:
             raise DeviceError("the local cluster is not started; use it as `with LocalCluster() as cluster:`")
         target = kwargs.pop("target", None) or host_target(self.threads)
-        device = Device(self.host, self.port, self.key, target=target, key_is_secret=self.key_is_secret, **kwargs)
+        device = Device(self.host, self.port, self.key, target=target, key_is_secret=self.key_is_secret,
+                        local=self, **kwargs)
         _identify(device, "the local cluster")  # records name the machine that measured
         return device
 
@@ -310,6 +513,40 @@ class LocalCluster:
                 return
             time.sleep(0.2)
         raise DeviceError(f"timed out after {self.start_timeout:.0f}s waiting for {what}")
+
+    def healthy(self, wait: float = 10.0) -> bool:
+        """Every process alive and every server registered (waiting up to `wait` s for them)."""
+        deadline = time.monotonic() + wait
+        while True:
+            if any(p.poll() is not None for p in self.procs) or not self._tracker_answers():
+                return False
+            try:
+                if self._live_servers() >= self.servers:
+                    return True
+            except Exception:  # noqa: BLE001 - a tracker that cannot answer is not healthy
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+    def _live_servers(self) -> int:
+        """Servers of our key connected to the tracker, free or serving a session."""
+        import tvm.rpc
+
+        tracker = tvm.rpc.connect_tracker(self.host, self.port)
+        _bound_tracker(tracker, 5)
+        names = {f"server:{self.key}", f"server:{key_digest(self.key)}"}  # our tracker lists a digest
+        return sum(info.get("key") in names for info in tracker.summary().get("server_info", []))
+
+    def revive(self) -> None:
+        """Bring the cluster back after a server or session died: nothing if it serves again by
+        itself (a server re-registers after a crashed session), else a clean restart, whole.
+        The tracker's port may change; devices of this cluster follow it in Device.revive."""
+        if self.port is not None and self.healthy():
+            return
+        log.warning("local RPC cluster lost a process; restarting it")
+        self.stop()
+        self.start()
 
 
 # ---------------------------------------------------------------- choosing a device

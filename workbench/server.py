@@ -7,7 +7,6 @@ the server's `server_init_callback`. The transport (rpc.py) knows nothing of the
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -43,8 +42,12 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
 
     The key is `key`, else $WORKBENCH_RPC_KEY (which keeps it out of the process list), else
     "workbench". With a tracker, a client needs the key to get a session: it is the secret.
+
+    Supervised: a session process that dies (a kernel that crashes it) does not stop the server,
+    which re-registers at the tracker for the next session; a listening process that dies is
+    started again.
     """
-    import tvm.rpc
+    from tvm.support.popen_pool import PopenWorker
 
     if host not in LOOPBACK and not allow_remote:
         raise DeviceError(
@@ -62,17 +65,68 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
     threads = resolve_threads(threads)
     for name, value in thread_env(threads).items():  # inherited by every session process
         os.environ.setdefault(name, value)
-    server = tvm.rpc.Server(
-        host=host, port=port, port_end=port + 1, tracker_addr=tracker_addr, key=key, silent=True,
-        server_init_callback=functools.partial(register_device_functions, threads),
-    )
-    log.info("RPC server on %s:%s (tracker %s)", host, server.port, tracker)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    worker = None
     try:
         while not stop:
+            if worker is None or not worker.is_alive():
+                if worker is not None:
+                    log.warning("the RPC server's listening process died; starting it again")
+                    worker.kill()
+                # A fresh process (not a fork of this one) so sessions do not inherit our SIGTERM handler.
+                worker = PopenWorker()
+                worker.send(listen, [host, port, tracker_addr, key, threads])
+                try:
+                    bound = worker.recv()
+                except Exception as err:  # a port in use, an unreachable tracker: say which, once
+                    raise DeviceError(f"the RPC server could not start on {host}:{port}: "
+                                      f"{str(err).strip().splitlines()[-1]}; choose another --port or "
+                                      "check the tracker address") from None
+                log.info("RPC server on %s:%s (tracker %s)", host, bound, tracker)
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        server.terminate()
+        if worker is not None:
+            worker.kill()
+
+
+_LISTENING: list = []  # keeps the listening socket and thread of this (worker) process
+
+
+def listen(host: str, port: int, tracker_addr, key: str, threads: int) -> int:
+    """Runs in the server's listening process: register the payloads, bind, serve in a thread."""
+    import socket
+    import threading
+
+    logging.getLogger("RPCServer").setLevel(logging.ERROR)  # TVM logs every connection at INFO
+    register_device_functions(threads)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1)
+    # A daemon thread: the process ends with its parent (the popen worker's loop sees EOF).
+    thread = threading.Thread(target=_keep_listening, args=(sock, port, key, tracker_addr), daemon=True)
+    thread.start()
+    _LISTENING.append((sock, thread))
+    return port
+
+
+def _keep_listening(sock, port: int, key: str, tracker_addr) -> None:
+    """TVM's listen loop, started again whenever it stops.
+
+    TVM's loop raises and ends for good when a session process exits with an error (a kernel
+    that segfaults or aborts), so the server would never re-register; here it logs and
+    re-registers. (tvm.rpc.server._listen_loop is a TVM internal.)
+    """
+    from tvm.rpc import server as tvm_server
+
+    home = os.getcwd()
+    while True:
+        try:
+            tvm_server._listen_loop(sock, port, key, tracker_addr, None, None)
+        except Exception as err:  # noqa: BLE001 - one dead session must not end the server
+            log.warning("an RPC session ended abnormally (%s); serving again", err)
+        os.chdir(home)  # TVM leaves the dead session's (removed) work folder as the cwd
+        time.sleep(0.1)

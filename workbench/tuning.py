@@ -13,12 +13,17 @@ first time a process tunes anything.)
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ from . import tvm_compat
 from .kernels.default import default_conv_func
 from .model import Layer, Model
 from .names import symbol
+from .rpc import DeviceError, SessionLost, is_transport_failure, runner_session, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +64,9 @@ class TuningConfig:
     number: int = 1  # EvaluatorConfig: calls per repeat (raised until min_repeat_ms)
     repeat: int = 3
     min_repeat_ms: int = 20
-    session_timeout_sec: int = 60
+    session_timeout_sec: int = 60  # per candidate: the server ends a session (a hung kernel) after this
+    request_wait_sec: float = 10  # how long a runner waits for a server to be registered and free
+    revivals: int = 2  # times a tuning run may lose its device (revived each time) before it stops
     builder: str = "in-process"  # or "pool": LocalBuilder with our build function
     seed: int | None = 0
 
@@ -158,6 +166,9 @@ def _make_in_process_builder():
         def build(self, build_inputs):
             results = []
             for item in build_inputs:
+                if _INTERRUPTS:  # Ctrl-C: skip the rest of the batch; the device guard stops the search
+                    results.append(BuilderResult(None, "InProcessBuilder: interrupted"))
+                    continue
                 try:
                     artifact = default_export(build_without_intrinsics(item.mod, item.target))
                     results.append(BuilderResult(artifact, None))
@@ -181,14 +192,86 @@ def make_builder(config: TuningConfig):
 
 
 def make_runner(device, config: TuningConfig):
-    """Measure on the device through its tracker, exactly like every other workbench timing."""
+    """Measure on the device through its tracker, exactly like every other workbench timing.
+
+    Sessions come from rpc.runner_session: MetaSchedule's own request waits forever for a
+    server that died (and its worker retries a dead tracker every 5 s).
+    """
     from tvm.s_tir import meta_schedule as ms
 
     rpc = ms.runner.RPCConfig(tracker_host=device.tracker_host, tracker_port=device.tracker_port,
                               tracker_key=device.key, session_timeout_sec=config.session_timeout_sec)
     evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=config.repeat,
                                           min_repeat_ms=config.min_repeat_ms, enable_cpu_cache_flush=False)
-    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=1)
+    worker_device = dataclasses.replace(device.plain(), session_timeout=config.session_timeout_sec)
+    create = functools.partial(runner_session, worker_device, config.request_wait_sec)
+    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=1, f_create_session=create)
+
+
+def _make_device_guard(database, device, lost: list):
+    """A measure callback, first in line: a batch that lost the device, or was interrupted, stops
+    the search with only real results committed.
+
+    Runner errors that say the transport failed, with the device then gone from its tracker,
+    are not the candidates' results: the batch's other results are committed here, the lost
+    ones dropped, and the search stops (SessionLost) so tune_layer can revive and resume.
+    Transport-like errors while the device still serves were the candidates' own crashes and
+    go through MetaSchedule's callbacks as failed trials. After a Ctrl-C every error of the
+    batch is dropped (its workers got the signal too) and the search stops the same way.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class DeviceGuard(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if _INTERRUPTS:
+                drop = [bool(r.error_msg) for r in runner_results]
+            else:
+                drop = [bool(r.error_msg) and is_transport_failure(RuntimeError(str(r.error_msg)))
+                        for r in runner_results]
+                if not any(drop) or device.alive(wait=3):
+                    return
+                reason = next(str(r.error_msg) for r, d in zip(runner_results, drop) if d)
+                lost.append(short_reason(RuntimeError(reason)))
+            context = task_scheduler.tasks_[task_id].ctx
+            workload = database.commit_workload(context.mod)
+            for candidate, result, dropped in zip(measure_candidates, runner_results, drop):
+                if not dropped:  # measured, or failed on its own (a build error): a real trial
+                    run_secs = result.run_secs if result.run_secs else [tvm_compat.FAILED_RUN_SECONDS]
+                    database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs,
+                                                               context.target, candidate.args_info))
+            raise SessionLost("interrupted" if _INTERRUPTS else f"the device was lost while tuning: {lost[-1]}")
+
+    return DeviceGuard()
+
+
+# Signals noted while MetaSchedule's C++ runs: an exception raised by a signal handler inside
+# it can end in std::terminate (a segfault, records lost), so the search stops at the next batch.
+_INTERRUPTS: list[int] = []
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM are noted during the block and delivered, to their own handlers, after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, _frame: _INTERRUPTS.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        noted, _INTERRUPTS[:] = list(_INTERRUPTS), []
+        for sig in dict.fromkeys(noted):
+            if callable(previous[sig]):
+                previous[sig](sig, None)  # raises KeyboardInterrupt (or the CLI's Terminated)
+            elif previous[sig] == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
 
 def _make_progress_callback(bar, best_so_far: list[float]):
@@ -234,9 +317,24 @@ def tune_layer(layer: Layer, device, trials: int, work_dir, relu: bool = False, 
     previous = records_of(database, mod)
     done = len(previous)
     todo = max(0, trials - done)
-    if todo:
-        _search(mod, layer.name, device, database, database_dir(work_dir, device.target), todo, previous,
-                progress, config)
+    revivals = 0
+    while todo:
+        try:
+            _search(mod, layer.name, device, database, database_dir(work_dir, device.target), todo, previous,
+                    progress, config)
+            break
+        except SessionLost as err:  # every record measured so far is in the database already
+            revivals += 1
+            kept = len(records_of(database, mod))
+            if revivals > config.revivals:
+                raise DeviceError(
+                    f"tuning {layer.name} lost the device {revivals} times ({err}); the {kept} trials measured are "
+                    f"kept in {database_dir(work_dir, device.target)}: check the device, then run the same "
+                    "command again to resume") from None
+            log.warning("tuning %s: %s; reviving the device and resuming from %d trials", layer.name, err, kept)
+            device.revive()
+        previous = records_of(database, mod)
+        todo = max(0, trials - len(previous))
     records = records_of(database, mod)
     seconds = time.perf_counter() - started
     new = max(0, len(records) - done)
@@ -265,14 +363,25 @@ def _search(mod, name: str, device, database, logs: Path, todo: int, previous: l
                                  logger=_task_logger(logs, name)).clone()
         cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads, tree_method="auto")
         _warm_start(cost_model, context, previous)
-        ms.tune_tasks(
-            tasks=[context], task_weights=[1.0], work_dir=str(logs), max_trials_global=todo,
-            num_trials_per_iter=min(todo, config.trials_per_batch),
-            builder=make_builder(config), runner=make_runner(device, config), database=database,
-            cost_model=cost_model,
-            measure_callbacks=[*ms.MeasureCallback.create("default"), _make_progress_callback(bar, best)],
-            task_scheduler="round-robin",
-        )
+        runner, lost = make_runner(device, config), []
+        try:
+            with _interrupts_deferred():
+                try:
+                    ms.tune_tasks(
+                        tasks=[context], task_weights=[1.0], work_dir=str(logs), max_trials_global=todo,
+                        num_trials_per_iter=min(todo, config.trials_per_batch),
+                        builder=make_builder(config), runner=runner, database=database, cost_model=cost_model,
+                        measure_callbacks=[_make_device_guard(database, device, lost),
+                                           *ms.MeasureCallback.create("default"), _make_progress_callback(bar, best)],
+                        task_scheduler="round-robin",
+                    )
+                except Exception:
+                    if not _INTERRUPTS:  # else the end of the block delivers the interrupt itself
+                        if lost:  # raised by the guard, wrapped on its way through MetaSchedule's C++
+                            raise SessionLost(f"the device was lost while tuning: {lost[0]}") from None
+                        raise
+        finally:
+            runner.pool.shutdown(wait=False)  # its worker must not outlive the search (or a Ctrl-C)
 
 
 def _task_logger(directory: Path, name: str) -> logging.Logger:
