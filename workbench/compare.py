@@ -46,7 +46,9 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
     convs = model.select_convs(layers)
     context = {"model": model.name, "device": device.describe(), "threads": threads}
     wanted = {(l.name, c.impl): (l, c) for l in convs for c in candidates}
-    done = store.latest(KIND, ("layer", "impl"), {"model": model.name, "threads": threads}) if store and resume else {}
+    # Records of another target (an armv7 run in the same work dir, say) are never reused here.
+    where = {"model": model.name, "threads": threads, "device.target": device.target}
+    done = store.latest(KIND, ("layer", "impl"), where) if store and resume else {}
     # A record is reused only if it is a measured result (not `failed`: a build error, or from
     # older runs a dead session) and its candidate is configured as when it was measured.
     results = {key: rec for key, rec in done.items()
