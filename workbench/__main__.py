@@ -297,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     # SIGTERM unwinds like Ctrl-C, so the local cluster and the tuning workers are stopped too.
     signal.signal(signal.SIGTERM, _terminated)
-    kept = _kept_counter(args)
+    kept = _nothing_written
     try:
         check_arguments(args)  # once, here, before anything starts; resolved values passed down
+        kept = _kept_counter(args)
         args.func(args)
     except WorkbenchError as err:  # anything else is a bug: let it surface with its traceback
         print(f"error: {err}", file=sys.stderr)
@@ -319,10 +320,14 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
+def _nothing_written() -> str:
+    return "nothing was written"
+
+
 def _kept_counter(args):
-    """A function saying how many results this run added to its work dir (they are kept)."""
+    """A function saying how many results this run added to its (checked) work dir (they are kept)."""
     if not hasattr(args, "work_dir"):
-        return lambda: "nothing was written"
+        return _nothing_written
     from .records import WorkDir
 
     work = WorkDir.at(args.work_dir)
