@@ -168,3 +168,108 @@ def test_a_kernel_cross_compiles_and_links_for_the_board_presets(preset, machine
     if shutil.which("file"):
         kind = subprocess.run(["file", "-b", str(path)], capture_output=True, text=True, check=True).stdout
         assert "shared object" in kind and machine in kind, kind
+
+
+# ---------------------------------------------------------------- RPC internals
+
+def _tracker():
+    from tvm.rpc.tracker import Tracker
+
+    return Tracker(host="127.0.0.1", port=19190, port_end=19290, silent=True)
+
+
+def _within(seconds: float, work):
+    """Run work() in a thread; its result, or a failure if it is still running after `seconds`."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=_catch(work)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds}s"
+    return box["result"]
+
+
+def _catch(work):
+    try:
+        return work()
+    except Exception as err:  # noqa: BLE001 - the test inspects it
+        return err
+
+
+def test_a_bounded_tracker_socket_ends_a_request_nobody_serves():
+    tracker = _tracker()
+    try:
+        session = tvm.rpc.connect_tracker("127.0.0.1", tracker.port)
+        tvm_compat.bound_tracker_socket(session, 1.0)
+        started = time.monotonic()
+        # Unbounded, TVM's client waits for a server of this key forever.
+        outcome = _within(20, lambda: session.request("nobody-serves-this", max_retry=1))
+        assert isinstance(outcome, Exception)
+        assert time.monotonic() - started < 15
+    finally:
+        tracker.terminate()
+
+
+# The main thread sleeps rather than reads stdin: a session process forked while another thread
+# holds stdin's lock would deadlock closing it.
+_LISTENER = """
+import socket, threading, time, tvm
+from workbench import tvm_compat
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(1)
+threading.Thread(target=tvm_compat.listen_loop, args=(sock, sock.getsockname()[1], "compat", None), daemon=True).start()
+print(sock.getsockname()[1], flush=True)
+time.sleep(120)
+"""
+
+
+def test_listen_loop_serves_a_session_on_a_bound_socket():
+    import os
+    import signal
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-c", _LISTENER], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        port = int(_within(60, server.stdout.readline))
+        session = tvm.rpc.connect("127.0.0.1", port, key="compat", session_timeout=30)
+        assert session.get_function("tvm.rpc.server.workpath")("x").endswith("x")  # a real round trip
+        del session
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+
+
+def test_the_popen_pool_starts_its_workers_through_the_subprocess_given():
+    import os
+
+    from tvm.support.popen_pool import PopenWorker
+
+    original = tvm_compat.popen_pool_subprocess()
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(original, name)
+
+        def Popen(self, *args, **kwargs):  # noqa: N802
+            calls.append(args)
+            return original.Popen(*args, **kwargs)
+
+    tvm_compat.set_popen_pool_subprocess(Recording())
+    worker = PopenWorker()
+    try:
+        worker.send(os.getpid)
+        assert worker.recv() != os.getpid()
+        assert calls, "the popen pool did not start its worker through the subprocess given"
+    finally:
+        worker.kill()
+        tvm_compat.set_popen_pool_subprocess(original)
+
+
+def test_the_tracker_handler_serves_a_socket_and_reports_a_summary():
+    import inspect
+
+    cls = tvm_compat.tracker_handler_class()
+    assert list(inspect.signature(cls.__init__).parameters) == ["self", "sock", "stop_key"]
+    assert callable(cls.run) and callable(cls.summary)

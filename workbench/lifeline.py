@@ -107,12 +107,12 @@ _guard_lock = threading.Lock()
 def guard_popen_workers() -> None:
     """Make every TVM popen worker this process starts from now on die with it (idempotent).
 
-    Rebinds `subprocess` inside tvm.support.popen_pool only; nothing else sees the change.
+    Rebinds `subprocess` inside TVM's popen pool only (tvm_compat); nothing else sees the change.
     """
     if _prctl is None:
         return
-    from tvm.support import popen_pool
+    from . import tvm_compat
 
     with _guard_lock:
-        if not isinstance(popen_pool.subprocess, _SubprocessWithLifeline):
-            popen_pool.subprocess = _SubprocessWithLifeline()
+        if not isinstance(tvm_compat.popen_pool_subprocess(), _SubprocessWithLifeline):
+            tvm_compat.set_popen_pool_subprocess(_SubprocessWithLifeline())

@@ -291,10 +291,10 @@ def _registered_keys(summary: dict) -> set[str]:
 
 
 def _bound_tracker(tracker, seconds: float) -> None:
-    # TrackerSession has no timeout of its own: a request for a key whose server died waits
-    # forever. Bound its socket (a TVM internal: TrackerSession._sock).
-    if getattr(tracker, "_sock", None) is not None:
-        tracker._sock.settimeout(seconds)
+    # TrackerSession has no timeout of its own: a request for a key whose server died waits forever.
+    from . import tvm_compat
+
+    tvm_compat.bound_tracker_socket(tracker, seconds)
 
 
 _RUNNER_LOST: list = []  # in a tuning runner's worker process: the device was lost in this batch

@@ -118,14 +118,14 @@ def _keep_listening(sock, port: int, key: str, tracker_addr) -> None:
 
     TVM's loop raises and ends for good when a session process exits with an error (a kernel
     that segfaults or aborts), so the server would never re-register; here it logs and
-    re-registers. (tvm.rpc.server._listen_loop is a TVM internal.)
+    re-registers.
     """
-    from tvm.rpc import server as tvm_server
+    from . import tvm_compat
 
     home = os.getcwd()
     while True:
         try:
-            tvm_server._listen_loop(sock, port, key, tracker_addr, None, None)
+            tvm_compat.listen_loop(sock, port, key, tracker_addr)
         except Exception as err:  # noqa: BLE001 - one dead session must not end the server
             log.warning("an RPC session ended abnormally (%s); serving again", err)
         os.chdir(home)  # TVM leaves the dead session's (removed) work folder as the cwd

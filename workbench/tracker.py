@@ -32,9 +32,9 @@ def _hide(key: str) -> str:
 
 
 def _handler_class():
-    from tvm.rpc.tracker import TrackerServerHandler
+    from .tvm_compat import tracker_handler_class
 
-    class KeyHidingTrackerHandler(TrackerServerHandler):
+    class KeyHidingTrackerHandler(tracker_handler_class()):
         """TVM's tracker; its summary names keys by digest and leaves out server addresses' keys."""
 
         def summary(self):

@@ -2,8 +2,9 @@
 
 TVM's public API does not cover everything the workbench needs: MetaSchedule's module
 normalisation, TOPI's Winograd matrices, the time evaluator of a global function, the
-op-pattern code that keeps a kernel out of fusion, and the layout of MetaSchedule's JSON
-database files are private or undocumented, and some public helpers moved between releases
+op-pattern code that keeps a kernel out of fusion, the layout of MetaSchedule's JSON
+database files, and the RPC pieces the workbench hardens (the tracker's handler and client
+socket, the server's listen loop, the popen pool's `subprocess`) are private or undocumented, and some public helpers moved between releases
 (`tvm.contrib.cc` became `tvm.support.cc` by 0.27). Other modules call the functions here
 instead of reaching into TVM, so a TVM upgrade breaks here first, and tests/test_tvm_compat.py
 says which one broke.
@@ -23,10 +24,15 @@ import numpy as np
 __all__ = [
     "FAILED_RUN_SECONDS",
     "OPAQUE",
+    "bound_tracker_socket",
     "cross_compiler",
     "host_cpu",
+    "listen_loop",
     "normalize_mod",
+    "popen_pool_subprocess",
+    "set_popen_pool_subprocess",
     "time_global_func",
+    "tracker_handler_class",
     "tuning_history",
     "winograd_matrices",
     "workload_hash",
@@ -153,3 +159,46 @@ def host_cpu() -> str:
     except Exception:  # noqa: BLE001  (no LLVM, or the query missing in this TVM)
         return "generic"
     return name or "generic"
+
+
+# ---------------------------------------------------------------- RPC internals
+
+def bound_tracker_socket(tracker, seconds: float) -> None:
+    """Give a TrackerSession's socket a timeout (TVM gives it none, so a request for a key whose
+    server died waits forever). TrackerSession._sock is private."""
+    sock = getattr(tracker, "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def listen_loop(sock, port: int, key: str, tracker_addr) -> None:
+    """TVM's RPC server loop on a bound socket, registering at `tracker_addr` (None: no tracker):
+    accepts a client, forks a session process, waits for it, re-registers. Returns only by
+    raising (a session process that died abnormally ends it). tvm.rpc.server._listen_loop is
+    private; the last two arguments (load_library, custom_addr) are unused here."""
+    from tvm.rpc import server
+
+    server._listen_loop(sock, port, key, tracker_addr, None, None)
+
+
+def tracker_handler_class():
+    """The class that serves TVM's tracker on a listening socket: `cls(sock, stop_key).run()`,
+    with a `summary()` method that subclasses may override (tvm.rpc.tracker, undocumented)."""
+    from tvm.rpc.tracker import TrackerServerHandler
+
+    return TrackerServerHandler
+
+
+def popen_pool_subprocess():
+    """The `subprocess` module TVM's popen pool starts its workers with."""
+    from tvm.support import popen_pool
+
+    return popen_pool.subprocess
+
+
+def set_popen_pool_subprocess(module) -> None:
+    """Make TVM's popen pool (MetaSchedule's builder and runner, the RPC server) start its workers
+    with `module.Popen`; rebinds the name inside tvm.support.popen_pool only."""
+    from tvm.support import popen_pool
+
+    popen_pool.subprocess = module
