@@ -119,3 +119,28 @@ def test_compare_cli_json(tmp_path, small_model, cluster):
     assert by_impl["tvm:winograd_4"]["status"] == "ok" and by_impl["tvm:winograd_4"]["numerics_ok"]
     assert by_impl["tvm:tuned"]["status"] == "not_applicable"  # nothing tuned in this work dir
     assert (tmp_path / "w" / "results" / "records.jsonl").exists()
+
+
+def test_a_model_with_the_same_file_stem_is_measured_not_reused(device, tmp_path):
+    """Two different small.onnx (same layer name, other shapes) in one work dir: each gets its own
+    records, and records from before fingerprints are measured again rather than trusted."""
+    from workbench.model import load_onnx, save_onnx
+
+    first = load_onnx(save_onnx(_single_conv_model("small", (1, 4, 12, 12), 4, 3, 1), tmp_path / "a" / "small.onnx"))
+    other = load_onnx(save_onnx(_single_conv_model("small", (1, 4, 16, 16), 4, 3, 1), tmp_path / "b" / "small.onnx"))
+    assert first.name == other.name == "small" and first.convs[0].name == other.convs[0].name
+    store = RecordStore(tmp_path / "work" / "records.jsonl")
+    run = lambda model: compare(model, device, candidates=[DefaultCandidate()], timing=QUICK, store=store,
+                                progress=False)
+    mine = run(first)
+    theirs = run(other)
+    assert len(store.read()) == 2  # the second model was measured, not served the first one's record
+    assert mine[0]["model_fingerprint"] == first.fingerprint != theirs[0]["model_fingerprint"] == other.fingerprint
+    assert theirs[0]["status"] == "ok" and theirs[0]["flops"] > mine[0]["flops"]  # 16x16, not 12x12
+    assert run(first)[0]["median_ms"] == mine[0]["median_ms"] and len(store.read()) == 2  # each resumes its own
+
+    # A record from before fingerprints (same name, layer and target) is measured again.
+    old = RecordStore(tmp_path / "old" / "records.jsonl")
+    old.append("conv_measurement", {k: v for k, v in mine[0].items() if k not in ("model_fingerprint", "kind")})
+    again = compare(first, device, candidates=[DefaultCandidate()], timing=QUICK, store=old, progress=False)
+    assert len(old.read()) == 2 and again[0]["model_fingerprint"] == first.fingerprint

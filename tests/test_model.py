@@ -123,3 +123,24 @@ def test_malformed_and_missing_files_fail_clearly(tmp_path):
         load_onnx(garbage)
     with pytest.raises(ModelError, match="does not exist"):
         load_onnx(tmp_path / "missing.onnx")
+
+
+# ---------------------------------------------------------------- the content fingerprint
+
+def test_the_fingerprint_follows_content_not_names(tmp_path, small_model):
+    from dataclasses import replace
+
+    from workbench.model import with_name
+
+    fingerprint = small_model.fingerprint
+    assert len(fingerprint) == 16 and fingerprint == reference_unet(UNetSpec(widths=(4, 8, 16), height=32, width=48),
+                                                                    seed=3).fingerprint
+    assert load_onnx(save_onnx(small_model, tmp_path / "a" / "small.onnx")).fingerprint == fingerprint
+    assert with_name(small_model, "other").fingerprint == fingerprint
+    # Same layer names, other weights; same layer names, other input size: each another model.
+    assert reference_unet(UNetSpec(widths=(4, 8, 16), height=32, width=48), seed=4).fingerprint != fingerprint
+    assert reference_unet(UNetSpec(widths=(4, 8, 16), height=32, width=64), seed=3).fingerprint != fingerprint
+    weights = {name: (w.copy(), b.copy()) for name, (w, b) in small_model.params.items()}
+    first = small_model.convs[0].name
+    weights[first][0][0, 0, 0, 0] += 1e-3
+    assert replace(small_model, params=weights).fingerprint != fingerprint

@@ -44,10 +44,15 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
 
         candidates = library_candidates(threads)
     convs = model.select_convs(layers)
-    context = {"model": model.name, "device": device.describe(), "threads": threads}
+    # The name is the file's stem: two different files named small.onnx share it, so every record
+    # also carries the model's content fingerprint, and only records with the same one are reused.
+    fingerprint = model.fingerprint
+    context = {"model": model.name, "model_fingerprint": fingerprint, "device": device.describe(), "threads": threads}
     wanted = {(l.name, c.impl): (l, c) for l in convs for c in candidates}
-    # Records of another target (an armv7 run in the same work dir, say) are never reused here.
-    where = {"model": model.name, "threads": threads, "device.target": device.target}
+    # Records of another model with the same name, or of another target (an armv7 run in the same
+    # work dir, say), are never reused here; records from before fingerprints are measured again.
+    where = {"model": model.name, "model_fingerprint": fingerprint, "threads": threads,
+             "device.target": device.target}
     done = store.latest(KIND, ("layer", "impl"), where) if store and resume else {}
     # A record is reused only if it is a measured result (not `failed`: a build error, or from
     # older runs a dead session) and its candidate is configured as when it was measured.

@@ -6,6 +6,7 @@ One `Model` feeds everything else: the layer table (intensity.py), the PyTorch r
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -105,6 +106,25 @@ class Model:
     def convs(self) -> list[Layer]:
         return [layer for layer in self.layers if layer.op == "conv"]
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of what the model computes: every layer's op, wiring, shapes and attributes,
+        and the weights' bytes. Two files with the same stem (the model's name) but other shapes or
+        weights differ here, so results measured for one are never taken for the other; the name,
+        the source path and the layer names do not enter it."""
+        digest = hashlib.sha256(repr(_ints(self.input_shape)).encode())
+        position = {self.input_name: -1}
+        for index, layer in enumerate(self.layers):
+            wiring = tuple(position.get(src, src) for src in layer.inputs)
+            digest.update(repr((layer.op, wiring, _ints(layer.input_shape), _ints(layer.output_shape),
+                                int(layer.kernel), int(layer.stride), int(layer.pad), int(layer.scale))).encode())
+            position[layer.name] = index
+            for array in self.params.get(layer.name, ()):
+                array = np.ascontiguousarray(array, dtype=np.float32)
+                digest.update(repr(array.shape).encode())
+                digest.update(array.tobytes())
+        return digest.hexdigest()[:16]
+
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
             if layer.name == name:
@@ -123,6 +143,10 @@ class Model:
                 f"unknown conv layer(s) {unknown}; this model's convs are: {', '.join(convs)}"
             )
         return [convs[n] for n in names]
+
+
+def _ints(shape) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape)
 
 
 # ---------------------------------------------------------------- shapes of each operator
