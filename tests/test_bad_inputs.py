@@ -149,7 +149,105 @@ def _models(d: Path) -> dict[str, Path]:
               location="external.bin", size_threshold=0)
     (d / "external.bin").unlink()
     m["external_data_missing"] = d / "external.onnx"
+    m.update(_shape_models(d))
+    m.update(_path_cases(d))
     return m
+
+
+def _after_conv(d: Path, file: str, node, out_shape, extra_inits=()):
+    """A conv (3 -> 4 channels, 8x8) whose output `c` feeds `node`, the node under test."""
+    conv, inits = _conv(out="c")
+    return _save(d / file, [conv, node], inits + list(extra_inits), outputs=[_vi("y", out_shape)], check=False)
+
+
+def _resize(d: Path, file: str, scales=None, sizes=None, out=(1, 4, 16, 16), **attrs):
+    inits, names = [], ["c", "", "", ""]
+    if scales is not None:
+        inits.append(numpy_helper.from_array(np.array(scales, np.float32), "scales"))
+        names[2] = "scales"
+    if sizes is not None:
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+        names[3] = "sizes"
+    node = helper.make_node("Resize", names[: 4 if sizes is not None else 3], ["y"], name="up", mode="nearest", **attrs)
+    return _after_conv(d, file, node, list(out), inits)
+
+
+def _shape_models(d: Path) -> dict[str, Path]:
+    """Shapes, attributes and names the loader must check itself (the ONNX checker lets them through)."""
+    m = {}
+    pool = lambda **a: helper.make_node("MaxPool", ["c"], ["y"], name="pool", **a)
+    m["pool_kernel_too_big"] = _after_conv(d, "poolbig.onnx", pool(kernel_shape=[16, 16]), [1, 4, 1, 1])
+    m["pool_kernel_0"] = _after_conv(d, "pool0.onnx", pool(kernel_shape=[0, 0]), [1, 4, 8, 8])
+    m["pool_pads_negative"] = _after_conv(d, "poolneg.onnx", pool(kernel_shape=[2, 2], strides=[2, 2], pads=[-3] * 4),
+                                          [1, 4, 1, 1])
+    m["pool_pads_beyond_half_kernel"] = _after_conv(d, "poolpad.onnx", pool(kernel_shape=[2, 2], pads=[2] * 4),
+                                                    [1, 4, 11, 11])
+    m["pool_stride_0"] = _after_conv(d, "poolstride0.onnx", pool(kernel_shape=[2, 2], strides=[0, 0]), [1, 4, 4, 4])
+    m["pool_strides_length_1"] = _after_conv(d, "poolstride1.onnx", pool(kernel_shape=[2, 2], strides=[2]), [1, 4, 4, 4])
+    nodes, inits = _conv_relu(strides=[0, 0])
+    m["conv_stride_0"] = _save(d / "stride0.onnx", nodes, inits, check=False)
+    nodes, inits = _conv_relu(pads=[1, 1])
+    m["conv_pads_length_2"] = _save(d / "pads2.onnx", nodes, inits, check=False)
+    nodes, inits = _conv_relu(pads=[-1] * 4)
+    m["conv_pads_negative"] = _save(d / "padneg.onnx", nodes, inits, outputs=[_vi("y", [1, 4, 4, 4])], check=False)
+    nodes, inits = _conv_relu(kernel_shape=[5, 5])
+    m["conv_kernel_shape_disagrees"] = _save(d / "kshape.onnx", nodes, inits, check=False)
+    zero = helper.make_node("Conv", ["x", "w0"], ["y"], name="conv", pads=[1] * 4)
+    m["conv_zero_out_channels"] = _save(d / "cout0.onnx", [zero], [_w("w0", (0, 3, 3, 3))],
+                                        outputs=[_vi("y", [1, 0, 8, 8])], check=False)
+    nodes, inits = _conv_relu()
+    m["input_too_large"] = _save(d / "huge.onnx", nodes, inits, inputs=[_vi("x", [1, 3, 100000, 100000])],
+                                 outputs=[_vi("y", [1, 4, 100000, 100000])], check=False)
+    c1, i1 = _conv(out="a", name="c1", pads=[0] * 4)
+    c2, i2 = _conv(out="b", name="c2")
+    m["concat_sizes_differ"] = _save(d / "catsize.onnx", [c1, c2, helper.make_node("Concat", ["a", "b"], ["y"], name="cat",
+                                                                                   axis=1)],
+                                     i1 + i2, outputs=[_vi("y", [1, 8, 8, 8])], check=False)
+    m["resize_scale_0"] = _resize(d, "resize0.onnx", scales=[1, 1, 0, 0], out=(1, 4, 1, 1))
+    m["resize_scale_negative"] = _resize(d, "resizeneg.onnx", scales=[1, 1, -2, -2])
+    m["resize_scale_fraction"] = _resize(d, "resize15.onnx", scales=[1, 1, 1.5, 1.5], out=(1, 4, 12, 12))
+    m["resize_scale_huge"] = _resize(d, "resizehuge.onnx", scales=[1, 1, 1e6, 1e6], out=(1, 4, 8000000, 8000000))
+    m["resize_scale_nan"] = _resize(d, "resizenan.onnx", scales=[1, 1, float("nan"), float("nan")])
+    m["resize_scales_and_sizes"] = _resize(d, "resizeboth.onnx", scales=[1, 1, 2, 2], sizes=[1, 4, 16, 16])
+    m["resize_sizes_fraction"] = _resize(d, "resize12.onnx", sizes=[1, 4, 12, 12], out=(1, 4, 12, 12))
+    m["resize_align_corners"] = _resize(d, "resizeac.onnx", scales=[1, 1, 2, 2],
+                                        coordinate_transformation_mode="align_corners")
+    m["resize_tf_crop_and_resize"] = _resize(d, "resizetf.onnx", scales=[1, 1, 2, 2],
+                                             coordinate_transformation_mode="tf_crop_and_resize")
+    m["resize_asymmetric_ceil"] = _resize(d, "resizeceil.onnx", scales=[1, 1, 2, 2],
+                                          coordinate_transformation_mode="asymmetric", nearest_mode="ceil")
+    m["resize_half_pixel_floor"] = _resize(d, "resizehpfloor.onnx", scales=[1, 1, 3, 3], out=(1, 4, 24, 24),
+                                           nearest_mode="floor")
+    conv, inits = _conv(out="c")
+    custom = helper.make_node("Relu", ["c"], ["y"], name="relu", domain="com.custom")
+    proto = helper.make_model(helper.make_graph([conv, custom], "g", [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 4, 8, 8])],
+                                                inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.custom", 1)])
+    proto.ir_version = 8
+    onnx.save(proto, str(d / "custom.onnx"))
+    m["custom_domain_relu"] = d / "custom.onnx"
+    nodes, inits = _conv_relu()
+    m["constant_without_value"] = _save(d / "constnone.onnx", [helper.make_node("Constant", [], ["k"], name="k")] + nodes,
+                                        inits, check=False)
+    text = helper.make_node("Constant", [], ["k"], name="k", value_string="hello")
+    m["constant_string"] = _save(d / "conststr.onnx", [text] + nodes, inits, check=False)
+    weight = helper.make_node("Constant", [], ["cw"], name="cw", value_floats=[0.5, 0.5])
+    m["constant_1d_weight"] = _save(d / "constw.onnx", [weight, helper.make_node("Conv", ["x", "cw"], ["y"], name="conv")],
+                                    check=False)
+    # Names from the file shown with repr: a newline or an ANSI escape stays inside the one line.
+    big = helper.make_node("Conv", ["x", "k.w"], ["y"], name="big\nline2", pads=[0] * 4)
+    m["newline_in_node_name"] = _save(d / "nl.onnx", [big], [_w("k.w", (4, 3, 11, 11))], outputs=[_vi("y", [1, 4, 1, 1])],
+                                      check=False)
+    conv, inits = _conv(out="c")
+    ansi = helper.make_node("Sigmoid", ["c"], ["y"], name="gate\x1b[31mRED")
+    m["ansi_escape_in_node_name"] = _save(d / "ansi.onnx", [conv, ansi], inits)
+    return m
+
+
+def _path_cases(d: Path) -> dict[str, Path | str]:
+    """--model values that are no readable file: empty, a name too long, a symlink loop."""
+    (d / "loop.onnx").symlink_to("loop.onnx")
+    return {"empty_path": "", "name_too_long": d / ("m" * 300 + ".onnx"), "symlink_loop": d / "loop.onnx"}
 
 
 # What each model's one line must say (a fragment of the message, matched case-sensitively).
@@ -164,6 +262,27 @@ MODEL_CASES = {
     "pool_ceil": "ceil_mode", "concat_axis": "axis 2", "weight_input": "constant initializer", "no_conv": "no Conv",
     "output_not_last": "last node", "relu_of_constant": "node 'r' (Relu): input 'conv.b' is a constant",
     "kernel_too_big": "does not fit", "unsorted": "topolog", "external_data_missing": "not a valid ONNX model",
+    "pool_kernel_too_big": "node 'pool' (MaxPool): its 16x16 kernel does not fit", "pool_kernel_0": "kernel_shape [0, 0]",
+    "pool_pads_negative": "pads [-3, -3, -3, -3] must not be negative", "pool_pads_beyond_half_kernel": "more than half",
+    "pool_stride_0": "node 'pool' (MaxPool): strides [0, 0] must be at least 1",
+    "pool_strides_length_1": "strides [2] must give 2 values", "conv_stride_0": "node 'conv' (Conv): strides [0, 0]",
+    "conv_pads_length_2": "pads [1, 1] must give 4 values", "conv_pads_negative": "node 'conv' (Conv): pads [-1, -1, -1, -1]",
+    "conv_kernel_shape_disagrees": "kernel_shape [5, 5] disagrees with the weight 'conv.w'",
+    "conv_zero_out_channels": "node 'conv' (Conv): weight 'w0' has shape (0, 3, 3, 3)",
+    "input_too_large": "30,000,000,000 elements", "concat_sizes_differ": "node 'cat' (Concat): Concat joins channels",
+    "resize_scale_0": "node 'up' (Resize): Resize scales [1, 1, 0, 0] must be positive",
+    "resize_scale_negative": "scales [1, 1, -2, -2] must be positive", "resize_scale_fraction": "equal integer factor",
+    "resize_scale_huge": "more than the 2,147,483,648", "resize_scale_nan": "must be positive",
+    "resize_scales_and_sizes": "both scales and sizes", "resize_sizes_fraction": "sizes [1, 4, 12, 12] are not supported",
+    "resize_align_corners": "'align_corners' is not supported", "resize_tf_crop_and_resize": "'tf_crop_and_resize'",
+    "resize_asymmetric_ceil": "nearest_mode 'ceil'", "resize_half_pixel_floor": "nearest_mode 'floor' does not repeat",
+    "custom_domain_relu": "node 'relu' has op type 'Relu' from the operator domain 'com.custom'",
+    "constant_without_value": "node 'k' (Constant): a Constant needs exactly one value attribute",
+    "constant_string": "'value_string' is not supported", "constant_1d_weight": "weight 'cw' has shape (2,)",
+    "newline_in_node_name": "node 'big\\nline2' (Conv): its 11x11 kernel does not fit",
+    "ansi_escape_in_node_name": "node 'gate\\x1b[31mRED' has op type 'Sigmoid'",
+    "empty_path": "the model path '' is empty", "name_too_long": "(File name too long)",
+    "symlink_loop": "(Too many levels of symbolic links)",
 }
 
 

@@ -125,6 +125,19 @@ def test_malformed_and_missing_files_fail_clearly(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
 
 
+def test_an_unreadable_file_is_one_clear_error(tmp_path, monkeypatch):
+    import workbench.model as model_module
+
+    path = save_onnx(reference_unet(UNetSpec(widths=(4,), height=8, width=8)), tmp_path / "m.onnx")
+
+    def denied(*args, **kwargs):  # what open() says for a file without read permission (root reads anything)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(model_module, "open", denied, raising=False)
+    with pytest.raises(ModelError, match=r"cannot read model file .*m\.onnx \(Permission denied\); check its permissions"):
+        load_onnx(path)
+
+
 # ---------------------------------------------------------------- the content fingerprint
 
 def test_the_fingerprint_follows_content_not_names(tmp_path, small_model):
@@ -144,3 +157,76 @@ def test_the_fingerprint_follows_content_not_names(tmp_path, small_model):
     first = small_model.convs[0].name
     weights[first][0][0, 0, 0, 0] += 1e-3
     assert replace(small_model, params=weights).fingerprint != fingerprint
+
+
+# ---------------------------------------------------------------- Resize and Constant forms
+
+def _conv_then(node_after, inits_after=(), out_hw=8, nodes_before=(), opset=19):
+    rng = np.random.default_rng(5)
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((2, 3, 3, 3)).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(rng.standard_normal(2).astype(np.float32), "b"), *inits_after]
+    graph = helper.make_graph([*nodes_before, conv, node_after], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 7 * out_hw // 8,
+                                                                                      5 * out_hw // 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 9 if opset >= 19 else 8
+    return proto
+
+
+RESIZE_MODES = [(ctm, nearest, scale)
+                for ctm in ("half_pixel", "pytorch_half_pixel", "half_pixel_symmetric", "asymmetric", "align_corners")
+                for nearest in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil") for scale in (2, 3)]
+
+
+@pytest.mark.parametrize("ctm,nearest,scale", RESIZE_MODES, ids=["-".join(map(str, m)) for m in RESIZE_MODES])
+def test_a_resize_is_accepted_only_where_it_repeats_each_pixel(ctm, nearest, scale):
+    """What ONNX Runtime computes is what the workbench's layer computes, or the loader refuses."""
+    import onnxruntime as ort
+
+    from workbench.model import from_onnx_proto
+
+    scales = onnx.numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales")
+    node = helper.make_node("Resize", ["c", "", "scales"], ["y"], name="up", mode="nearest",
+                            coordinate_transformation_mode=ctm, nearest_mode=nearest)
+    proto = _conv_then(node, [scales], out_hw=8 * scale)
+    x = np.random.default_rng(1).standard_normal((1, 3, 7, 5)).astype(np.float32)
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    repeats = ctm != "align_corners" and (nearest.startswith("round") if "half_pixel" in ctm else
+                                          nearest == "floor" or (nearest == "round_prefer_floor" and scale == 2))
+    if not repeats:
+        with pytest.raises(ModelError, match="node 'up' \\(Resize\\): Resize with coordinate_transformation_mode"):
+            from_onnx_proto(proto)
+        return
+    model = from_onnx_proto(proto)
+    assert model.layers[-1].scale == scale
+    np.testing.assert_allclose(reference_output(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_forms_that_mean_the_same_upsampling_are_read():
+    from workbench.model import from_onnx_proto
+
+    constant = helper.make_node("Constant", [], ["s"], name="s", value_floats=[1.0, 1.0, 2.0, 2.0])
+    resize = helper.make_node("Resize", ["c", "", "s"], ["y"], name="up", mode="nearest")  # ONNX's default modes
+    assert from_onnx_proto(_conv_then(resize, out_hw=16, nodes_before=[constant])).layers[-1].scale == 2
+    two = onnx.numpy_helper.from_array(np.array([2, 2], np.float32), "s")  # opset 18: scales for axes H, W only
+    axes = helper.make_node("Resize", ["c", "", "s"], ["y"], name="up", mode="nearest", axes=[2, 3])
+    assert from_onnx_proto(_conv_then(axes, [two], out_hw=16)).layers[-1].scale == 2
+    sizes = onnx.numpy_helper.from_array(np.array([1, 2, 21, 15], np.int64), "sz")
+    by_size = helper.make_node("Resize", ["c", "", "", "sz"], ["y"], name="up", mode="nearest")
+    assert from_onnx_proto(_conv_then(by_size, [sizes], out_hw=24)).layers[-1].scale == 3
+    four = onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "s4")
+    resize10 = helper.make_node("Resize", ["c", "s4"], ["y"], name="up", mode="nearest")  # Resize-10: (X, scales)
+    assert from_onnx_proto(_conv_then(resize10, [four], out_hw=16, opset=10)).layers[-1].scale == 2
+
+
+def test_constants_in_their_plain_number_forms_are_read():
+    from workbench.model import from_onnx_proto
+
+    extra = [helper.make_node("Constant", [], [f"k{i}"], name=f"k{i}", **{form: value})
+             for i, (form, value) in enumerate([("value_float", 2.0), ("value_int", 3), ("value_ints", [1, 2])])]
+    scales = helper.make_node("Constant", [], ["s"], name="s", value_floats=[1.0, 1.0, 2.0, 2.0])
+    resize = helper.make_node("Resize", ["c", "", "s"], ["y"], name="up", mode="nearest")
+    model = from_onnx_proto(_conv_then(resize, out_hw=16, nodes_before=[*extra, scales]))
+    assert [l.op for l in model.layers] == ["conv", "resize"]

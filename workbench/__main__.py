@@ -20,7 +20,8 @@ DEVICE_COMMANDS = ("ceilings", "compare", "tune", "study")
 def _load_model(path: str | None):
     from .model import load_onnx, reference_unet
 
-    model = load_onnx(path) if path else reference_unet()
+    # Only a missing --model means the reference UNet: an empty path is an error, not a default.
+    model = load_onnx(path) if path is not None else reference_unet()
     for note in model.notes:  # renamed layers, say: the names the user will see in results
         log.warning("%s: %s", model.name, note)
     return model

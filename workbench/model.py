@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from .names import symbol
 SUPPORTED_OPS = ("Conv", "Relu", "MaxPool", "Resize", "Add", "Concat")
 # ONNX ops that carry no computation of their own (constants feeding Resize, say).
 _PASSIVE_OPS = ("Constant", "Identity")
+# The standard operator set: an op of the same name in another domain is some other operator.
+_STANDARD_DOMAINS = ("", "ai.onnx")
+# The largest tensor (elements) accepted anywhere in a model: 8 GiB of float32.
+MAX_ELEMENTS = 2 ** 31
 
 
 class ModelError(WorkbenchError, ValueError):
@@ -147,6 +152,15 @@ class Model:
 
 def _ints(shape) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
+
+
+def printable(text: str) -> str:
+    """`text` with control and other unprintable characters escaped as repr() shows them (a newline
+    becomes \\n, an ANSI escape \\x1b), so a name from a model file stays on its line in a table."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 # ---------------------------------------------------------------- shapes of each operator
@@ -373,37 +387,61 @@ def save_onnx(model: Model, path: str | Path) -> Path:
 
 def load_onnx(path: str | Path) -> Model:
     """Read an ONNX file of the supported family into a Model; anything else fails clearly."""
+    if isinstance(path, str) and not path.strip():
+        raise ModelError(f"the model path {path!r} is empty; pass the path of an .onnx file "
+                         "(or leave --model out for the reference UNet)")
     proto = _read_onnx(Path(path))
     return from_onnx_proto(proto, name=Path(path).stem, source=str(path))
+
+
+def _shown_path(path: Path) -> str:
+    """A path as a message shows it: on one line (repr when it holds a newline, say), and shortened
+    in the middle when very long."""
+    text = str(path)
+    if len(text) > 160:
+        text = f"{text[:80]}...{text[-60:]}"
+    return text if text.isprintable() else repr(text)
 
 
 def _read_onnx(path: Path):
     import onnx
 
-    if not path.exists():
-        raise ModelError(f"model file {path} does not exist; pass the path of an .onnx file")
-    if not path.is_file():
-        raise ModelError(f"model path {path} is not a file; pass the path of an .onnx file")
-    if path.stat().st_size == 0:
-        raise ModelError(f"model file {path} is empty; export the model again")
+    shown = _shown_path(path)
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelError(f"model file {shown} does not exist; pass the path of an .onnx file") from None
+    except OSError as err:  # a name too long, a symlink loop, a folder that cannot be searched
+        raise ModelError(f"cannot read model file {shown} ({err.strerror or type(err).__name__}); "
+                         "pass the path of an existing, readable .onnx file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelError(f"model path {shown} is not a file; pass the path of an .onnx file")
+    if info.st_size == 0:
+        raise ModelError(f"model file {shown} is empty; export the model again")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise ModelError(f"cannot read model file {shown} ({err.strerror or type(err).__name__}); "
+                         "check its permissions (it must be readable by this user)") from None
     try:
         proto = onnx.load(str(path))
     except Exception as err:  # onnx raises several unrelated types for a bad file
-        raise _invalid(path, err) from None
+        raise _invalid(shown, err) from None
     # Before the checker: it reports a missing initializer as a topological-sort problem.
     _check_references(proto.graph)
     if not proto.graph.node:
-        raise ModelError(f"{path}: the model's graph has no nodes; export a network with at least one Conv")
+        raise ModelError(f"{shown}: the model's graph has no nodes; export a network with at least one Conv")
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
-        raise _invalid(path, err) from None
+        raise _invalid(shown, err) from None
     return proto
 
 
-def _invalid(path: Path, err: Exception) -> ModelError:
-    first = (str(err).strip().splitlines() or [""])[0][:200]
-    return ModelError(f"{path} is not a valid ONNX model ({type(err).__name__}: {first}); "
+def _invalid(shown: str, err: Exception) -> ModelError:
+    first = printable((str(err).strip().splitlines() or [""])[0][:200])
+    return ModelError(f"{shown} is not a valid ONNX model ({type(err).__name__}: {first}); "
                       "re-export it with torch.onnx.export or onnx.save")
 
 
@@ -415,10 +453,15 @@ def _check_references(graph) -> None:
         for name in node.input:
             if name and name not in known:
                 raise ModelError(
-                    f"node {node.name or index!r} ({node.op_type}) reads {name!r}, which is no initializer, "
+                    f"node {node.name or index!r} ({node.op_type!r}) reads {name!r}, which is no initializer, "
                     f"graph input or node output: the file lacks the initializer {name!r}. Re-export the model "
                     "with its weights inside (onnx.save(model, path, save_as_external_data=False))"
                 )
+
+
+def _default_opset(proto) -> int:
+    """The version of the standard operator set the model was written for (0 if it names none)."""
+    return next((int(o.version) for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), 0)
 
 
 def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
@@ -440,22 +483,20 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
     shapes = {input_name: input_shape}
     alias: dict[str, str] = {}  # tensor name -> producing layer name
     names = _LayerNames(graph, input_name)
+    opset = _default_opset(proto)
     layers, params = [], {}
     for index, node in enumerate(graph.node):
-        if node.op_type == "Constant":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            continue
-        if node.op_type == "Identity":
-            src = node.input[0]
-            if src in consts:
-                consts[node.output[0]] = consts[src]
-            else:
-                alias[node.output[0]] = alias.get(src, src)
+        if node.op_type in _PASSIVE_OPS:
+            try:
+                _passive(node, consts, alias)
+            except ModelError as err:
+                raise ModelError(f"node {node.name or index!r} ({node.op_type}): {err}") from None
             continue
         node_name = names.take(node, index)
         try:
             srcs = _data_inputs(node, consts, alias, shapes)
-            layer = _layer_from_node(node, node_name, srcs, shapes, consts, params)
+            layer = _layer_from_node(node, node_name, srcs, shapes, consts, params, opset)
+            _check_output(layer)
         except ModelError as err:
             raise ModelError(f"node {node_name!r} ({node.op_type}): {err}") from None
         layers.append(layer)
@@ -467,6 +508,61 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
     if not any(layer.op == "conv" for layer in layers):
         raise ModelError("the model has no Conv node; the workbench studies convolutional networks")
     return Model(name, layers, params, input_shape, input_name=input_name, source=source, notes=names.notes)
+
+
+def _passive(node, consts, alias) -> None:
+    """A Constant adds a constant, an Identity forwards a tensor: neither becomes a layer."""
+    if len(node.output) != 1 or not node.output[0]:
+        raise ModelError(f"it has {len(node.output)} outputs, not one; re-export the model")
+    if node.op_type == "Constant":
+        consts[node.output[0]] = _constant_value(node)
+        return
+    if len(node.input) != 1 or not node.input[0]:
+        raise ModelError(f"Identity needs one input, it has {len(node.input)}; re-export the model")
+    src = node.input[0]
+    if src in consts:
+        consts[node.output[0]] = consts[src]
+    else:
+        alias[node.output[0]] = alias.get(src, src)
+
+
+def _constant_value(node) -> np.ndarray:
+    """The value of a Constant node: a tensor (`value`) or one of the plain number forms."""
+    from onnx import numpy_helper
+
+    forms = {a.name: a for a in node.attribute}
+    if len(forms) != 1:
+        raise ModelError(f"a Constant needs exactly one value attribute, this one has {sorted(forms) or 'none'}; "
+                         "re-export the model (give it value, value_float(s) or value_int(s))")
+    (attr,) = forms.values()
+    if attr.name == "value":
+        try:
+            return numpy_helper.to_array(attr.t)
+        except Exception as err:  # an undefined element type, data of the wrong length...
+            first = printable((str(err).strip().splitlines() or [""])[0][:120])
+            raise ModelError(f"its value tensor cannot be read ({type(err).__name__}: {first}); "
+                             "re-export the model") from None
+    simple = {"value_float": lambda: np.array(attr.f, np.float32),
+              "value_floats": lambda: np.array(list(attr.floats), np.float32),
+              "value_int": lambda: np.array(attr.i, np.int64),
+              "value_ints": lambda: np.array(list(attr.ints), np.int64)}
+    if attr.name not in simple:
+        raise ModelError(f"a Constant given as {attr.name!r} is not supported (only value, value_float(s) and "
+                         "value_int(s) are); store the constant as an initializer instead")
+    return simple[attr.name]()
+
+
+def _check_output(layer: Layer) -> None:
+    """Every layer's output is a real tensor the device can hold."""
+    shape = list(layer.output_shape)
+    if len(shape) != 4 or any(d < 1 for d in shape):
+        raise ModelError(f"its output shape would be {shape}, with a dimension below 1; check the "
+                         "kernel, strides, pads and scales of this node against its input "
+                         f"{list(layer.input_shape)}")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ModelError(f"its output {shape} would have {math.prod(shape):,} elements, more than the "
+                         f"{MAX_ELEMENTS:,} the workbench handles; export the model at a smaller input size "
+                         "or scale")
 
 
 def _check_weights_constant(graph, inputs: set[str]) -> None:
@@ -548,6 +644,12 @@ def _dtype_name(elem_type: int) -> str:
 
 def _check_supported(graph):
     for index, node in enumerate(graph.node):
+        if node.domain not in _STANDARD_DOMAINS:
+            raise UnsupportedOpError(
+                f"node {node.name or index!r} has op type {node.op_type!r} from the operator domain "
+                f"{node.domain!r}, which the workbench does not support: only the standard ONNX operators "
+                f"({', '.join(SUPPORTED_OPS)}) are. Replace it with the standard op (domain '') in the source model"
+            )
         if node.op_type not in SUPPORTED_OPS + _PASSIVE_OPS:
             raise UnsupportedOpError(
                 f"node {node.name or index!r} has op type {node.op_type!r}, which the workbench does not "
@@ -567,6 +669,9 @@ def _static_shape(value_info) -> tuple[int, ...]:
     if shape[0] != 1:
         raise ModelError(f"input {value_info.name!r} has batch size {shape[0]}; the workbench times one image: "
                          "export with batch 1 (or a dynamic batch)")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ModelError(f"input {value_info.name!r} of shape {list(shape)} has {math.prod(shape):,} elements, more "
+                         f"than the {MAX_ELEMENTS:,} the workbench handles; export with a smaller input size")
     return shape
 
 
@@ -576,18 +681,53 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _square(values, what: str) -> int:
-    values = list(values)
+    values = [int(v) for v in values]
     if len(set(values)) != 1:
         raise ModelError(f"{what} {values} is not the same on every side; only symmetric {what} is supported")
-    return int(values[0])
+    return values[0]
 
 
-def _layer_from_node(node, name, srcs, shapes, consts, params) -> Layer:
+def _window_attrs(attrs, op: str, kernel_default=None) -> tuple[int, int, int]:
+    """Conv's or MaxPool's (kernel, stride, pad), each one value for both axes; every list checked
+    for its length and range first (a stride of 0 or a negative pad is no window)."""
+    kernel = attrs.get("kernel_shape", kernel_default)
+    if kernel is None or len(kernel) != 2:
+        raise ModelError(f"kernel_shape {kernel} must give 2 sizes (height, width) for a 2-D {op}; "
+                         "re-export the model with a 2-D kernel")
+    strides, pads = list(attrs.get("strides", [1, 1])), list(attrs.get("pads", [0, 0, 0, 0]))
+    if len(strides) != 2:
+        raise ModelError(f"strides {strides} must give 2 values (height, width) for a 2-D {op}; "
+                         "re-export the model with one stride per spatial axis")
+    if len(pads) != 4:
+        raise ModelError(f"pads {pads} must give 4 values (top, left, bottom, right) for a 2-D {op}; "
+                         "re-export the model with explicit pads for both spatial axes")
+    if any(k < 1 for k in kernel):
+        raise ModelError(f"kernel_shape {list(kernel)} must be at least 1 on each axis; fix the {op} in the source model")
+    if any(s < 1 for s in strides):
+        raise ModelError(f"strides {strides} must be at least 1; fix the {op}'s strides in the source model")
+    if any(p < 0 for p in pads):
+        raise ModelError(f"pads {pads} must not be negative (a negative pad crops the input); crop with a "
+                         f"separate op or fix the {op}'s pads in the source model")
+    return _square(kernel, "kernel_shape"), _square(strides, "strides"), _square(pads, "pads")
+
+
+def _check_window_fits(op: str, shape, kernel: int, stride: int, pad: int) -> None:
+    _, _, h, w = shape
+    if kernel > min(h, w) + 2 * pad:
+        raise ModelError(f"its {kernel}x{kernel} kernel does not fit its input {h}x{w} padded by {pad} (there would "
+                         f"be no output); use a smaller kernel or more padding on this {op}")
+
+
+def _layer_from_node(node, name, srcs, shapes, consts, params, opset: int = 0) -> Layer:
     attrs = _attrs(node)
     op = node.op_type
     if op in ("Conv", "MaxPool"):
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if _text(attrs.get("auto_pad", "NOTSET")) != "NOTSET":
             raise ModelError("auto_pad is not supported; export with explicit pads")
         if any(d != 1 for d in attrs.get("dilations", [1, 1])):
             raise ModelError(f"dilations {attrs['dilations']} are not supported (only 1)")
@@ -596,14 +736,16 @@ def _layer_from_node(node, name, srcs, shapes, consts, params) -> Layer:
     if op == "MaxPool":
         if attrs.get("ceil_mode", 0):
             raise ModelError("ceil_mode=1 is not supported")
-        kernel = _square(attrs["kernel_shape"], "kernel_shape")
-        stride = _square(attrs.get("strides", [1, 1]), "strides")
-        pad = _square(attrs.get("pads", [0] * 4), "pads")
+        kernel, stride, pad = _window_attrs(attrs, "MaxPool")
+        if 2 * pad > kernel:
+            raise ModelError(f"pads of {pad} are more than half its {kernel}x{kernel} kernel (windows of padding "
+                             f"only); use pads of at most {kernel // 2}")
+        _check_window_fits("MaxPool", shapes[srcs[0]], kernel, stride, pad)
         return pool_layer(name, srcs[0], shapes[srcs[0]], kernel, stride, pad)
     if op == "Relu":
         return unary_layer(name, "relu", srcs[0], shapes[srcs[0]])
     if op == "Resize":
-        return _resize_from_node(node, name, srcs, shapes, consts, attrs)
+        return _resize_from_node(node, name, srcs, shapes, consts, attrs, opset)
     if op == "Add":
         if len(srcs) != 2:
             raise ModelError(f"Add needs two feature maps, got {len(srcs)} inputs")
@@ -615,7 +757,12 @@ def _layer_from_node(node, name, srcs, shapes, consts, params) -> Layer:
     if op == "Concat":
         if attrs.get("axis") != 1:
             raise ModelError(f"Concat is supported along channels (axis 1) only, got axis {attrs.get('axis')}")
-        return concat_layer(name, srcs, [shapes[s] for s in srcs])
+        inputs = [shapes[s] for s in srcs]
+        if len({(s[0], s[2], s[3]) for s in inputs}) != 1:
+            raise ModelError(f"Concat joins channels of inputs with the same batch, height and width, got "
+                             f"{[list(s) for s in inputs]}; resize or crop the inputs to one size before the "
+                             "Concat in the source model")
+        return concat_layer(name, srcs, inputs)
     raise AssertionError(op)
 
 
@@ -627,18 +774,26 @@ def _conv_from_node(node, name, srcs, shapes, consts, params, attrs) -> Layer:
     weight = _float32_param(node.input[1], consts)
     if weight.ndim != 4:
         raise ModelError(f"weight {node.input[1]!r} has shape {weight.shape}; a 2-D conv needs OIHW")
+    if 0 in weight.shape:
+        raise ModelError(f"weight {node.input[1]!r} has shape {weight.shape}, with no elements; "
+                         "a conv needs at least one output channel and a kernel of at least 1x1")
     has_bias = len(node.input) > 2 and node.input[2]
     if has_bias and node.input[2] not in consts:
         raise ModelError("the conv bias must be a constant initializer")
     bias = _float32_param(node.input[2], consts) if has_bias else np.zeros(weight.shape[0], np.float32)
     if bias.shape != (weight.shape[0],):
         raise ModelError(f"bias {node.input[2]!r} has shape {bias.shape}; expected ({weight.shape[0]},)")
+    if "kernel_shape" in attrs and list(attrs["kernel_shape"]) != list(weight.shape[2:]):
+        raise ModelError(f"kernel_shape {list(attrs['kernel_shape'])} disagrees with the weight {node.input[1]!r} "
+                         f"of shape {tuple(weight.shape)} (a {weight.shape[2]}x{weight.shape[3]} kernel); fix or "
+                         "drop kernel_shape in the source model")
     kernel = _square(weight.shape[2:], "kernel size")
-    stride = _square(attrs.get("strides", [1, 1]), "strides")
-    pad = _square(attrs.get("pads", [0] * 4), "pads")
-    layer = conv_layer(name, srcs[0], shapes[srcs[0]], weight.shape[0], kernel, stride, pad)
-    if weight.shape[1] != layer.in_channels:
-        raise ModelError(f"weight has {weight.shape[1]} input channels but the input has {layer.in_channels}")
+    _, stride, pad = _window_attrs(attrs, "Conv", kernel_default=list(weight.shape[2:]))
+    shape = shapes[srcs[0]]
+    if weight.shape[1] != shape[1]:
+        raise ModelError(f"weight has {weight.shape[1]} input channels but the input has {shape[1]}")
+    _check_window_fits("Conv", shape, kernel, stride, pad)
+    layer = conv_layer(name, srcs[0], shape, weight.shape[0], kernel, stride, pad)
     params[name] = (np.ascontiguousarray(weight), np.ascontiguousarray(bias, dtype=np.float32))
     return layer
 
@@ -651,22 +806,99 @@ def _float32_param(name: str, consts) -> np.ndarray:
     return np.array(value)  # a writable copy: onnx hands out read-only views of the file's bytes
 
 
-def _resize_from_node(node, name, srcs, shapes, consts, attrs) -> Layer:
-    mode = attrs.get("mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+# Resize: the layer repeats each pixel `scale` times (source pixel floor(x / scale)). ONNX's
+# coordinate modes that pick that pixel for an integer scale: the half-pixel ones with a rounding
+# nearest_mode (ONNX's default), and asymmetric with floor (torch's nn.Upsample).
+_HALF_PIXEL = ("half_pixel", "pytorch_half_pixel", "half_pixel_symmetric")
+_COORDINATE_MODES = _HALF_PIXEL + ("asymmetric", "align_corners", "tf_crop_and_resize")
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+_RESIZE_HOW = ("export nearest upsampling by an integer factor, e.g. torch's nn.Upsample(scale_factor=2, "
+               "mode='nearest')")
+
+
+def _picks_floor(coordinates: str, nearest: str, scale: int) -> bool:
+    if scale == 1:
+        return True
+    if coordinates in _HALF_PIXEL:  # x_in = (x + 0.5) / s - 0.5 lies within 0.5 of floor(x / s)
+        return nearest.startswith("round")
+    # asymmetric, x_in = x / s: floor picks floor(x / s); round does too when the only ties are halves
+    return nearest == "floor" or (nearest == "round_prefer_floor" and scale == 2)
+
+
+def _number(value) -> int | float:
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def _resize_from_node(node, name, srcs, shapes, consts, attrs, opset: int = 0) -> Layer:
+    mode = _text(attrs.get("mode", "nearest"))
     if mode != "nearest":
-        raise ModelError(f"Resize mode {mode!r} is not supported; only 'nearest'")
+        raise ModelError(f"Resize mode {mode!r} is not supported; only 'nearest': {_RESIZE_HOW}")
+    coordinates = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
+    nearest = _text(attrs.get("nearest_mode", "round_prefer_floor"))
+    if coordinates not in _COORDINATE_MODES or nearest not in _NEAREST_MODES:
+        raise ModelError(f"Resize coordinate_transformation_mode {coordinates!r} with nearest_mode {nearest!r} is "
+                         f"not an ONNX Resize mode; {_RESIZE_HOW}")
+    if coordinates in ("align_corners", "tf_crop_and_resize"):
+        raise ModelError(f"Resize with coordinate_transformation_mode {coordinates!r} is not supported (the "
+                         f"workbench repeats each pixel, floor(x / scale)); {_RESIZE_HOW}")
     shape = shapes[srcs[0]]
+    factors, given = _resize_factors(node, shape, consts, attrs, opset)
+    if factors[:2] != [1, 1]:
+        raise ModelError(f"Resize {given} change the batch or channels; only height and width may be resized: "
+                         f"{_RESIZE_HOW}")
+    if factors[2] != factors[3] or not isinstance(factors[2], int) or factors[2] < 1:
+        raise ModelError(f"Resize {given} are not supported; only an equal integer factor on H and W "
+                         f"(1, 2, 3, ...): {_RESIZE_HOW} (downsample with MaxPool or a strided Conv)")
+    scale = factors[2]
+    n, c, h, w = shape
+    if n * c * h * scale * w * scale > MAX_ELEMENTS:
+        raise ModelError(f"Resize {given} would make an output of {n * c * h * scale * w * scale:,} elements "
+                         f"({h * scale}x{w * scale}), more than the {MAX_ELEMENTS:,} the workbench handles; "
+                         "fix the scale in the source model")
+    if not _picks_floor(coordinates, nearest, scale):
+        raise ModelError(f"Resize with coordinate_transformation_mode {coordinates!r} and nearest_mode {nearest!r} "
+                         f"does not repeat each pixel {scale} times, which is the only nearest upsampling supported; "
+                         "export with 'asymmetric' and 'floor' (what torch writes) or ONNX's defaults "
+                         "('half_pixel' and 'round_prefer_floor')")
+    return resize_layer(name, srcs[0], shape, scale)
+
+
+def _resize_factors(node, shape, consts, attrs, opset: int) -> tuple[list, str]:
+    """The scale of each NCHW axis, from the constant scales or sizes; and how to name what was given."""
     inputs = list(node.input) + [""] * 4
-    if inputs[2] in consts and consts[inputs[2]].size:
-        factors = [float(f) for f in consts[inputs[2]]]
-    elif inputs[3] in consts and consts[inputs[3]].size:
-        factors = [o / i for o, i in zip(consts[inputs[3]], shape)]
-    else:
+    # Resize-10 reads (X, scales); from opset 11 on, (X, roi, scales, sizes).
+    scales_name, sizes_name = (inputs[1], "") if 0 < opset < 11 else (inputs[2], inputs[3])
+    for role, tensor in (("scales", scales_name), ("sizes", sizes_name)):
+        if tensor and tensor not in consts:
+            raise ModelError(f"its {role} {tensor!r} are computed in the graph; Resize needs constant scales or "
+                             "sizes (export with a fixed scale_factor)")
+    scales = consts[scales_name].ravel() if scales_name and consts[scales_name].size else None
+    sizes = consts[sizes_name].ravel() if sizes_name and consts[sizes_name].size else None
+    if scales is not None and sizes is not None:
+        raise ModelError("Resize is given both scales and sizes, and ONNX allows only one of them; keep one "
+                         "(the scales, say) and pass '' for the other")
+    if scales is None and sizes is None:
         raise ModelError("Resize needs constant scales or sizes")
-    if factors[:2] != [1.0, 1.0] or factors[2] != factors[3] or not float(factors[2]).is_integer():
-        raise ModelError(f"Resize scales {factors} are not supported; only an equal integer factor on H and W")
-    return resize_layer(name, srcs[0], shape, int(factors[2]))
+    values = [_number(v) for v in (scales if scales is not None else sizes)]
+    given = f"{'scales' if scales is not None else 'sizes'} {values}"
+    axes = [int(a) % 4 if -4 <= int(a) < 4 else None for a in attrs.get("axes", [0, 1, 2, 3])]
+    if None in axes or len(set(axes)) != len(axes):
+        raise ModelError(f"Resize axes {list(attrs['axes'])} are not distinct axes of an NCHW input; fix them in "
+                         "the source model")
+    if len(values) != len(axes):
+        raise ModelError(f"Resize {given} give {len(values)} values for {len(axes)} axes; give one per axis "
+                         "(4 for an NCHW input)")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ModelError(f"Resize {given} must be positive (a factor of 1, 2, 3, ... on H and W); fix them in "
+                         "the source model")
+    if sizes is not None and _text(attrs.get("keep_aspect_ratio_policy", "stretch")) != "stretch":
+        raise ModelError(f"Resize keep_aspect_ratio_policy {_text(attrs['keep_aspect_ratio_policy'])!r} is not "
+                         "supported; give scales instead of sizes")
+    factors = [1, 1, 1, 1]
+    for axis, value in zip(axes, values):
+        factors[axis] = _number(value if scales is not None else value / shape[axis])
+    return factors, given
 
 
 # ---------------------------------------------------------------- TVM Relax
