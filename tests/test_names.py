@@ -190,3 +190,60 @@ def test_torch_layer_names_select_layers_on_the_command_line(torch_unet, tmp_pat
     proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "unknown conv layer(s) ['/nope']" in proc.stderr and FIRST_CONV in proc.stderr
+
+
+def _two_convs_model(path, first_name, second_name):
+    """Two convs on the input added together; the convs' node names as given ('' for none)."""
+    rng = np.random.default_rng(2)
+    inits, nodes = [], []
+    for i, (name, out) in enumerate(((first_name, "a"), (second_name, "b"))):
+        inits += [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [out], name=name, pads=[1] * 4))
+    nodes.append(helper.make_node("Add", ["a", "b"], ["y"], name="add"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_a_name_given_in_the_file_wins_over_a_generated_one(tmp_path):
+    model = load_onnx(_two_convs_model(tmp_path / "clash.onnx", "", "conv_0"))
+    assert [c.name for c in model.convs] == ["conv_0_2", "conv_0"]  # the user's conv_0 keeps its name
+    assert len(model.notes) == 1 and "has no name" in model.notes[0] and "'conv_0_2'" in model.notes[0]
+    plain = load_onnx(_two_convs_model(tmp_path / "plain.onnx", "", "second"))
+    assert [c.name for c in plain.convs] == ["conv_0", "second"] and plain.notes == []
+
+
+def test_a_name_with_a_comma_is_renamed_so_layers_can_select_it(tmp_path):
+    import subprocess
+    import sys
+
+    path = _two_convs_model(tmp_path / "comma.onnx", "conv,one", "conv_one")
+    model = load_onnx(path)
+    # The comma is replaced; the name conv_one is the other conv's own, so this one takes the next.
+    assert [c.name for c in model.convs] == ["conv_one_2", "conv_one"]
+    assert len(model.notes) == 1 and "'conv,one'" in model.notes[0] and "'conv_one_2'" in model.notes[0]
+    assert [c.name for c in model.select_convs(["conv_one_2", "conv_one"])] == ["conv_one_2", "conv_one"]
+    proc = subprocess.run([sys.executable, "-m", "workbench", "compare", "--model", str(path), "--work-dir",
+                           str(tmp_path / "work"), "--layers", "conv,one"], capture_output=True, text=True, timeout=120)
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(error) == 1 and "Traceback" not in proc.stderr
+    assert "unknown conv layer(s) ['conv', 'one']" in error[0] and "'conv_one_2'" in error[0]
+
+
+def test_control_characters_in_names_stay_on_one_line(tmp_path):
+    from workbench.intensity import layer_table
+    from workbench.model import ModelError
+
+    model = load_onnx(_two_convs_model(tmp_path / "ctrl.onnx", "conv\nsecond line", "conv\x1b[31mRED"))
+    assert [c.name for c in model.convs] == ["conv\nsecond line", "conv\x1b[31mRED"]  # selectable as they are
+    shown = list(layer_table(model)["name"])
+    assert shown[:2] == ["conv\\nsecond line", "conv\\x1b[31mRED"]
+    text = layer_table(model).to_string(index=False)
+    assert len(text.splitlines()) == len(model.layers) + 1 and "\x1b" not in text
+    with pytest.raises(ModelError) as err:
+        model.select_convs(["nope"])
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value) and "'conv\\nsecond line'" in str(err.value)

@@ -13,7 +13,7 @@ import math
 import pandas as pd
 
 from .geometry import FFT_SIZES, WINOGRAD_TILES, family_rule
-from .model import Layer, Model
+from .model import Layer, Model, printable
 
 FLOAT = 4  # bytes per float32
 
@@ -54,7 +54,7 @@ def layer_table(model: Model) -> pd.DataFrame:
     for layer in model.layers:
         flops, moved = layer_flops(layer), layer_bytes(layer)
         rows.append({
-            "name": layer.name,
+            "name": printable(layer.name),  # control characters escaped: a name stays on its row
             "op": layer.op,
             "input_shape": list(layer.input_shape),
             "output_shape": list(layer.output_shape),

@@ -134,7 +134,7 @@ class Model:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        known = ", ".join(l.name for l in self.layers[:8])
+        known = ", ".join(repr(l.name) for l in self.layers[:8])
         raise ModelError(f"no layer named {name!r} in model {self.name!r} (first layers: {known}, ...)")
 
     def select_convs(self, names: list[str] | None) -> list[Layer]:
@@ -145,7 +145,7 @@ class Model:
         unknown = [n for n in names if n not in convs]
         if unknown:
             raise ModelError(
-                f"unknown conv layer(s) {unknown}; this model's convs are: {', '.join(convs)}"
+                f"unknown conv layer(s) {unknown}; this model's convs are: {', '.join(map(repr, convs))}"
             )
         return [convs[n] for n in names]
 
@@ -576,28 +576,48 @@ def _check_weights_constant(graph, inputs: set[str]) -> None:
 class _LayerNames:
     """Unique layer names from node names: a layer is found, planned and measured by its name.
 
-    A nameless node gets `<op>_<index>`; a name taken already (a duplicate, or the graph input's
-    name) gets the first free `<name>_<k>`, with a note, so no two layers ever share one.
+    Names a node was given win: a nameless node gets `<op>_<index>`, or the first free
+    `<op>_<index>_<k>` if a node is named that. A name taken already (a duplicate, or the graph
+    input's name) gets the first free `<name>_<k>`, and a name with a comma (which `--layers`,
+    split on commas, could never select) has its commas replaced by `_`; both with a note, so no
+    two layers ever share a name and every layer can be selected.
     """
 
     def __init__(self, graph, input_name: str):
         self.input_name = input_name
-        self.wanted = {node.name for node in graph.node if node.name}
+        self.wanted = {node.name for node in graph.node
+                       if node.name and "," not in node.name and node.op_type not in _PASSIVE_OPS}
         self.used = {input_name}
         self.notes: list[str] = []
 
     def take(self, node, index: int) -> str:
-        name = node.name or f"{node.op_type.lower()}_{index}"
-        if name in self.used:
-            k = 2
-            while f"{name}_{k}" in self.used or f"{name}_{k}" in self.wanted:
-                k += 1
-            why = "the graph input's name" if name == self.input_name else "the name of an earlier node"
-            renamed = f"{name}_{k}"
-            self.notes.append(f"node {index} ({node.op_type}) is named {name!r}, {why}; it is layer {renamed!r} here")
-            name = renamed
+        given = node.name
+        if not given:
+            name = self._free(f"{node.op_type.lower()}_{index}")
+            if name != f"{node.op_type.lower()}_{index}":
+                self.notes.append(f"node {index} ({node.op_type}) has no name and another node is named "
+                                  f"{node.op_type.lower() + '_' + str(index)!r}; it is layer {name!r} here")
+        elif "," in given:
+            name = self._free(given.replace(",", "_"))
+            self.notes.append(f"node {index} ({node.op_type}) is named {given!r}, with a comma, which --layers "
+                              f"(a comma-separated list) cannot select; it is layer {name!r} here")
+        elif given in self.used:
+            name = self._free(given)
+            why = "the graph input's name" if given == self.input_name else "the name of an earlier node"
+            self.notes.append(f"node {index} ({node.op_type}) is named {given!r}, {why}; it is layer {name!r} here")
+        else:
+            name = given
         self.used.add(name)
         return name
+
+    def _free(self, base: str) -> str:
+        """`base` if no layer has it and no node is named it, else the first such `base_<k>`."""
+        if base not in self.used and base not in self.wanted:
+            return base
+        k = 2
+        while f"{base}_{k}" in self.used or f"{base}_{k}" in self.wanted:
+            k += 1
+        return f"{base}_{k}"
 
 
 def _data_inputs(node, consts, alias, shapes) -> list[str]:
