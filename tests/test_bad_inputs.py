@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,10 @@ TARGETS = {
     '{"kind": "llvm", "foo": 1}': "'foo'", '{"kind": "llvm", "num-cores": 64}': "64 threads",
     '{"kind": "llvm", "num-cores": 0}': "num-cores must be a positive integer", "": "unknown target ''",
     '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "skylake-avx512"}': "mcpu 'skylake-avx512'",
+    '{"kind": "llvm", "mattr": ["+nonsense-feature"]}': "mattr ['+nonsense-feature']: not a feature LLVM knows",
+    '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+avx2"]}': "not a feature LLVM knows for 'aarch64",
+    '{"kind": "llvm", "mattr": "+avx2"}': "mattr must be a list",
+    '{"kind": "llvm", "mattr": ["avx2"]}': "+FEATURE or -FEATURE",
 }
 
 FLAG_CASES = [  # (id, argv after the command's model/work-dir arguments, expected fragment)
@@ -321,6 +326,17 @@ FLAG_CASES = [  # (id, argv after the command's model/work-dir arguments, expect
     ("tracker_port_word", ["ceilings", "--tracker", "h:p"], "HOST:PORT"),
     ("tracker_port_range", ["study", "--tracker", "127.0.0.1:70000"], "port from 1 to 65535"),
     ("tracker_port_0", ["tune", "--trials", "1", "--tracker", "127.0.0.1:0"], "port from 1 to 65535"),
+    ("tracker_port_superscript", ["compare", "--tracker", "127.0.0.1:\u00b2"], "HOST:PORT"),
+    ("tracker_port_arabic_digits", ["compare", "--tracker", "127.0.0.1:\u0669\u0661\u0669\u0660"], "HOST:PORT"),
+    ("tracker_two_ports", ["compare", "--tracker", "127.0.0.1:9190:9190"], "HOST:PORT"),
+    ("tracker_url", ["ceilings", "--tracker", "http://127.0.0.1:9190"], "no scheme"),
+    ("serve_tracker_two_ports", ["serve", "--tracker", "127.0.0.1:9190:9190"], "HOST:PORT"),
+    ("serve_host_empty", ["serve", "--host", ""], "--host is empty"),
+    ("serve_host_unknown", ["serve", "--host", "nonexistent-host.invalid", "--allow-remote"],
+     "cannot listen on --host 'nonexistent-host.invalid'"),
+    ("serve_tracker_refused", ["serve", "--tracker", "127.0.0.1:9"], "RPC tracker at 127.0.0.1:9 "),
+    ("layers_spaces_stripped", ["compare", "--layers", "enc0_conv1, nope"], "unknown conv layer(s) ['nope']"),
+    ("layers_on_study", ["study", "--layers", "enc0_conv1"], "(see python -m workbench study --help)"),
     ("key_without_tracker", ["compare", "--key", "rpi"], "pass --tracker"),
     ("key_empty", ["compare", "--tracker", "127.0.0.1:9190", "--key", " "], "--key is empty"),
     ("serve_port", ["serve", "--port", "0"], "--port must be between 1 and 65535"),
@@ -350,6 +366,9 @@ def _plans(small_model) -> dict[str, str]:
         "plan_impl_number": json.dumps({**good, "layers": [{**rows[0], "impl": 3}, *rows[1:]]}),
         "plan_duplicate_entry": json.dumps({**good, "layers": [rows[0], *rows]}),
         "plan_illegal_fusion": json.dumps({**good, "layers": [{**rows[0], "fuse": ["maxpool"]}, *rows[1:]]}),
+        "plan_deeply_nested": "[" * 100_000,
+        "plan_tuned_without_records": json.dumps({**good, "layers": [{**rows[0], "impl": "tvm:tuned", "fuse": []},
+                                                                    *rows[1:]]}),
         "plan_binary": "BINARY",
         "plan_is_a_folder": "FOLDER",
         "plan_missing": "MISSING",
@@ -362,6 +381,8 @@ PLAN_CASES = {
     "plan_incomplete": "no entry for conv(s) ['enc0_conv1']", "plan_unknown_impl": "unknown implementation id",
     "plan_fuse_string": "'fuse' must be a list", "plan_impl_number": "must be strings",
     "plan_duplicate_entry": "twice", "plan_illegal_fusion": "cannot fuse ['maxpool']",
+    "plan_deeply_nested": "nested too deeply",
+    "plan_tuned_without_records": "'tvm:tuned' does not apply: no tuning record for this layer",
     "plan_binary": "cannot read the plan", "plan_is_a_folder": "must be a regular file but is a folder", "plan_missing": "no plan at",
 }
 
@@ -508,6 +529,24 @@ def test_a_real_process_exits_2_with_one_line(case, corpus, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     _check(proc.returncode, proc.stdout, proc.stderr, fragment, place)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # bound, then closed: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_with_a_dead_tracker_exits_2_within_seconds(tmp_path):
+    """The tracker is checked before the server starts: no server left running forever, unregistered."""
+    place = Place(tmp_path)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "workbench", "serve", "--tracker", f"127.0.0.1:{_free_port()}",
+                           "--port", str(_free_port())], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert time.monotonic() - started < 15
+    _check(proc.returncode, proc.stdout, proc.stderr, "cannot connect to the RPC tracker", place)
 
 
 # ---------------------------------------------------------------- a remote device checks on connecting

@@ -320,6 +320,12 @@ CASES = {
     "records file is a folder": (_setup_records_dir, ["study", "--quick", "--work-dir", "w"], "must be a regular file"),
     "records file is a FIFO": (_setup_records_fifo, COMPARE + ["--work-dir", "w"], "special file"),
     "lock file is a folder": (_setup_lock_dir, COMPARE + ["--work-dir", "w"], "must be a regular file"),
+    "torn-records file is a folder": (lambda t, m: (t / "w" / "results" / "records.jsonl.torn").mkdir(parents=True),
+                                      COMPARE + ["--work-dir", "w"], "records.jsonl.torn' must be a regular file"),
+    "work dir is a symlink loop": (lambda t, m: os.symlink("w", t / "w"), COMPARE + ["--work-dir", "w"],
+                                   "a symlink loop"),
+    "work dir's parent is a symlink loop": (lambda t, m: os.symlink("loop", t / "loop"),
+                                            ["study", "--quick", "--work-dir", "loop/w"], "a symlink loop"),
     "tuning is a file": (_setup_tuning_file, ["tune", "--layers", LAYER, "--trials", "1", "--work-dir", "w"],
                          "must be a folder"),
     "plan truncated": (lambda t, m: _plan(t, m, json.dumps(_valid(m))[:60]), EXPORT, "not valid JSON"),
@@ -348,6 +354,18 @@ CASES = {
     "export where hybrid.so is a folder": (lambda t, m: (_plan(t, m), (t / "out" / "hybrid.so").mkdir(parents=True)),
                                            EXPORT + ["--force"], "is a folder, where the export writes a file"),
 }
+
+
+def test_a_tilde_work_dir_is_the_home_folder_that_was_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    work = WorkDir.at("~/wb")
+    assert work.root == tmp_path / "home" / "wb" and work.records.path.is_relative_to(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "wb").write_text("x")  # what is checked is what is used: the expanded path
+    with pytest.raises(Exception, match="'~/wb' is a file|home/wb' is a file"):
+        WorkDir.at("~/wb")
+    assert not (tmp_path / "~").exists()
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import struct
+import time
 
 import psutil
 import pytest
@@ -117,3 +118,56 @@ def test_bad_addresses_and_remote_binding_are_refused():
         parse_tracker("localhost")
     with pytest.raises(DeviceError, match="--allow-remote"):
         serve(host="0.0.0.0", port=9999)
+
+
+def _listener(answer: bytes | None):
+    """A loopback socket that accepts connections and answers `answer` (None: says nothing)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(4)
+            if answer is not None:
+                conn.sendall(answer)
+            threading.Timer(3, conn.close).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("answer, said", [(b"HTTP/1.1 400 Bad Request\r\n", "did not answer as an RPC tracker"),
+                                          (None, "sent nothing back")])
+def test_an_address_that_is_not_a_tracker_fails_within_the_timeout_saying_so(answer, said):
+    from workbench.rpc import probe_tracker
+
+    server = _listener(answer)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeviceError, match=f"could not connect to an RPC tracker at 127.0.0.1:\\d+ within 1 s: .*{said}"):
+            probe_tracker("127.0.0.1", server.getsockname()[1], timeout=1)
+        assert time.monotonic() - started < 5
+    finally:
+        server.close()
+
+
+def test_the_local_tracker_passes_the_probe(cluster):
+    from workbench.rpc import probe_tracker
+
+    probe_tracker(cluster.host, cluster.port, timeout=5)
+
+
+def test_tracker_addresses_take_ascii_digits_and_one_port_only():
+    assert parse_tracker("[::1]:9190") == ("::1", 9190) and parse_tracker("host:9190") == ("host", 9190)
+    for bad in ("127.0.0.1:\u00b2", "127.0.0.1:\u0669\u0661\u0669\u0660", "127.0.0.1:9190:9190",
+                "http://127.0.0.1:9190", "[]:9190", "user@host:9190"):
+        with pytest.raises(DeviceError, match="HOST:PORT"):
+            parse_tracker(bad)

@@ -72,6 +72,7 @@ def test_tuned_kernel_is_correct_and_not_slower_than_default(tuned, device, case
 
 def test_untuned_layer_has_no_module_and_a_clear_error(device, case, tmp_path):
     assert tuning.best_prim_func(LAYER, device.target, tmp_path) is None
+    assert not tuning.database_dir(tmp_path, device.target).exists()  # looking never creates a database
     result = device.run(lambda session: measure(TunedCandidate(tmp_path), case, session, device, TIMING))
     assert result.status == "failed"
     assert "no tuning record" in result.note

@@ -28,7 +28,8 @@ def _load_model(path: str | None):
 
 
 def _layer_names(text: str | None) -> list[str] | None:
-    return text.split(",") if text else None
+    """--layers as names: split at commas, spaces around each name dropped ("a, b" is a and b)."""
+    return [name.strip() for name in text.split(",")] if text else None
 
 
 def _emit(args, payload, human) -> None:
@@ -76,7 +77,7 @@ def check_arguments(args) -> None:
         _check_target(args.target, args.threads, remote)
     if getattr(args, "trials", None) is not None and args.trials < 1:
         raise UserError(f"--trials must be at least 1, got {args.trials}")
-    if getattr(args, "layers", None) is not None and "" in args.layers.split(","):
+    if getattr(args, "layers", None) is not None and "" in _layer_names(args.layers or ","):
         raise UserError(f"--layers {args.layers!r} has an empty name; give conv names separated by commas "
                         "(python -m workbench layers lists them)")
     if getattr(args, "port", None) is not None and not 0 < args.port < 65536:
@@ -120,6 +121,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports flags no subcommand took from the top-level parser: name the subcommand's help.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, f"error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+        return parsed
 
 
 # ---------------------------------------------------------------- commands
@@ -205,6 +215,7 @@ def cmd_study(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from . import tuning
     from .hybrid import check_export_dir, export_hybrid
     from .kernels.registry import all_candidates
     from .plan import Plan
@@ -221,9 +232,13 @@ def cmd_export(args) -> None:
     if plan.model and plan.model != model.name:
         raise UserError(f"the plan in {plan_path} is for model {plan.model!r}, not {model.name!r}; pass the --model "
                         "the study ran on, or run the study for this model with another --work-dir")
-    candidates = all_candidates(args.threads, tuning_dir=work.tuning)
+    target = host_target(args.threads)
+    # tvm:tuned applies only where this target has tuning records: a plan asking for more fails
+    # validation, before a build starts (and without creating an empty database).
+    tuned = tuning.tuned_layers(model, target, work.tuning)
+    candidates = all_candidates(args.threads, tuning_dir=work.tuning, tuned_layers=tuned)
     plan.validate(model, candidates)
-    out = export_hybrid(model, plan, args.out, host_target(args.threads), args.threads, candidates, force=args.force)
+    out = export_hybrid(model, plan, args.out, target, args.threads, candidates, force=args.force)
     _emit(args, {"out": str(out), "plan": {n: e.impl for n, e in plan.layers.items()}}, lambda: f"exported to {out}")
 
 
@@ -279,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="an RPC server with the NNPACK bridge registered")
-    p.add_argument("--tracker", help="register at this tracker HOST:PORT")
+    p.add_argument("--tracker", help="register at this tracker HOST:PORT; checked before the server starts: "
+                   "a tracker that does not answer within 5 s is an error")
     p.add_argument("--key", help="the device key, the secret clients need (default: $WORKBENCH_RPC_KEY, "
                    "else 'workbench'); the variable keeps it out of the process list")
     p.add_argument("--host", default="127.0.0.1")

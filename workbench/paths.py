@@ -3,6 +3,7 @@ at once with one line instead of after the first measurement (whose result would
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -24,7 +25,10 @@ def writable_dir(path: str | Path, what: str, hint: str) -> Path:
     if path is None or str(path).strip() == "":
         raise PathError(f"{what} is empty; {hint}")
     path = Path(path).expanduser()
-    resolved = path.resolve()  # through symlinks: a link into /proc is /proc
+    try:
+        resolved = path.resolve()  # through symlinks: a link into /proc is /proc
+    except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError on Python 3.11, OSError later)
+        raise PathError(f"{what} {str(path)!r} cannot be resolved ({_loop_or(err)}); {hint}") from None
     for virtual in VIRTUAL:
         if resolved == virtual or virtual in resolved.parents:
             raise PathError(f"{what} {str(path)!r} is under {virtual}, a kernel filesystem; {hint}")
@@ -38,6 +42,12 @@ def writable_dir(path: str | Path, what: str, hint: str) -> Path:
         detail = "is not writable" if existing == resolved else f"cannot be created in {str(existing)!r} (not writable)"
         raise PathError(f"{what} {str(path)!r} {detail}; {hint}")
     return path
+
+
+def _loop_or(err: BaseException) -> str:
+    if isinstance(err, RuntimeError) or getattr(err, "errno", None) == errno.ELOOP:
+        return "a symlink loop"
+    return getattr(err, "strerror", None) or str(err)
 
 
 def _nearest_existing(path: Path) -> Path:

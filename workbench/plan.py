@@ -123,6 +123,9 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise PlanError(f"the plan is not valid JSON ({err}); write it again with Plan.save or run the study") from None
+        except RecursionError:
+            raise PlanError("the plan is nested too deeply to be a plan (a plan is one object with a list of "
+                            "layers); write it again with Plan.save or run the study") from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
@@ -175,7 +178,10 @@ def _entry(row, index: int, shape: str) -> LayerPlan:
 
 
 def _preview(value) -> str:
-    text = json.dumps(value, default=str)
+    try:
+        text = json.dumps(value, default=str)
+    except (RecursionError, ValueError):
+        return f"a deeply nested {type(value).__name__}"
     return text if len(text) <= 80 else text[:77] + "..."
 
 

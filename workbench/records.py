@@ -72,7 +72,8 @@ class WorkDir:
         """The work dir at `path` (default: data/), checked: nothing measured can be lost to a bad path."""
         if path is not None and str(path).strip() == "":
             raise WorkbenchError(f"--work-dir is empty; {WORK_DIR_HINT}, or leave it out for data/")
-        return cls(Path(path) if path is not None else DEFAULT_WORK_DIR).check()
+        # ~ expanded once, here: the folder checked is the folder written to (never a literal ./~).
+        return cls(Path(path).expanduser() if path is not None else DEFAULT_WORK_DIR).check()
 
     def check(self) -> "WorkDir":
         """Raise a WorkbenchError (one line) unless everything here can be written; writes nothing."""
@@ -80,8 +81,8 @@ class WorkDir:
         hint = "move it away or pass another --work-dir"
         for folder in (self.root / "results", self.tuning, self.hybrid):
             expect_kind(folder, True, hint)
-        for file in (self.records.path, self.report, self.root / "study.json", self.root / LOCK_NAME,
-                     self.hybrid / "plan.json"):
+        for file in (self.records.path, self.records.torn_path, self.report, self.root / "study.json",
+                     self.root / LOCK_NAME, self.hybrid / "plan.json"):
             expect_kind(file, False, hint)
         return self
 

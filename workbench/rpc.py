@@ -40,13 +40,65 @@ class DeviceError(WorkbenchError, RuntimeError):
     """The device could not be reached or started; the message says what to check."""
 
 
+TRACKER_FORM = "HOST:PORT with a port from 1 to 65535 (no scheme, one port), e.g. 127.0.0.1:9190 or [::1]:9190"
+
+
 def parse_tracker(text: str) -> tuple[str, int]:
-    host, sep, port = str(text).strip().rpartition(":")
-    host = host.strip("[]")  # [::1]:9190
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
-        raise DeviceError(f"tracker address {text!r} must look like HOST:PORT with a port from 1 to 65535, "
-                          "e.g. 127.0.0.1:9190")
+    """(host, port) of a tracker address; anything but HOST:PORT (ASCII digits) is refused here."""
+    text = str(text).strip()
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host  # [::1]:9190
+    ok = (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536
+          and not any(c.isspace() or c in "[]/@" for c in host)
+          and (bracketed or ":" not in host or host.count(":") >= 2))  # an IPv6 host, or no other colon
+    if not ok or "://" in text:
+        raise DeviceError(f"tracker address {text!r} must look like {TRACKER_FORM}")
     return host, int(port)
+
+
+TRACKER_HINT = "check the address and that the tracker runs (python -m tvm.exec.rpc_tracker --host HOST --port PORT)"
+
+
+def probe_tracker(host: str, port: int, timeout: float = 5.0) -> None:
+    """Raise DeviceError unless an RPC tracker answers at host:port within `timeout` seconds.
+
+    TVM's own client retries a refused connection for 60 s, three times over, and its handshake
+    has no timeout: a plain socket says at once whether a tracker is there. The handshake (the
+    tracker's magic number, echoed back) tells a tracker from anything else that accepts a
+    connection (another service, a firewall or proxy that answers for every address).
+    """
+    import struct
+
+    from tvm.rpc.base import RPC_TRACKER_MAGIC
+
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.timeout:
+        raise DeviceError(f"could not connect to the RPC tracker at {where} within {timeout:g} s (nothing "
+                          f"answered: a wrong address, or a firewall); {TRACKER_HINT}") from None
+    except OSError as err:
+        raise DeviceError(f"cannot connect to the RPC tracker at {where} ({err.strerror or err}); {TRACKER_HINT}") from None
+    with sock:
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(struct.pack("<i", RPC_TRACKER_MAGIC))
+            answer = b""
+            while len(answer) < 4:
+                chunk = sock.recv(4 - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+        except socket.timeout:
+            answer = None
+        except OSError:
+            answer = b""
+    if answer is None or len(answer) < 4 or struct.unpack("<i", answer)[0] != RPC_TRACKER_MAGIC:
+        said = "sent nothing back" if answer is None else "did not answer as an RPC tracker does"
+        raise DeviceError(f"could not connect to an RPC tracker at {where} within {timeout:g} s: the address "
+                          f"accepted the connection but {said} (another service on that port, or a firewall or "
+                          f"proxy answering for it); {TRACKER_HINT}")
 
 
 @dataclass
@@ -118,16 +170,7 @@ class Device:
         )
 
     def _probe_tracker(self) -> None:
-        # tvm's own client retries a refused connection for 60 s, three times over; a plain
-        # socket with a timeout says at once that nothing answers there.
-        try:
-            with socket.create_connection((self.tracker_host, self.tracker_port), timeout=self.connect_timeout):
-                pass
-        except OSError as err:
-            raise DeviceError(
-                f"cannot connect to the RPC tracker at {self.tracker} ({err.strerror or err}); check the "
-                "address and that the tracker runs (python -m tvm.exec.rpc_tracker --host HOST --port PORT)"
-            ) from None
+        probe_tracker(self.tracker_host, self.tracker_port, self.connect_timeout)
 
     def _await_server(self, tracker, deadline: float) -> dict:
         """The tracker's summary once a server of this key is registered (or the deadline passed).

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 
 from .lifeline import guard_popen_workers, watch_parent
-from .rpc import DEFAULT_KEY, KEY_ENV, LOOPBACK, DeviceError, parse_tracker, thread_env
+from .rpc import DEFAULT_KEY, KEY_ENV, LOOPBACK, DeviceError, parse_tracker, probe_tracker, thread_env
 from .threads import resolve_threads
 
 log = logging.getLogger(__name__)
+
+TRACKER_PROBE_SECONDS = 5.0  # serve checks its tracker answers within this, before it starts
 
 
 def register_device_functions(threads: int) -> None:
@@ -49,12 +52,22 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
     """
     from tvm.support.popen_pool import PopenWorker
 
+    if not str(host or "").strip():
+        raise DeviceError("--host is empty; give the address to listen on: 127.0.0.1 (the default), or the "
+                          "board's address with --allow-remote")
     if host not in LOOPBACK and not allow_remote:
         raise DeviceError(
             f"refusing to bind the RPC server to {host}: an RPC server runs any code it is sent. "
             "Pass --allow-remote to serve beyond loopback, on a trusted network only"
         )
     tracker_addr = parse_tracker(tracker) if tracker else None
+    try:  # an address that does not resolve fails here, not in the listening process
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise DeviceError(f"cannot listen on --host {host!r} ({err.strerror or err}); give an address of this "
+                          "machine (127.0.0.1, or its LAN address with --allow-remote)") from None
+    if tracker_addr:  # bounded: a tracker that is down or unreachable fails in seconds, not never
+        probe_tracker(*tracker_addr, timeout=TRACKER_PROBE_SECONDS)
     key = key or os.environ.pop(KEY_ENV, None) or DEFAULT_KEY
     if key == DEFAULT_KEY and host not in LOOPBACK:
         log.warning("serving beyond loopback with the default key %r: whoever reaches the tracker can run code "

@@ -9,9 +9,11 @@ from the device's is refused instead of saving, say, x86 NNPACK timings under an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import sys
 
 from .errors import WorkbenchError
 from .threads import resolve_threads
@@ -98,6 +100,8 @@ def check_target(target: dict) -> None:
     import tvm
 
     _check_llvm(target)  # first: TVM logs its own complaint about an invalid mcpu to stderr
+    _check_mattr_form(target.get("mattr"))
+    _check_mattr_known(target)  # before this process makes the target: LLVM warns about unknown features
     try:
         tvm.target.Target(target)
     except Exception as err:  # TVM raises ValueError/TVMError with a long message; keep its last line
@@ -118,6 +122,60 @@ def _check_llvm(target: dict) -> None:
     if cpu and not codegen.llvm_is_valid_cpu(str(cpu), str(triple)):
         raise TargetError(f"mcpu {cpu!r} is not a CPU of {triple!r} that LLVM knows; "
                           "leave mcpu out (generic code) or name one of that architecture")
+
+
+def _check_mattr_form(mattr) -> None:
+    if mattr is None:
+        return
+    if not isinstance(mattr, list) or not all(isinstance(f, str) for f in mattr):
+        raise TargetError(f"the target's mattr must be a list of features such as [\"+neon\"], got {json.dumps(mattr)}")
+    bad = [f for f in mattr if len(f) < 2 or f[0] not in "+-" or any(c.isspace() or c == "," for c in f)]
+    if bad:
+        raise TargetError(f"mattr entries must be +FEATURE or -FEATURE (e.g. \"+neon\", \"-avx512f\"), got {bad}")
+
+
+def _check_mattr_known(target: dict) -> None:
+    """Refuse an mattr feature LLVM does not know for the target's triple: LLVM would only warn
+    (on every compile) and ignore it, and the results would be stored under a target that was not built."""
+    mattr = target.get("mattr") or []
+    triple = target.get("mtriple") or ""
+    if not mattr or any(p.get("mtriple") == target.get("mtriple") and set(mattr) <= set(p.get("mattr", ()))
+                        for p in TARGET_PRESETS.values()):
+        return  # a preset's features are known good
+    names = tuple(f[1:] for f in mattr)
+    unknown = [f for f, n in zip(mattr, names) if n not in _enabled_features(triple, names)]
+    if unknown:
+        from tvm.target import codegen
+
+        shown = triple or codegen.llvm_get_system_triple()
+        raise TargetError(f"mattr {unknown}: not a feature LLVM knows for {shown!r}; use LLVM's feature names "
+                          "(e.g. \"+avx2\" on x86, \"+neon\" on arm), or leave mattr out")
+
+
+_FEATURES_PROBE = """
+import json, sys
+import tvm
+from tvm.target import codegen
+print(json.dumps(sorted(codegen.llvm_get_cpu_features(tvm.target.Target(json.loads(sys.argv[1]))))))
+"""
+
+
+@functools.lru_cache(maxsize=32)
+def _enabled_features(triple: str, names: tuple[str, ...]) -> frozenset:
+    """The features LLVM enables for `triple` with every one of `names` asked for: an unknown name
+    is missing. Asked in a child process: LLVM writes "not a recognized feature" to this process's
+    stderr for each unknown one, some of it only when the process exits."""
+    import subprocess
+
+    probe_target = {"kind": "llvm", "mattr": ["+" + n for n in names], **({"mtriple": triple} if triple else {})}
+    try:
+        done = subprocess.run([sys.executable, "-c", _FEATURES_PROBE, json.dumps(probe_target)], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return frozenset(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        reason = (done.stderr.strip().splitlines() or ["no answer"])[-1] if "done" in locals() else "no answer"
+        raise TargetError(f"cannot ask LLVM which features {triple or 'this machine'} has ({reason[:200]}); "
+                          "leave mattr out") from None
 
 
 def _llvm_target_name(arch: str) -> str:

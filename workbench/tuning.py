@@ -86,6 +86,9 @@ def target_slug(target: dict) -> str:
     return f"{readable}-{hashlib.sha1(canonical.encode()).hexdigest()[:8]}"
 
 
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")  # MetaSchedule's JSONDatabase
+
+
 def database_dir(work_dir, target: dict) -> Path:
     return Path(work_dir) / target_slug(target)
 
@@ -462,10 +465,18 @@ def _result_for(layer: Layer, result: TuneResult) -> TuneResult:
                       result.best_ms, result.history)
 
 
+def has_database(work_dir, target: dict) -> bool:
+    """Whether work_dir holds a tuning database for `target` (checked without creating one)."""
+    path = database_dir(work_dir, target)
+    return all((path / name).is_file() for name in DATABASE_FILES)
+
+
 def best_prim_func(layer: Layer, target: dict, work_dir, relu: bool = False):
     """The database's best schedule of this layer as a PrimFunc (data, weight OIHW, bias, out), or None."""
     import tvm
 
+    if not has_database(work_dir, target):  # reading never creates a database
+        return None
     database = open_database(work_dir, target)
     mod = workload(layer, relu)
     if not any(record_ms(r) is not None for r in records_of(database, mod)):
@@ -478,7 +489,7 @@ def best_prim_func(layer: Layer, target: dict, work_dir, relu: bool = False):
 
 def tuned_layers(model: Model, target: dict, work_dir) -> list[str]:
     """The convs of `model` with at least one usable tuning record for `target` under work_dir."""
-    if not database_dir(work_dir, target).exists():
+    if not has_database(work_dir, target):
         return []
     database = open_database(work_dir, target)
     return [layer.name for layer in model.convs

@@ -31,7 +31,10 @@ class TunedCandidate(TVMCandidate):
 
     def why_not_applicable(self, layer):
         if self.layers is not None and layer.name not in self.layers:
-            return "not tuned at this budget"
+            if self.config:
+                return "not tuned at this budget"
+            return (f"no tuning record for this layer in {self.tuning_dir}; tune it first "
+                    f"(python -m workbench tune --layers {layer.name} --trials N with this --work-dir)")
         return None
 
     def prim_func(self, layer, relu, weight, target):
