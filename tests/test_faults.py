@@ -142,19 +142,23 @@ def test_a_remote_device_is_waited_for_after_its_session_died(cluster, small_mod
 # ---------------------------------------------------------------- the server SIGKILLed mid-sweep
 
 class KillsTheServerOnce(FactoryCandidate):
-    """TVM's default conv, whose first setup SIGKILLs the whole server group (the device dies)."""
+    """TVM's default conv, whose first setup SIGKILLs the whole server group (the device dies),
+    or, with whole_group=False, only the server's main process (its session process lives on)."""
 
-    def __init__(self, cluster):
+    def __init__(self, cluster, whole_group: bool = True):
         super().__init__("tvm:killer", plain_conv)
-        self.cluster, self.killed = cluster, []
+        self.cluster, self.killed, self.whole_group = cluster, [], whole_group
 
     def prim_func(self, layer, relu, weight, target):
         if not self.killed:
             pgid = server_group(self.cluster)
             self.cluster.groups.add(pgid)
-            os.killpg(pgid, signal.SIGKILL)
+            if self.whole_group:
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                os.kill(pgid, signal.SIGKILL)  # the group leader only
             deadline = time.monotonic() + 10
-            while group_alive(pgid) and time.monotonic() < deadline:
+            while (group_alive(pgid) if self.whole_group else not wait_gone([pgid], 0)) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.killed.append(pgid)
         return super().prim_func(layer, relu, weight, target)
@@ -182,6 +186,51 @@ def test_a_server_killed_mid_sweep_is_restarted_and_no_transport_failure_is_reco
     _, again = bounded(60, compare, small_model, device, layers, candidates=candidates, timing=QUICK, store=store,
                        progress=False)
     assert len(store.read()) == lines and again < 30
+
+
+def test_a_server_whose_main_process_dies_under_a_live_session_is_restarted_not_recorded_failed(
+        cluster, small_model, tmp_path):
+    # The session process outlives its server and answers, but uploads fail: the device's
+    # failure, which must not be stored as the candidates' results.
+    store = RecordStore(tmp_path / "records.jsonl")
+    layers = [small_model.convs[1].name]
+    library = library_candidates(2)
+    killer = KillsTheServerOnce(cluster, whole_group=False)
+    candidates = [killer, DefaultCandidate(), *library[:3]]
+    records, _ = bounded(150, compare, small_model, cluster.device(), layers, candidates=candidates, timing=QUICK,
+                         store=store, progress=False)
+    assert killer.killed and group_alive(killer.killed[0]) == []  # the orphaned session went with the restart
+    assert {r["status"] for r in records} <= {"ok", "not_applicable"}, [
+        (r["impl"], r["status"], r["note"]) for r in records if r["status"] not in ("ok", "not_applicable")]
+    assert sorted(keys_in(store)) == sorted((l, c.impl) for l in layers for c in candidates)
+
+
+def sleeping_kernel(layer, relu, weight):
+    """A conv-shaped PrimFunc that never returns in time: its session process hangs (not dies)."""
+    from tvm.script import tirx as T
+
+    out_shape, in_shape, w_shape = layer.output_shape, layer.input_shape, weight.shape
+
+    @T.prim_func
+    def hang(data: T.Buffer(in_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+             bias: T.Buffer((out_shape[1],), "float32"), out: T.Buffer(out_shape, "float32")):
+        T.evaluate(T.call_extern("int32", "sleep", 3600))
+
+    return hang
+
+
+def test_a_kernel_that_never_answers_is_ended_from_this_side_and_recorded_crashed(cluster, small_model, tmp_path):
+    store = RecordStore(tmp_path / "records.jsonl")
+    layer = small_model.convs[0].name
+    device = cluster.device()
+    device.call_timeout = 5  # the default (300 s) is for real kernels; the server's own limit is 600 s
+    candidates = [FactoryCandidate("tvm:hang", sleeping_kernel), DefaultCandidate()]
+    records, seconds = bounded(150, compare, small_model, device, [layer], candidates=candidates, timing=QUICK,
+                               store=store, progress=False)
+    by = {r["impl"]: r for r in records}
+    assert by["tvm:hang"]["status"] == "crashed" and "no answer" in by["tvm:hang"]["note"], by["tvm:hang"]
+    assert by["tvm:default"]["status"] == "ok" and cluster.healthy(wait=5)
+    cluster.groups.update(cluster.pids)
 
 
 def test_failed_records_are_measured_again_on_resume(cluster, small_model, tmp_path):

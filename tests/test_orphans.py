@@ -126,6 +126,28 @@ def test_a_killed_compare_leaves_no_cluster_process_and_no_port(tmp_path, model_
             proc.wait(10)
 
 
+def test_a_stopped_server_is_ended_too_when_the_command_is_killed(tmp_path, model_file):
+    # A stopped process cannot run its own watch of the parent: the cluster's reaper ends it.
+    proc = _start(tmp_path, "compare", "--model", model_file, "--threads", "1")
+    try:
+        groups, ports = _wait(lambda: _running_cluster(psutil.Process(proc.pid)), 90,
+                              "the command's local cluster to run", proc)
+        for group in groups:
+            os.killpg(group, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        _assert_all_gone(groups, ports)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for group in groups if "groups" in locals() else ():
+            try:
+                os.killpg(group, signal.SIGCONT)
+            except OSError:
+                pass
+
+
 def test_a_command_killed_while_tuning_leaves_no_popen_worker(tmp_path, model_file, small_model):
     layer = small_model.convs[0].name
     proc = _start(tmp_path, "tune", "--model", model_file, "--layers", layer, "--trials", "8", "--threads", "1")

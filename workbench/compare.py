@@ -15,7 +15,7 @@ from .kernels.base import Candidate
 from .measure import FINAL, ConvCase, Measurement, TimingConfig, measure, usable
 from .model import Model
 from .records import RecordStore
-from .rpc import SessionKeeper, SessionLost, short_reason
+from .rpc import SessionKeeper, SessionLost, device_ok, hang_guard, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,20 @@ def _survive(candidate, case: ConvCase, sessions: SessionKeeper, device, timing:
     """
     reasons = []
     while len(reasons) < CRASH_LIMIT:
+        hung: list = []
         try:
-            return measure(candidate, case, sessions.get(), device, timing)
+            with hang_guard(device) as hung:
+                result = measure(candidate, case, sessions.get(), device, timing)
+            if hung:
+                raise SessionLost("the guard ended the server")
+            # A failure while the device died under it (an orphaned session process answering
+            # for a dead server, say) is the device's, not the candidate's.
+            if result.status != "failed" or device_ok(device):
+                return result
+            raise SessionLost(f"the device died while measuring ({result.note})")
         except SessionLost as err:
-            reasons.append(short_reason(err.__cause__ or err))
+            reasons.append(f"no answer from the device within {hung[0]:.0f}s" if hung
+                           else short_reason(err.__cause__ or err))
         # Outside the except block, so the dead session's remote objects can be collected.
         log.warning("%s on %s: session lost (%s); reviving the device", candidate.impl, case.layer.name, reasons[-1])
         sessions.lost()

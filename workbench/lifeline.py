@@ -9,6 +9,10 @@ Two kinds of helpers outlive a killed parent unless told otherwise:
   it kills its own group. Polling `getppid()` rather than PR_SET_PDEATHSIG because the
   latter fires when the *thread* that forked exits, and a cluster may be started from a
   short-lived thread.
+- A process of the cluster that is stopped (SIGSTOP, a debugger) cannot run its own watch.
+  `GroupReaper` is a separate, tiny process holding the cluster's process groups: it reads a
+  pipe from this process and, when the pipe ends without "closed" (this process died), sends
+  SIGKILL to every group, which ends stopped processes too.
 - TVM's popen workers (`python -m tvm.exec.popen_worker`), which MetaSchedule's builder
   and runner pools and TVM's RPC server start. An idle worker exits when its pipe closes,
   but a busy one (a runner retrying a dead tracker) does not. `guard_popen_workers()` makes
@@ -116,3 +120,51 @@ def guard_popen_workers() -> None:
     with _guard_lock:
         if not isinstance(tvm_compat.popen_pool_subprocess(), _SubprocessWithLifeline):
             tvm_compat.set_popen_pool_subprocess(_SubprocessWithLifeline())
+
+
+# ---------------------------------------------------------------- the reaper
+
+# Runs as `python -I -c`: reads "PGID" lines; at "closed" it exits; at the end of the pipe
+# (the parent died, however) it kills every group it was given.
+_REAPER = """\
+import os, signal, sys
+groups = []
+for line in sys.stdin:
+    if line.strip() == "closed":
+        sys.exit(0)
+    groups.append(int(line))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class GroupReaper:
+    """Kills the process groups it is told of should this process die before `close()`."""
+
+    def __init__(self):
+        import sys
+
+        self._proc = subprocess.Popen([sys.executable, "-I", "-c", _REAPER], stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"{pgid}\n")
+
+    def close(self) -> None:
+        """The groups were ended by their owner: let the reaper go without killing anything."""
+        self._send("closed\n")
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    def _send(self, line: str) -> None:
+        try:
+            self._proc.stdin.write(line.encode())
+            self._proc.stdin.flush()
+        except (OSError, ValueError):  # the reaper is gone: the in-process watches still work
+            pass

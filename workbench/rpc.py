@@ -11,6 +11,7 @@ the environment (never argv, which every user can read) and never disclosed by i
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -20,11 +21,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
 from .errors import WorkbenchError
-from .lifeline import guard_popen_workers, spawn_env
+from .lifeline import GroupReaper, guard_popen_workers, spawn_env
 from .targets import CROSS_COMPILERS, TARGET_PRESETS, host_target  # noqa: F401  (callers import them from here)
 from .targets import check_device, device_info, probe, resolve_target
 from .threads import check_positive, resolve_threads
@@ -117,6 +119,9 @@ class Device:
     request_timeout: float = 60
     connect_timeout: float = 5
     local: "LocalCluster | None" = field(default=None, repr=False, compare=False)  # restarts what dies
+    # A local server that stops answering (stopped, wedged) cannot end its own session; after
+    # call_timeout seconds of one measurement the client ends it (hang_guard). 0 = never.
+    call_timeout: float = 300
     info: dict = field(default_factory=dict)  # the machine the device reported (targets.probe)
     key_is_secret: bool = False  # a local cluster's key: never written to records or logs
 
@@ -358,6 +363,43 @@ def runner_session(device: Device, wait: float, _rpc_config=None):
         raise SessionLost(f"the device is gone: {err}") from None
 
 
+@contextlib.contextmanager
+def hang_guard(device: Device):
+    """Bound one measurement from this side: if it has not returned after device.call_timeout
+    seconds, the local cluster's servers are killed, so the blocked call fails and the caller
+    revives the device. Yields a list that is non-empty if the guard fired.
+
+    A remote device's calls are bounded by its server's session_timeout only: a board that is
+    frozen, not dead, holds the call until then.
+    """
+    fired: list = []
+    cluster = device.local
+    if cluster is None or not device.call_timeout:
+        yield fired
+        return
+
+    def fire():
+        fired.append(device.call_timeout)
+        log.warning("no answer from the local RPC server within %.0fs; ending it", device.call_timeout)
+        cluster.kill_servers()
+
+    timer = threading.Timer(device.call_timeout, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+
+
+def device_ok(device: Device) -> bool:
+    """After a failure: whether the device still serves (a local cluster with every process
+    alive and registered; a remote key registered at its tracker)."""
+    if device.local is not None:
+        return device.local.healthy(wait=2)
+    return device.alive(wait=2)
+
+
 class SessionKeeper:
     """One RPC session reused across measurements, replaced when it dies or nears its timeout.
 
@@ -480,6 +522,7 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.port: int | None = None
         self.procs: list[subprocess.Popen] = []
+        self._reaper: GroupReaper | None = None
 
     def __repr__(self) -> str:
         where = f"{self.host}:{self.port}" if self.port else "not started"
@@ -498,12 +541,13 @@ class LocalCluster:
 
     def start(self) -> None:
         guard_popen_workers()  # MetaSchedule's workers in this process end with it, too
+        self._reaper = GroupReaper()  # ends even a stopped process of the cluster should we die
         self.port = free_port(self.host)
-        self.procs.append(_spawn(["-m", "workbench.tracker", "--host", self.host,
-                                  "--port", str(self.port), "--port-end", str(self.port + 1)]))
+        self._add(_spawn(["-m", "workbench.tracker", "--host", self.host,
+                          "--port", str(self.port), "--port-end", str(self.port + 1)]))
         self._wait_for(lambda: self._tracker_answers(), "the tracker to answer")
         for _ in range(self.servers):
-            self.procs.append(self._spawn_server())
+            self._add(self._spawn_server())
         self._wait_for(lambda: self._registered() >= self.servers, f"{self.servers} server(s) to register")
         log.info("local RPC cluster: tracker %s:%s, %d server(s)", self.host, self.port, self.servers)
 
@@ -513,10 +557,23 @@ class LocalCluster:
                 "--host", self.host, "--port", str(port), "--threads", str(self.threads)]
         return _spawn(args, {**thread_env(self.threads), KEY_ENV: self.key})
 
+    def _add(self, proc: subprocess.Popen) -> None:
+        self.procs.append(proc)
+        self._reaper.watch(proc.pid)  # its own group: the pid is the group id
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             _stop_group(proc)
         self.procs.clear()
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None
+
+    def kill_servers(self) -> None:
+        """End every server's process group at once (SIGKILL ends a stopped one too): a call
+        blocked on a server that stopped answering then fails, and revive() restarts them."""
+        for proc in self.procs[1:]:  # procs[0] is the tracker
+            _signal_group(proc, signal.SIGKILL)
 
     @property
     def pids(self) -> list[int]:
