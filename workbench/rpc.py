@@ -243,6 +243,8 @@ class Device:
         and with it the server, busy until a garbage collection; the collection here frees
         the server for the next request. `work` should return plain data, not remote objects.
         """
+        if self.local is not None:  # cheap when it serves; restarts a local cluster found dead
+            self.revive()
         for attempt in range(2):  # a session lost to the transport is re-opened once; work is a measurement
             session = self.session()
             try:
