@@ -550,7 +550,7 @@ class LocalCluster:
         self._wait_for(lambda: self._tracker_answers(), "the tracker to answer")
         for _ in range(self.servers):
             self._add(self._spawn_server())
-        self._wait_for(lambda: self._registered() >= self.servers, f"{self.servers} server(s) to register")
+        self._wait_for(lambda: self._live_servers() >= self.servers, f"{self.servers} server(s) to register")
         log.info("local RPC cluster: tracker %s:%s, %d server(s)", self.host, self.port, self.servers)
 
     def _spawn_server(self) -> subprocess.Popen:
@@ -591,18 +591,12 @@ class LocalCluster:
         return device
 
     def _tracker_answers(self) -> bool:
-        # A plain socket probe: tvm's own client retries for minutes before it gives up.
+        # Probed with a timeout: tvm's own client retries for minutes before it gives up.
         try:
-            with socket.create_connection((self.host, self.port), timeout=1):
-                return True
-        except OSError:
+            probe_tracker(self.host, self.port, timeout=1)
+            return True
+        except DeviceError:
             return False
-
-    def _registered(self) -> int:
-        import tvm.rpc
-
-        queues = tvm.rpc.connect_tracker(self.host, self.port).summary()["queue_info"]
-        return queues.get(key_digest(self.key), {}).get("free", 0)
 
     def _wait_for(self, ready, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -637,8 +631,8 @@ class LocalCluster:
 
         tracker = tvm.rpc.connect_tracker(self.host, self.port)
         _bound_tracker(tracker, 5)
-        names = {f"server:{self.key}", f"server:{key_digest(self.key)}"}  # our tracker lists a digest
-        return sum(info.get("key") in names for info in tracker.summary().get("server_info", []))
+        name = f"server:{key_digest(self.key)}"  # the cluster's tracker (tracker.py) lists keys by digest
+        return sum(info.get("key") == name for info in tracker.summary().get("server_info", []))
 
     def revive(self) -> None:
         """Bring the cluster back after a server or session died: nothing if it serves again by
