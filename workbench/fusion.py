@@ -1,9 +1,13 @@
-"""Fusion groups as data: which ops after a conv a kernel absorbs, derived from the model graph.
+"""Fusion groups as data: which ops around a conv a kernel absorbs, derived from the model graph.
 
-A conv absorbs a following op only when it is the sole reader of what comes before it (else
-the unfused value is still needed). What a kernel can absorb is the kernel's own declaration
-(`Candidate.fusible`): NNPACK and the hand and tuned schedules take a ReLU (or nothing), TVM's
-default conv also takes the decoder's ResizeNearest -> Add(skip) -> ReLU.
+A conv absorbs a following op (its epilogue) only when it is the sole reader of what comes
+before it (else the unfused value is still needed), and a preceding MaxPool [-> ReLU] (its
+prologue) only when the conv is the pool's sole reader. What a kernel can absorb is the
+kernel's own declaration (`Candidate.fusible` after the conv, `Candidate.prologue_fusible`
+before it): NNPACK takes a ReLU (or nothing); TVM's kernels also take the decoder's
+ResizeNearest -> Add(skip) -> ReLU and the encoder's MaxPool -> ReLU.
+
+`Fusion` is what one conv kernel computes around conv + bias, as data the kernels read.
 """
 
 from __future__ import annotations
@@ -13,6 +17,49 @@ from dataclasses import dataclass
 from .model import Layer, Model
 
 OUTPUT = "<output>"
+PROLOGUE_OPS = ("maxpool", "relu")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """What a conv kernel computes besides conv + bias.
+
+    Prologue: a max-pool with window = stride = `pool` (0: none), then ReLU if `pool_relu`,
+    computed by the conv's input stage straight from the pre-pool tensor. Epilogue: a nearest
+    upsample by `scale` (1: none), + the skip if `add`, then ReLU if `relu` (a ReLU alone is
+    the original study's conv+bias+ReLU).
+    """
+
+    pool: int = 0
+    pool_relu: bool = False
+    pool_in: tuple[int, int] | None = None  # (height, width) before the pool: a 25-row input pools to 12
+    scale: int = 1
+    add: bool = False
+    relu: bool = False
+
+    @classmethod
+    def of(cls, prologue: tuple[Layer, ...] = (), epilogue: tuple[Layer, ...] = ()) -> "Fusion":
+        pool = next((m for m in prologue if m.op == "maxpool"), None)
+        resize = next((m for m in epilogue if m.op == "resize"), None)
+        return cls(pool=pool.kernel if pool else 0, pool_relu=any(m.op == "relu" for m in prologue),
+                   pool_in=tuple(pool.input_shape[2:]) if pool else None,
+                   scale=resize.scale if resize else 1, add=any(m.op == "add" for m in epilogue),
+                   relu=bool(epilogue) and epilogue[-1].op == "relu")
+
+    @property
+    def prologue_ops(self) -> tuple[str, ...]:
+        return (("maxpool",) + (("relu",) if self.pool_relu else ())) if self.pool else ()
+
+    @property
+    def epilogue_ops(self) -> tuple[str, ...]:
+        ops = (("resize",) if self.scale > 1 else ()) + (("add",) if self.add else ())
+        return ops + (("relu",) if self.relu else ())
+
+    @property
+    def label(self) -> str:
+        """e.g. 'maxpool+relu > conv > relu', 'conv > resize+add+relu', 'conv'."""
+        parts = ["+".join(self.prologue_ops), "conv", "+".join(self.epilogue_ops)]
+        return " > ".join(p for p in parts if p)
 
 
 def consumers(model: Model) -> dict[str, list[str]]:
@@ -57,6 +104,39 @@ def fusible_chain(model: Model, conv: Layer, fusible: tuple[str, ...]) -> tuple[
     return tuple(chain)
 
 
+def prologue_chain(model: Model, conv: Layer, fusible: tuple[str, ...] = PROLOGUE_OPS) -> tuple[str, ...]:
+    """The MaxPool [-> ReLU] before the conv its input stage can compute: ('maxpool', 'relu'), ('maxpool',) or ().
+
+    Only a non-overlapping pool (window = stride, no padding) whose one reader chain ends at
+    this conv qualifies; the pool's input may have other readers (the encoder's skip).
+    """
+    if "maxpool" not in fusible or len(conv.inputs) != 1:
+        return ()
+    users = consumers(model)
+    chain, current = [], conv.inputs[0]
+    if current == model.input_name:
+        return ()
+    reader, layer = conv.name, model.layer(current)
+    if layer.op == "relu" and "relu" in fusible and users.get(layer.name) == [conv.name]:
+        chain.append("relu")
+        if layer.inputs[0] == model.input_name:
+            return ()
+        reader, layer = layer.name, model.layer(layer.inputs[0])
+    if layer.op != "maxpool" or users.get(layer.name) != [reader] or layer.kernel != layer.stride or layer.pad:
+        return ()
+    return ("maxpool",) + tuple(chain)
+
+
+def prologue_layers(model: Model, conv: Layer, prologue: tuple[str, ...]) -> list[Layer]:
+    """The layers a prologue absorbs, in execution order (the pool first)."""
+    members, current = [], conv.inputs[0]
+    for _ in prologue:
+        layer = model.layer(current)
+        members.insert(0, layer)
+        current = layer.inputs[0]
+    return members
+
+
 def legal_fusions(model: Model, conv: Layer, fusible: tuple[str, ...]) -> list[tuple[str, ...]]:
     """Every fusion a plan may name for this conv: nothing, or a prefix of the chain ending sensibly."""
     chain = fusible_chain(model, conv, fusible)
@@ -84,7 +164,17 @@ class ConvGroup:
     """A conv and the ops it absorbs, in order; the group's value replaces its last member's."""
 
     conv: Layer
-    members: tuple[Layer, ...] = ()
+    members: tuple[Layer, ...] = ()  # the epilogue: ops after the conv, in order
+    prologue: tuple[Layer, ...] = ()  # ops before the conv its input stage computes (the pool first)
+
+    @property
+    def fusion(self) -> Fusion:
+        return Fusion.of(self.prologue, self.members)
+
+    @property
+    def source(self) -> str:
+        """The name of the value the group reads: the pool's input, or the conv's."""
+        return self.prologue[0].inputs[0] if self.prologue else self.conv.inputs[0]
 
     @property
     def tail(self) -> Layer:
@@ -114,7 +204,10 @@ class ConvGroup:
         return next(s for s in self.add.inputs if s != produced)
 
 
-def conv_groups(model: Model, fusions: dict[str, tuple[str, ...]]) -> dict[str, ConvGroup]:
-    """conv name -> its group, given each conv's fusion (e.g. a plan's `fuse` per layer)."""
-    return {conv.name: ConvGroup(conv, tuple(fused_layers(model, conv, tuple(fusions.get(conv.name, ())))))
+def conv_groups(model: Model, fusions: dict[str, tuple[str, ...]],
+                prologues: dict[str, tuple[str, ...]] | None = None) -> dict[str, ConvGroup]:
+    """conv name -> its group, given each conv's epilogue (a plan's `fuse`) and prologue per layer."""
+    prologues = prologues or {}
+    return {conv.name: ConvGroup(conv, tuple(fused_layers(model, conv, tuple(fusions.get(conv.name, ())))),
+                                 tuple(prologue_layers(model, conv, tuple(prologues.get(conv.name, ())))))
             for conv in model.convs}
