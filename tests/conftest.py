@@ -29,3 +29,11 @@ def cluster():
 @pytest.fixture(scope="session")
 def device(cluster):
     return cluster.device()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so a fixture can tell a failed test at teardown."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
