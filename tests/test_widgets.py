@@ -1,0 +1,79 @@
+"""The composer and plan editor widgets, driven headless as a user would (controls, then buttons)."""
+
+import pytest
+
+from workbench import composer
+from workbench.measure import TimingConfig
+from workbench.plan import Plan
+
+pytest.importorskip("anywidget", reason="plotly's FigureWidget needs anywidget (requirements.lock)")
+
+from workbench import widgets  # noqa: E402
+
+TIMING = TimingConfig(number=1, repeat=2, min_repeat_ms=1)
+
+
+def _classes(widget):
+    return set(widget._dom_classes)
+
+
+def test_composer_widget_applies_variants_and_keeps_working_after_an_error(small_model, device):
+    plan = Plan.uniform(small_model)
+    ui = widgets.ComposerWidget(composer.Composer(small_model, device, TIMING), block="enc0_conv1", plan=plan)
+    assert "wb-composer" in _classes(ui) and "wb-block" in _classes(ui.block)
+    assert {"wb-fuse", "wb-fuse-relu"} <= _classes(ui.toggles["relu"]) and ui.toggles["relu"].value
+    assert {"wb-knob", "wb-knob-ow_bn"} <= _classes(ui.knobs["ow_bn"]) and ui.knobs["ow_bn"].continuous_update is False
+    assert "wb-knob-epilogue" in _classes(ui.knobs["epilogue"])
+    for pane, name in ((ui.code, "wb-code"), (ui.diff, "wb-diff"), (ui.trace, "wb-trace"), (ui.time, "wb-time"),
+                       (ui.chart, "wb-chart"), (ui.apply, "wb-apply"), (ui.use, "wb-use"), (ui.status, "wb-status")):
+        assert name in _classes(pane)
+
+    ui.impl.value = "direct_nchw"
+    ui.apply.click()
+    assert " ms ✓ numerics ok" in ui.time.value and "epilogue=tile" in ui.time.value, ui.status.value
+    assert "<span" in ui.code.value and "first variant" in ui.diff.value and ui.trace.value
+    ui.knobs["epilogue"].value = "separate"
+    ui.apply.click()
+    assert "epilogue=separate" in ui.time.value and "<span" in ui.diff.value
+    assert len(ui.chart.data[0].x) == 2  # both variants on the live chart, numerics ok
+
+    ui.knobs["ow_bn"].value, ui.knobs["vec"].value = 3, 16  # 16 lanes do not divide a 3-pixel tile
+    ui.apply.click()
+    assert ui.status.value.startswith("error: knob vec=16") and "\n" not in ui.status.value
+    ui.knobs["ow_bn"].value, ui.knobs["vec"].value = 8, 8  # still alive after the error
+    ui.apply.click()
+    assert "ow_bn=8" in ui.time.value and len(ui.chart.data[0].x) == 3
+
+    ui.use.click()
+    assert plan.layers["enc0_conv1"].impl == "tvm:direct_nchw" and plan.layers["enc0_conv1"].fuse == ("relu",)
+    assert ui.status.value.startswith("plan: enc0_conv1")
+
+    ui.block.value = "dec1_reduce"  # another block: its own toggles, an empty chart
+    assert set(ui.toggles) == {"resize-add-relu"} and "wb-fuse-resize-add-relu" in _classes(ui.toggles["resize-add-relu"])
+    assert len(ui.chart.data[0].x) == 0 and ui.time.value == "not measured yet"
+
+
+def test_plan_editor_lists_measured_impls_and_legal_fusions(small_model):
+    records = [{"layer": "enc0_conv1", "impl": "tvm:direct_nchw", "status": "ok", "numerics_ok": True, "median_ms": 0.5},
+               {"layer": "enc0_conv1", "impl": "tvm:default", "status": "ok", "numerics_ok": True, "median_ms": 0.25},
+               {"layer": "enc0_conv1", "impl": "tvm:winograd_2", "status": "wrong", "numerics_ok": False,
+                "median_ms": 0.01}]
+    plan = Plan.uniform(small_model)
+    editor = widgets.PlanEditor(small_model, plan, records)
+    assert "wb-plan-editor" in _classes(editor)
+    labels = [label for label, _ in editor.impls["enc0_conv1"].options]
+    assert labels[0] == "tvm:default · 0.250 ms" and labels[1] == "tvm:direct_nchw · 0.500 ms"
+    assert "tvm:winograd_2 · not measured" in labels  # a wrong record gives no time
+    assert editor.plan.to_dict() == plan.to_dict()
+
+    decoder = editor.toggles["dec1_reduce"]["resize-add-relu"]
+    assert decoder.value and not decoder.disabled
+    nnpack = next(v for _, v in editor.impls["dec1_reduce"].options if v.startswith("nnpack:"))
+    editor.set("dec1_reduce", nnpack)
+    assert decoder.disabled and not decoder.value  # NNPACK cannot compute resize+add
+    assert editor.plan.layers["dec1_reduce"].fuse == ()
+
+    edited = editor.plan_with("enc0_conv1", "tvm:direct_nchw", toggles=())
+    assert edited.layers["enc0_conv1"].fuse == () and editor.plan.layers["enc0_conv1"].fuse == ("relu",)
+    editor.retime_button.click()  # no runner: one clear line, not a dead button
+    assert editor.status.value.startswith("error: nothing to re-time")
