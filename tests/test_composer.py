@@ -30,6 +30,8 @@ def test_toggles_become_fusions_and_back(small_model):
     assert fusion.pool == 2 and fusion.pool_relu and fusion.relu
     assert pool_block.toggles_of(fusion) == ("pool-relu", "relu")
     assert pool_block.fusion(()).label == "conv"
+    available = composer.available_toggles(pool_block)
+    assert available == (("pool-relu", "relu") if composer._fusion_in_kernels() else ("relu",))
     with pytest.raises(composer.ComposerError, match="resize-add-relu"):
         pool_block.fusion(("resize-add-relu",))
     with pytest.raises(composer.ComposerError, match="enc0_conv1"):
@@ -71,6 +73,9 @@ def test_try_variant_measures_caches_and_diffs(small_model, device):
 
     plain = comp.try_variant(comp.variant("enc0_conv1", "direct_nchw", ()))
     assert plain.usable and "T.max" not in plain.tir
+    relu = comp.blocks["enc0_conv1"].fusion(("relu",))
+    assert comp.best("enc0_conv1", relu).median_ms == min(first.median_ms, moved.median_ms)  # like with like
+    assert comp.best("enc0_conv1", plain.variant.fusion).variant == plain.variant
 
 
 def test_a_wrong_variant_is_marked_and_never_best(small_model, device):

@@ -139,6 +139,12 @@ def supported(fusion: Fusion) -> str | None:
     return f"the hand schedules of this version fuse a ReLU epilogue only, not {fusion.label!r}"
 
 
+def available_toggles(found: Block) -> tuple[str, ...]:
+    """The block's toggles the kernels can compute (each alone and all together)."""
+    names = tuple(name for name in found.toggles if supported(found.fusion((name,))) is None)
+    return names if supported(found.fusion(names)) is None else ()
+
+
 def conv_layer(layer: Layer, fusion: Fusion) -> schedules.ConvLayer:
     """The schedules' view of the conv computing `fusion` around it: the one place the fusion API is read."""
     reason = supported(fusion)
@@ -305,9 +311,14 @@ class Composer:
     def history(self, block_name: str) -> list[Result]:
         return list(self._history.get(block_name, []))
 
-    def best(self, block_name: str) -> Result | None:
-        """The fastest variant tried on the block whose numerics held (a wrong one never wins)."""
-        good = [r for r in self._history.get(block_name, []) if r.usable]
+    def best(self, block_name: str, fusion: Fusion | None = None) -> Result | None:
+        """The fastest variant tried on the block whose numerics held (a wrong one never wins).
+
+        With `fusion`, only variants computing it: a kernel that leaves the ReLU out is faster
+        only because the ReLU then runs as an op of its own.
+        """
+        good = [r for r in self._history.get(block_name, [])
+                if r.usable and (fusion is None or r.variant.fusion == fusion)]
         return min(good, key=lambda r: r.median_ms) if good else None
 
     def _run(self, variant: Variant) -> Result:

@@ -147,7 +147,8 @@ class ComposerWidget(w.VBox):
     def _show_block(self):
         block = self.current
         impls = comp.applicable_impls(block.conv)
-        self.toggles = {name: self._toggle(block, name) for name in block.toggles}
+        available = comp.available_toggles(block)
+        self.toggles = {name: self._toggle(block, name, name in available) for name in block.toggles}
         self.fuse_box.children = list(self.toggles.values()) or [w.Label("nothing to fuse around this conv")]
         keep = self.impl.value if self.impl.value in impls else impls[0]
         if list(self.impl.options) != impls:
@@ -158,9 +159,9 @@ class ComposerWidget(w.VBox):
         history = self.composer.history(block.name)
         self._show_result(history[-1] if history else None)
 
-    def _toggle(self, block: comp.Block, name: str) -> w.ToggleButton:
-        reason = comp.supported(block.fusion((name,)))
-        toggle = w.ToggleButton(value=reason is None, description=name, disabled=reason is not None,
+    def _toggle(self, block: comp.Block, name: str, available: bool) -> w.ToggleButton:
+        reason = None if available else comp.supported(block.fusion((name,))) or "not together with the others"
+        toggle = w.ToggleButton(value=available, description=name, disabled=not available,
                                 tooltip=reason or f"fuse {name} into the conv")
         return _classes(toggle, "wb-fuse", f"wb-fuse-{name}")
 
