@@ -99,7 +99,9 @@ def test_use_in_plan_validates(small_model):
     composer.use_in_plan(plan, small_model, variant)
     assert plan.layers["dec0_conv"].impl == "tvm:direct_nchwc" and plan.layers["dec0_conv"].fuse == ("relu",)
     assert any(n.startswith("dec0_conv: ") and variant.knob_text in n for n in plan.notes)
-    pooled = composer.make_variant(small_model, "enc1_conv1", "direct_nchw", ("pool-relu", "relu"))
+    pool_block = composer.block(small_model, "enc1_conv1")
+    pooled = composer.Variant("enc1_conv1", "direct_nchw", pool_block.fusion(("pool-relu", "relu")),
+                              schedules.default_knobs("direct_nchw", schedules.ConvLayer.of(pool_block.conv)))
     before = plan.layers["enc1_conv1"]
     from workbench.plan import LayerPlan
 

@@ -132,27 +132,28 @@ def _fusion_in_kernels() -> bool:
     return "fusion" in {f.name for f in dataclasses.fields(schedules.ConvLayer)}
 
 
-def supported(fusion: Fusion) -> str | None:
-    """Why the hand schedules cannot compute `fusion` here, or None when they can."""
-    if _fusion_in_kernels() or (not fusion.prologue_ops and fusion.epilogue_ops in ((), ("relu",))):
+def supported(fusion: Fusion, layer: Layer | None = None) -> str | None:
+    """Why the hand schedules cannot compute `fusion` (around `layer`, when given), or None when they can."""
+    if not _fusion_in_kernels():
+        if fusion.prologue_ops or fusion.epilogue_ops not in ((), ("relu",)):
+            return f"the hand schedules of this version fuse a ReLU epilogue only, not {fusion.label!r}"
         return None
-    return f"the hand schedules of this version fuse a ReLU epilogue only, not {fusion.label!r}"
+    problem = getattr(schedules, "fusion_problem", None)
+    return problem(schedules.ConvLayer.of(layer, fusion)) if problem and layer is not None else None
 
 
 def available_toggles(found: Block) -> tuple[str, ...]:
     """The block's toggles the kernels can compute (each alone and all together)."""
-    names = tuple(name for name in found.toggles if supported(found.fusion((name,))) is None)
-    return names if supported(found.fusion(names)) is None else ()
+    names = tuple(name for name in found.toggles if supported(found.fusion((name,)), found.conv) is None)
+    return names if supported(found.fusion(names), found.conv) is None else ()
 
 
 def conv_layer(layer: Layer, fusion: Fusion) -> schedules.ConvLayer:
     """The schedules' view of the conv computing `fusion` around it: the one place the fusion API is read."""
-    reason = supported(fusion)
+    reason = supported(fusion, layer)
     if reason:
         raise ComposerError(f"layer {layer.name!r}: {reason}; switch those toggles off")
-    if _fusion_in_kernels():
-        return schedules.ConvLayer.of(layer, fusion=fusion)
-    return schedules.ConvLayer.of(layer, fusion.relu)
+    return schedules.ConvLayer.of(layer, fusion if _fusion_in_kernels() else fusion.relu)
 
 
 def conv_case(model: Model, layer: Layer, fusion: Fusion, seed: int = 0) -> ConvCase:
@@ -219,14 +220,14 @@ def applicable_impls(layer: Layer) -> list[str]:
 
 def make_variant(model: Model, block_name: str, impl: str | None = None, toggles: tuple[str, ...] | None = None,
                  **knobs) -> Variant:
-    """A checked variant: default impl (the first that applies), all toggles on, default knobs but `knobs`."""
+    """A checked variant: default impl (the first that applies), every available toggle on, default knobs but `knobs`."""
     found = block(model, block_name)
     impls = applicable_impls(found.conv)
     impl = impl or impls[0]
     if impl not in impls:
         raise ComposerError(f"{impl!r} does not run {block_name!r}; choose one of {impls}")
-    fusion = found.fusion(tuple(found.toggles) if toggles is None else tuple(toggles))
-    conv = schedules.ConvLayer.of(found.conv)
+    fusion = found.fusion(available_toggles(found) if toggles is None else tuple(toggles))
+    conv = conv_layer(found.conv, fusion)
     base = schedules.default_knobs(impl, conv)
     unknown = sorted(set(knobs) - {f.name for f in dataclasses.fields(base)})
     if unknown:

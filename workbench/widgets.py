@@ -160,7 +160,7 @@ class ComposerWidget(w.VBox):
         self._show_result(history[-1] if history else None)
 
     def _toggle(self, block: comp.Block, name: str, available: bool) -> w.ToggleButton:
-        reason = None if available else comp.supported(block.fusion((name,))) or "not together with the others"
+        reason = None if available else comp.supported(block.fusion((name,)), block.conv) or "not together with the others"
         toggle = w.ToggleButton(value=available, description=name, disabled=not available,
                                 tooltip=reason or f"fuse {name} into the conv")
         return _classes(toggle, "wb-fuse", f"wb-fuse-{name}")
