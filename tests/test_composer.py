@@ -109,3 +109,16 @@ def test_use_in_plan_validates(small_model):
         with pytest.raises(WorkbenchError, match="pool"):
             composer.use_in_plan(plan, small_model, pooled)
         assert plan.layers["enc1_conv1"] == before
+
+
+def test_fused_blocks_measure_against_the_whole_chain(small_model, device):
+    if not composer._fusion_in_kernels():
+        pytest.skip("the kernels of this version fuse a ReLU epilogue only")
+    comp = composer.Composer(small_model, device, TIMING)
+    pooled = comp.try_variant(comp.variant("enc1_conv1", "direct_nchw"))  # every available toggle on
+    assert pooled.variant.fusion.label == "maxpool+relu > conv > relu"
+    assert pooled.usable, pooled.note
+    decoder = comp.try_variant(comp.variant("dec1_reduce", "direct_nchw", ("resize-add-relu",)))
+    assert decoder.variant.fusion.label == "conv > resize+add+relu" and decoder.usable, decoder.note
+    unfused = comp.try_variant(comp.variant("dec1_reduce", "direct_nchw", ()))
+    assert unfused.usable and unfused.diff  # the resize+add stage leaves the program

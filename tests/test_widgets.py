@@ -51,6 +51,9 @@ def test_composer_widget_applies_variants_and_keeps_working_after_an_error(small
     ui.block.value = "dec1_reduce"  # another block: its own toggles, an empty chart
     assert set(ui.toggles) == {"resize-add-relu"} and "wb-fuse-resize-add-relu" in _classes(ui.toggles["resize-add-relu"])
     assert len(ui.chart.data[0].x) == 0 and ui.time.value == "not measured yet"
+    ui.block.value = "enc1_conv1"
+    pool = ui.toggles["pool-relu"]
+    assert "wb-fuse-pool-relu" in _classes(pool) and pool.disabled is not composer._fusion_in_kernels()
 
 
 def test_plan_editor_lists_measured_impls_and_legal_fusions(small_model):
