@@ -332,7 +332,7 @@ class Composer:
         packed = schedules.pack_weight(variant.impl, conv, variant.knobs, self.model.params[layer.name][0])
         tolerance = 1e-3 if variant.impl.startswith("winograd") else 1e-4
         candidate = FactoryCandidate(f"tvm:{variant.impl}", lambda *_: (sch.mod["main"], packed),
-                                     tolerance=tolerance, note="composer variant", fusible=ALL_EPILOGUE,
+                                     tolerance=tolerance, fusible=ALL_EPILOGUE,
                                      prologue_fusible=PROLOGUE_OPS)
         measured = measure_case(self.device, candidate, self._case(layer, variant.fusion), self.timing)
         return Result(variant, sch.mod.script(), str(sch.trace), measured["status"], measured["median_ms"],

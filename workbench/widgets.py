@@ -99,10 +99,9 @@ class ComposerWidget(w.VBox):
         self.chart = _classes(_chart(), "wb-chart")
         self.toggles: dict[str, w.ToggleButton] = {}
         self.knobs: dict[str, w.ValueWidget] = {}
+        panes = w.HBox([_titled("TensorIR", self.code), _titled("diff against the previous variant", self.diff)])
         self.children = [self.block, self.impl, self.fuse_box, self.knob_box, w.HBox([self.apply, self.use]),
-                         self.time, self.status, self.chart,
-                         w.HBox([_titled("TensorIR", self.code), _titled("diff against the previous variant", self.diff)]),
-                         _titled("schedule trace", self.trace)]
+                         self.time, self.status, self.chart, panes, _titled("schedule trace", self.trace)]
         _classes(self, "wb-composer")
         self.block.observe(guarded(self.status, lambda _: self._show_block()), names="value")
         self.impl.observe(guarded(self.status, lambda _: self._show_knobs()), names="value")
@@ -125,10 +124,15 @@ class ComposerWidget(w.VBox):
     def apply_variant(self) -> comp.Result:
         variant = self.variant()
         self.status.value = f"measuring {variant.label} ..."
-        result = self.composer.try_variant(variant)
+        self.apply.disabled = True  # clicks while the device works would queue up
+        try:
+            result = self.composer.try_variant(variant)
+        finally:
+            self.apply.disabled = False
         self._show_result(result)
         recalled = " (recalled: measured before)" if result.cached else ""
-        self.status.value = f"{variant.block}: {result.status}{recalled}" + (f" · {result.note}" if result.note else "")
+        why = f" · {' '.join(result.note.split())}" if result.note and result.status != "ok" else ""
+        self.status.value = f"{variant.block}: {result.status}{recalled}{why}"
         return result
 
     def use_in_plan(self):
@@ -160,7 +164,8 @@ class ComposerWidget(w.VBox):
         self._show_result(history[-1] if history else None)
 
     def _toggle(self, block: comp.Block, name: str, available: bool) -> w.ToggleButton:
-        reason = None if available else comp.supported(block.fusion((name,)), block.conv) or "not together with the others"
+        reason = None if available else (comp.supported(block.fusion((name,)), block.conv)
+                                          or "the kernels cannot fuse it together with the others")
         toggle = w.ToggleButton(value=available, description=name, disabled=not available,
                                 tooltip=reason or f"fuse {name} into the conv")
         return _classes(toggle, "wb-fuse", f"wb-fuse-{name}")
