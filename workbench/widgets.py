@@ -129,10 +129,10 @@ class ComposerWidget(w.VBox):
             result = self.composer.try_variant(variant)
         finally:
             self.apply.disabled = False
-        self._show_result(result)
         recalled = " (recalled: measured before)" if result.cached else ""
         why = f" · {' '.join(result.note.split())}" if result.note and result.status != "ok" else ""
         self.status.value = f"{variant.block}: {result.status}{recalled}{why}"
+        self._show_result(result)  # the time label changes last: a browser waiting on it sees everything
         return result
 
     def use_in_plan(self):
@@ -185,13 +185,13 @@ class ComposerWidget(w.VBox):
     def _show_result(self, result: comp.Result | None):
         self.result = result
         if result is None:
-            self.time.value, self.code.value, self.diff.value, self.trace.value = "not measured yet", "", "", ""
+            self.code.value, self.diff.value, self.trace.value = "", "", ""
         else:
-            self.time.value = result.summary
             self.code.value = _highlight(result.tir, "python")
             self.diff.value = _highlight(result.diff, "diff") if result.diff else "<i>first variant on this block</i>"
             self.trace.value = _highlight(result.trace, "python")
         self._plot(self.composer.history(self.block.value))
+        self.time.value = result.summary if result else "not measured yet"
 
     def _plot(self, history: list[comp.Result]):
         timed = [(i + 1, r) for i, r in enumerate(history) if r.median_ms is not None]
@@ -221,7 +221,7 @@ def _chart():
     figure.add_scatter(mode="markers", name="numerics ok", marker={"color": "seagreen", "size": 10}, hovertemplate=hover)
     figure.add_scatter(mode="markers", name="wrong (never wins)", marker={"color": "crimson", "symbol": "x", "size": 10},
                        hovertemplate=hover)
-    figure.update_layout(xaxis_title="variant tried", yaxis_title="median ms", height=320,
+    figure.update_layout(xaxis_title="variant tried", xaxis_dtick=1, yaxis_title="median ms", height=320,
                          margin={"l": 50, "r": 10, "t": 40, "b": 40})
     return figure
 
