@@ -251,7 +251,7 @@ def winograd_tiles(layer: ConvLayer, m: int) -> tuple[int, int]:
 def default_knobs(impl: str, layer: ConvLayer) -> Knobs:
     """Knobs tuned on this machine (2 cores, AVX-512), adjusted to divide the layer's sizes."""
     _require_applicable(impl, layer)
-    pad = "separate" if layer.pad else "inline"
+    pad = "separate" if layer.pad or (layer.fusion.pool and impl.startswith("winograd")) else "inline"
     if impl == "direct_nchw":
         ow_bn = _pick_block(layer.out_width, (16, 24, 32, 8, 12))
         vec = _pick_vec(ow_bn)
@@ -321,6 +321,11 @@ def validate_knobs(impl: str, layer: ConvLayer, knobs: Knobs) -> None:
     _check_choice("parallel", knobs.parallel, PARALLEL_WINOGRAD)
     _check_choice("pad", knobs.pad, PAD_WINOGRAD)
     _check_choice("epilogue", knobs.epilogue, EPILOGUE_WINOGRAD)
+    if layer.fusion.pool and knobs.pad == "inline":
+        # Inlined, the pool window is recomputed for every term of the alpha x alpha input
+        # transform, and LLVM takes about 25 s to compile one small layer (measured, m=4).
+        raise _knob_error("pad", knobs.pad, "a pool prologue is computed once per input pixel only by a "
+                          "separate padding stage in Winograd", ["separate"])
 
 
 def _resolve_knobs(impl: str, layer: ConvLayer, knobs: Knobs | None) -> Knobs:
