@@ -80,3 +80,21 @@ def test_plan_editor_lists_measured_impls_and_legal_fusions(small_model):
     assert edited.layers["enc0_conv1"].fuse == () and editor.plan.layers["enc0_conv1"].fuse == ("relu",)
     editor.retime_button.click()  # no runner: one clear line, not a dead button
     assert editor.status.value.startswith("error: nothing to re-time")
+
+
+def test_plan_editor_rebuilds_and_retimes_the_edited_plan(small_model, device, tmp_path):
+    from workbench.model import sample_input
+    from workbench.records import WorkDir
+    from workbench.study import StudyConfig
+
+    threads = int(device.target["num-cores"])
+    runner = widgets.HybridRunner(small_model, device, WorkDir.at(tmp_path), StudyConfig.quick_run(), threads,
+                                  sample_input(small_model))
+    editor = widgets.PlanEditor(small_model, Plan.uniform(small_model), runner=runner)
+    editor.set("dec1_reduce", "tvm:default", toggles=())  # the resize+add+relu back as ops of their own
+    editor.rebuild_button.click()
+    assert editor.result.value.startswith("hybrid over RPC: ") and "✓ numerics ok" in editor.result.value, \
+        editor.status.value
+    assert editor.status.value == "rebuilt" and runner.executable is not None
+    editor.retime_button.click()
+    assert editor.status.value == "re-timed" and "✓ numerics ok" in editor.result.value
