@@ -51,6 +51,12 @@ def test_composer_widget_applies_variants_and_keeps_working_after_an_error(small
     ui.block.value = "dec1_reduce"  # another block: its own toggles, an empty chart
     assert set(ui.toggles) == {"resize-add-relu"} and "wb-fuse-resize-add-relu" in _classes(ui.toggles["resize-add-relu"])
     assert len(ui.chart.data[0].x) == 0 and ui.time.value == "not measured yet"
+    ui.block.value = "enc0_conv1"  # back: the controls show the last variant tried there
+    assert ui.knobs["ow_bn"].value == 8 and ui.knobs["epilogue"].value == "separate" and "ow_bn=8" in ui.time.value
+    ui._clicked(0, type("Points", (), {"point_inds": [0]})())  # a click on the chart's first point
+    assert ui.knobs["ow_bn"].value != 8 and ui.knobs["epilogue"].value == "tile" and ui.status.value.startswith("loaded")
+    ui.apply.click()
+    assert ui.status.value.endswith("(recalled: measured before)") and len(ui.chart.data[0].x) == 4
     ui.block.value = "enc1_conv1"
     pool = ui.toggles["pool-relu"]
     assert "wb-fuse-pool-relu" in _classes(pool) and pool.disabled is not composer._fusion_in_kernels()

@@ -97,6 +97,9 @@ class ComposerWidget(w.VBox):
         self.diff = _classes(w.HTML(layout=PANE), "wb-diff")
         self.trace = _classes(w.HTML(layout=PANE), "wb-trace")
         self.chart = _classes(_chart(), "wb-chart")
+        self._points: list[list[comp.Result]] = [[], []]
+        for index, trace in enumerate(self.chart.data):
+            trace.on_click(guarded(self.status, lambda _t, points, _s, i=index: self._clicked(i, points)))
         self.toggles: dict[str, w.ToggleButton] = {}
         self.knobs: dict[str, w.ValueWidget] = {}
         panes = w.HBox([_titled("TensorIR", self.code), _titled("diff against the previous variant", self.diff)])
@@ -161,7 +164,21 @@ class ComposerWidget(w.VBox):
             self.impl.value = keep
         self._show_knobs()
         history = self.composer.history(block.name)
+        if history:
+            self.load(history[-1].variant)
         self._show_result(history[-1] if history else None)
+
+    def load(self, variant: comp.Variant) -> None:
+        """Set the controls to `variant` (block, impl, toggles, knobs); Apply then recalls it from the cache."""
+        if self.block.value != variant.block:
+            self.block.value = variant.block  # redraws toggles and knobs
+        if self.impl.value != variant.impl:
+            self.impl.value = variant.impl
+        on = set(self.current.toggles_of(variant.fusion))
+        for name, toggle in self.toggles.items():
+            toggle.value = name in on and not toggle.disabled
+        for name, control in self.knobs.items():
+            _set_value(control, getattr(variant.knobs, name))
 
     def _toggle(self, block: comp.Block, name: str, available: bool) -> w.ToggleButton:
         reason = None if available else (comp.supported(block.fusion((name,)), block.conv)
@@ -193,15 +210,32 @@ class ComposerWidget(w.VBox):
         self._plot(self.composer.history(self.block.value))
         self.time.value = result.summary if result else "not measured yet"
 
+    def _clicked(self, trace: int, points) -> None:
+        """A click on a point of the chart puts that variant back into the controls."""
+        for index in points.point_inds[:1]:
+            variant = self._points[trace][index].variant
+            self.load(variant)
+            self.status.value = f"loaded {variant.label}; press Apply to show it"
+
     def _plot(self, history: list[comp.Result]):
         timed = [(i + 1, r) for i, r in enumerate(history) if r.median_ms is not None]
         groups = ([p for p in timed if p[1].usable], [p for p in timed if not p[1].usable])
+        self._points = [[r for _, r in points] for points in groups]  # what a click on a point recalls
         with self.chart.batch_update():
             for trace, points in zip(self.chart.data, groups):
                 trace.x = [i for i, _ in points]
                 trace.y = [r.median_ms for _, r in points]
                 trace.text = [html.escape(r.variant.label) for _, r in points]
             self.chart.layout.title.text = f"variants tried on {self.block.value}"
+
+
+def _set_value(control: w.ValueWidget, value) -> None:
+    """Set a knob control, offering the value first if it was not among its options."""
+    values = [o[1] if isinstance(o, tuple) else o for o in control.options]
+    if value not in values:
+        control.options = (sorted(values + [value]) if isinstance(control, w.SelectionSlider)
+                           else list(control.options) + [(str(value), value)])
+    control.value = value
 
 
 def _titled(title: str, pane: w.Widget) -> w.VBox:
