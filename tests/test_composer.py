@@ -31,7 +31,7 @@ def test_toggles_become_fusions_and_back(small_model):
     assert pool_block.toggles_of(fusion) == ("pool-relu", "relu")
     assert pool_block.fusion(()).label == "conv"
     available = composer.available_toggles(pool_block)
-    assert available == (("pool-relu", "relu") if composer._fusion_in_kernels() else ("relu",))
+    assert available == ("pool-relu", "relu")
     with pytest.raises(composer.ComposerError, match="resize-add-relu"):
         pool_block.fusion(("resize-add-relu",))
     with pytest.raises(composer.ComposerError, match="enc0_conv1"):
@@ -112,8 +112,6 @@ def test_use_in_plan_validates(small_model):
 
 
 def test_fused_blocks_measure_against_the_whole_chain(small_model, device):
-    if not composer._fusion_in_kernels():
-        pytest.skip("the kernels of this version fuse a ReLU epilogue only")
     comp = composer.Composer(small_model, device, TIMING)
     pooled = comp.try_variant(comp.variant("enc1_conv1", "direct_nchw"))  # every available toggle on
     assert pooled.variant.fusion.label == "maxpool+relu > conv > relu"

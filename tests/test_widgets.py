@@ -59,7 +59,7 @@ def test_composer_widget_applies_variants_and_keeps_working_after_an_error(small
     assert ui.status.value.endswith("(recalled: measured before)") and len(ui.chart.data[0].x) == 4
     ui.block.value = "enc1_conv1"
     pool = ui.toggles["pool-relu"]
-    assert "wb-fuse-pool-relu" in _classes(pool) and pool.disabled is not composer._fusion_in_kernels()
+    assert "wb-fuse-pool-relu" in _classes(pool) and not pool.disabled and pool.value
 
 
 def test_plan_editor_lists_measured_impls_and_legal_fusions(small_model):

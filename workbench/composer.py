@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 from dataclasses import dataclass, field
 
@@ -124,22 +123,12 @@ def example_blocks(model: Model) -> dict[str, Block]:
     return {kind: found[kind] for kind in ("conv + ReLU", "conv after a pool", "decoder reduce conv") if kind in found}
 
 
-# ---------------------------------------------------------------- the fusion part (kernels' API)
+# ---------------------------------------------------------------- what the kernels compute
 
 
-def _fusion_in_kernels() -> bool:
-    """Whether the schedules compute a whole Fusion (ConvLayer carries one) or only a ReLU epilogue."""
-    return "fusion" in {f.name for f in dataclasses.fields(schedules.ConvLayer)}
-
-
-def supported(fusion: Fusion, layer: Layer | None = None) -> str | None:
-    """Why the hand schedules cannot compute `fusion` (around `layer`, when given), or None when they can."""
-    if not _fusion_in_kernels():
-        if fusion.prologue_ops or fusion.epilogue_ops not in ((), ("relu",)):
-            return f"the hand schedules of this version fuse a ReLU epilogue only, not {fusion.label!r}"
-        return None
-    problem = getattr(schedules, "fusion_problem", None)
-    return problem(schedules.ConvLayer.of(layer, fusion)) if problem and layer is not None else None
+def supported(fusion: Fusion, layer: Layer) -> str | None:
+    """Why the hand schedules cannot compute `fusion` around `layer`, or None when they can."""
+    return schedules.fusion_problem(schedules.ConvLayer.of(layer, fusion))
 
 
 def available_toggles(found: Block) -> tuple[str, ...]:
@@ -149,18 +138,16 @@ def available_toggles(found: Block) -> tuple[str, ...]:
 
 
 def conv_layer(layer: Layer, fusion: Fusion) -> schedules.ConvLayer:
-    """The schedules' view of the conv computing `fusion` around it: the one place the fusion API is read."""
+    """The schedules' view of the conv computing `fusion` around it (a ComposerError if they cannot)."""
     reason = supported(fusion, layer)
     if reason:
         raise ComposerError(f"layer {layer.name!r}: {reason}; switch those toggles off")
-    return schedules.ConvLayer.of(layer, fusion if _fusion_in_kernels() else fusion.relu)
+    return schedules.ConvLayer.of(layer, fusion)
 
 
 def conv_case(model: Model, layer: Layer, fusion: Fusion, seed: int = 0) -> ConvCase:
     """Inputs and the float64 reference of the whole fused chain."""
-    if "fusion" in inspect.signature(ConvCase.from_model).parameters:
-        return ConvCase.from_model(model, layer, seed, fusion=fusion)
-    return ConvCase.from_model(model, layer, seed, relu=fusion.relu)
+    return ConvCase.from_model(model, layer, seed, fusion=fusion)
 
 
 # ---------------------------------------------------------------- variants
