@@ -120,3 +120,14 @@ def test_fused_blocks_measure_against_the_whole_chain(small_model, device):
     assert decoder.variant.fusion.label == "conv > resize+add+relu" and decoder.usable, decoder.note
     unfused = comp.try_variant(comp.variant("dec1_reduce", "direct_nchw", ()))
     assert unfused.usable and unfused.diff  # the resize+add stage leaves the program
+
+
+def test_starting_plan_is_the_studys_when_it_fits(small_model, tmp_path):
+    fresh = composer.starting_plan(small_model, tmp_path / "plan.json")
+    assert "no study plan" in fresh.notes[-1] and fresh.layers["head_conv"].impl == "tvm:default"
+    saved = Plan.uniform(small_model, overrides={"head_conv": "tvm:direct_nchw"})
+    saved.save(tmp_path / "plan.json")
+    assert composer.starting_plan(small_model, tmp_path / "plan.json").layers["head_conv"].impl == "tvm:direct_nchw"
+    (tmp_path / "plan.json").write_text('{"model": "x", "layers": [{"layer": "nope", "impl": "tvm:default"}]}')
+    stale = composer.starting_plan(small_model, tmp_path / "plan.json")
+    assert "does not fit" in stale.notes[-1] and stale.layers["head_conv"].impl == "tvm:default"

@@ -18,12 +18,16 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import schedules
 from .errors import WorkbenchError
 from .fusion import PROLOGUE_OPS, Fusion, fusible_chain, fused_layers, prologue_chain, prologue_layers
 from .measure import ConvCase, TimingConfig
 from .model import Layer, Model
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 IMPLS = schedules.IMPLEMENTATIONS  # the hand schedules: the implementations with knobs
 ALL_EPILOGUE = ("relu", "resize", "add")
@@ -369,4 +373,24 @@ def use_in_plan(plan, model: Model, variant: Variant):
         raise
     note = f"{variant.block}: tvm:{variant.impl} with knobs {variant.knob_text} (chosen in the composer)"
     plan.notes = [n for n in plan.notes if not n.startswith(f"{variant.block}: ")] + [note]
+    return plan
+
+
+def starting_plan(model: Model, path) -> Plan:
+    """The study's hybrid plan saved at `path` when it fits the model, else TVM's default everywhere (noted)."""
+    from pathlib import Path
+
+    from .plan import Plan, PlanError
+
+    if Path(path).is_file():
+        try:
+            plan = Plan.load(path)
+            plan.validate(model)
+            return plan
+        except PlanError as err:
+            reason = f"the plan at {path} does not fit this model ({err})"
+    else:
+        reason = f"no study plan at {path} yet (make study writes one)"
+    plan = Plan.uniform(model)
+    plan.notes.append(f"started from tvm:default everywhere: {reason}")
     return plan
