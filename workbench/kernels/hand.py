@@ -7,9 +7,11 @@ defaults for the layer; the weight is packed (and Winograd-transformed) on the h
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from .. import schedules
+from .base import KnobsError
 from .tvm_kernel import FactoryCandidate, TVMCandidate
 
 
@@ -32,6 +34,22 @@ class HandSchedule(TVMCandidate):
         conv, knobs = schedules.ConvLayer.of(layer, relu), self.knobs(layer)
         sch = schedules.schedule(self.schedule, schedules.new_schedule(self.schedule, conv, knobs), conv, knobs)
         return sch.mod["main"], schedules.pack_weight(self.schedule, conv, knobs, weight)
+
+
+    def with_knobs(self, knobs: dict) -> "HandSchedule":
+        """The schedule with `knobs` over its defaults for each layer (e.g. {'ow_bn': 8, 'epilogue': 'row'})."""
+        fields = {f.name for f in dataclasses.fields(schedules.knobs_class(self.schedule))}
+        unknown = sorted(set(knobs) - fields)
+        if unknown:
+            raise KnobsError(f"{self.impl} has no knob(s) {unknown}; its knobs are {sorted(fields)}")
+        chosen = dict(knobs)
+        made = HandSchedule(self.schedule, lambda layer: dataclasses.replace(
+            schedules.default_knobs(self.schedule, schedules.ConvLayer.of(layer)), **chosen))
+        made.config = "knobs " + ", ".join(f"{k}={v}" for k, v in sorted(chosen.items()))
+        return made
+
+    def check_knobs(self, layer) -> None:
+        schedules.validate_knobs(self.schedule, schedules.ConvLayer.of(layer), self.knobs(layer))
 
 
 def hand_candidates() -> list[HandSchedule]:
