@@ -11,6 +11,7 @@ import logging
 
 import pandas as pd
 
+from .fusion import Fusion
 from .kernels.base import Candidate
 from .measure import FINAL, ConvCase, Measurement, TimingConfig, measure, usable
 from .model import Model
@@ -24,9 +25,22 @@ CRASH_LIMIT = 2  # sessions a candidate may lose before it is recorded `crashed`
 PHASES = ("input_transform", "kernel_transform", "output_transform", "block_multiplication", "total")
 
 
-def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: TimingConfig = TimingConfig()) -> dict:
-    """One candidate on one layer through the protocol (not recorded)."""
-    return compare(model, device, [layer], candidates=[candidate], timing=timing, progress=False)[0]
+def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: TimingConfig = TimingConfig(),
+                fusion: Fusion | None = None, seed: int = 0) -> dict:
+    """One candidate on one layer through the protocol (not recorded).
+
+    With `fusion`, the candidate computes those ops around the conv (the case's input is the
+    pre-pool tensor, its reference the whole chain); the record names it in `fusion`.
+    """
+    if fusion is None:
+        return compare(model, device, [layer], candidates=[candidate], timing=timing, progress=False, seed=seed)[0]
+    conv = model.select_convs([layer])[0]
+    case = ConvCase.from_model(model, conv, seed, fusion=fusion)
+    threads = int(device.target.get("num-cores") or 1)
+    context = {"model": model.name, "model_fingerprint": model.fingerprint, "device": device.describe(),
+               "threads": threads, "fusion": fusion.label}
+    with SessionKeeper(device) as sessions:
+        return _record(_survive(candidate, case, sessions, device, timing), context, case)
 
 
 # ---------------------------------------------------------------- the study

@@ -41,6 +41,7 @@ class Candidate:
     Records and plans store the id; `config` is what a stored record must match to be reused
     (knobs, a tuning budget). `fusible` lists the ops after the conv this kernel can absorb:
     the fusion rules read it, so a plan never asks a kernel for an epilogue it cannot compute.
+    `prologue_fusible` lists the ops before it (a MaxPool, then a ReLU) its input stage computes.
     """
 
     impl: str
@@ -50,6 +51,16 @@ class Candidate:
     config: str = ""
     fusible: tuple[str, ...] = ("relu",)
     prologue_fusible: tuple[str, ...] = ()  # ops before the conv its input stage computes
+
+    def why_not_fusible(self, fusion) -> str | None:
+        """A sentence naming the fused ops this kernel cannot compute, or None."""
+        after = [op for op in fusion.epilogue_ops if op not in self.fusible]
+        before = [op for op in fusion.prologue_ops if op not in self.prologue_fusible]
+        if not after and not before:
+            return None
+        parts = ([f"{'+'.join(before)} before the conv"] if before else []) + \
+                ([f"{'+'.join(after)} after it"] if after else [])
+        return f"{self.impl} cannot fuse {' or '.join(parts)}; measure it with the ops unfused"
 
     def why_not_applicable(self, layer: "Layer") -> str | None:
         """A sentence saying why this implementation cannot run the layer, or None."""

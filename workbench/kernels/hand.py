@@ -16,6 +16,9 @@ from .tvm_kernel import FactoryCandidate, TVMCandidate
 
 
 class HandSchedule(TVMCandidate):
+    fusible = ("relu", "resize", "add")
+    prologue_fusible = ("maxpool", "relu")
+
     def __init__(self, schedule: str, knobs_for: Callable | None = None):
         schedules.knobs_class(schedule)  # fails clearly on an unknown schedule name
         self.schedule, self.knobs_for = schedule, knobs_for
@@ -30,8 +33,8 @@ class HandSchedule(TVMCandidate):
         chosen = self.knobs_for(layer) if self.knobs_for else None
         return chosen or schedules.default_knobs(self.schedule, schedules.ConvLayer.of(layer))
 
-    def prim_func(self, layer, relu, weight, target):
-        conv, knobs = schedules.ConvLayer.of(layer, relu), self.knobs(layer)
+    def prim_func(self, layer, fusion, weight, target):
+        conv, knobs = schedules.ConvLayer.of(layer, fusion), self.knobs(layer)
         sch = schedules.schedule(self.schedule, schedules.new_schedule(self.schedule, conv, knobs), conv, knobs)
         return sch.mod["main"], schedules.pack_weight(self.schedule, conv, knobs, weight)
 
