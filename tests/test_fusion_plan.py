@@ -108,8 +108,8 @@ def test_plans_that_ask_the_impossible_fail_clearly(small_model):
 def test_a_block_is_folded_only_where_it_measured_faster(small_model):
     isolated = [_record(c.name, "tvm:direct_nchw", 1.0) for c in small_model.convs]
     isolated += [_record("enc1_conv1", NCHWC, 1.2), _record("dec0_reduce", NCHWC, 1.1)]
-    separate = [_record("enc1_pool", "tvm:pool_relu", 0.3, fusion="maxpool+relu"),
-                _record("dec0_resize", "tvm:resize_add_relu", 0.4, fusion="resize+add+relu")]
+    separate = [_record("enc1_pool_relu", "tvm:maxpool_relu", 0.3, fusion="maxpool+relu"),
+                _record("dec0_add_relu", "tvm:resize_add_relu", 0.4, fusion="resize+add+relu")]
     folds = [
         # enc1_conv1: 1.2 folded against 1.0 + 0.3 apart: folded, onto the folding kernel
         _record("enc1_conv1", NCHWC, 1.2, "maxpool+relu > conv > relu", ("maxpool", "relu"), ("relu",)),
@@ -136,3 +136,48 @@ def test_block_variants_take_the_fastest_folding_kernels(small_model):
     assert [(c.name, k.impl) for c, k, _ in variants] == [("dec0_reduce", NCHWC), ("dec0_reduce", "tvm:direct_nchw")]
     assert variants[0][2] == Fusion(scale=2, add=True, relu=True)  # NNPACK cannot fold: skipped
     assert find(NNPACK_WT, candidates).prologue_fusible == ()
+
+
+# ---------------------------------------------------------------- the three builds of one plan
+
+@pytest.fixture(scope="module")
+def levels(small_model):
+    """One plan on tvm:direct_nchwc built unfused, with the 2018 groups, and folded."""
+    from workbench.build import build_hybrid, compile_hybrid
+    from workbench.model import reference_output, sample_input
+    from workbench.rpc import host_target
+
+    plan = Plan.uniform(small_model, NCHWC)
+    x = sample_input(small_model)
+    built = {level: compile_hybrid(build_hybrid(small_model, plan.with_fusion(small_model, level), host_target(2)))
+             for level in ("none", "2018", "folded")}
+    return built, x, reference_output(small_model, x)
+
+
+@pytest.mark.parametrize("level", ["none", "2018", "folded"])
+def test_every_fusion_level_matches_the_reference(levels, small_model, level):
+    from workbench import hybrid
+
+    built, x, ref = levels
+    result = hybrid.run_local(built[level], x, reference=ref, threads=2)
+    assert result["numerics_ok"], result["rel_err"]
+    symbols = set(hybrid.profile_layers(built[level], x, threads=2, runs=1).symbol)
+    hand = {s for s in symbols if s.startswith(("maxpool_relu_", "resize_add_relu_"))}
+    if level == "2018":  # the study's groups: one hand kernel per pool and per decoder merge
+        assert len(hand) == len(fused_groups(small_model))
+    else:
+        assert not hand
+
+
+def test_folding_leaves_fewer_kernels(levels):
+    from workbench import hybrid
+
+    built, x, _ = levels
+    calls = {level: len(hybrid.profile_layers(exe, x, threads=2, runs=1)) for level, exe in built.items()}
+    assert calls["folded"] < calls["2018"] < calls["none"], calls
+
+
+def fused_groups(model):
+    from workbench.kernels.fused import elementwise_groups
+
+    return elementwise_groups(model)

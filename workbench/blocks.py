@@ -83,8 +83,8 @@ def measure_blocks(model: Model, device, records: list[dict], candidates: list[C
     jobs = [(conv.name, candidate, fusion.label, lambda conv=conv, fusion=fusion: ConvCase.from_model(
         model, conv, seed, fusion=fusion), fusion) for conv, candidate, fusion in variants]
     for group in groups:
-        kernel = fused.group_kernel(group)
-        jobs.append((group[0].name, kernel, "+".join(m.op for m in group),
+        kernel = fused.elementwise_kernel(group)
+        jobs.append((group[-1].name, kernel, "+".join(m.op for m in group),
                      lambda group=group: fused.GroupCase.from_model(model, group, seed), None))
     results = []
     bar = tqdm(jobs, desc="blocks, folded and separate", disable=not progress, unit="run")

@@ -56,7 +56,7 @@ def build_hybrid(model: Model, plan: Plan, target, candidates: list[Candidate] |
                     weight, bias = model.params[group.conv.name]
                     values[layer.name] = candidate.emit(bb, group, values, weight, bias, target_dict)
                 elif layer.name in hand:
-                    values[layer.name] = fused.group_kernel(hand[layer.name]).emit(bb, hand[layer.name], values)
+                    values[layer.name] = fused.elementwise_kernel(hand[layer.name]).emit(bb, hand[layer.name], values)
                 elif layer.name not in absorbed and layer.name not in in_hand:
                     expr = relax_op(layer, [values[s] for s in layer.inputs])
                     values[layer.name] = bb.emit(expr, symbol(layer.name))

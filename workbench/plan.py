@@ -327,7 +327,7 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
     convs = {c.name: c for c in model.convs}
     isolated = {name: rec for name, rec in _fastest(records, convs, candidates, folded=False).items()
                 if rec["impl"] == plan.impl(name)}
-    separate = {}  # first layer of an elementwise group -> its fastest separate kernel time
+    separate = {}  # last layer of an elementwise group -> its fastest separate kernel time
     for rec in usable(records):
         if rec.get("fusion") and rec.get("layer") not in convs:
             separate[rec["layer"]] = min(rec["median_ms"], separate.get(rec["layer"], float("inf")))
@@ -335,9 +335,9 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
     for name, rec in _fastest(records, convs, candidates, folded=True).items():
         conv, prologue, epilogue = convs[name], tuple(rec.get("prologue", ())), tuple(rec.get("epilogue", ()))
         absorbed = _absorbed_groups(model, conv, prologue, epilogue)
-        if name not in isolated or any(first not in separate for first in absorbed):
+        if name not in isolated or not absorbed or any(tail not in separate for tail in absorbed):
             continue  # nothing measured to weigh the fold against: keep the 2018 way
-        apart = isolated[name]["median_ms"] + sum(separate[first] for first in absorbed)
+        apart = isolated[name]["median_ms"] + sum(separate[tail] for tail in absorbed)
         if rec["median_ms"] < apart:
             entries[name] = LayerPlan(name, rec["impl"], epilogue, prologue)
             plan.notes.append(f"{name}: folded {rec['fusion']!r} into {rec['impl']} ({rec['median_ms']:.3f} ms "
@@ -348,16 +348,13 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
 
 
 def _absorbed_groups(model: Model, conv: Layer, prologue: tuple[str, ...], epilogue: tuple[str, ...]) -> list[str]:
-    """First layers of the elementwise groups a fold replaces (the pool; the resize or add)."""
+    """Last layers of the elementwise groups (kernels/fused.py) a fold replaces: the pool, the resize+add."""
     from .fusion import fused_layers, prologue_layers
+    from .kernels.fused import elementwise_groups
 
-    firsts = []
-    if prologue:
-        firsts.append(prologue_layers(model, conv, prologue)[0].name)
-    after = [m for m in fused_layers(model, conv, epilogue) if m.op != "relu" or len(epilogue) > 1]
-    if any(m.op in ("resize", "add") for m in after):
-        firsts.append(after[0].name)
-    return firsts
+    taken = {m.name for m in prologue_layers(model, conv, prologue)}
+    taken |= {m.name for m in fused_layers(model, conv, epilogue) if m.op != "relu"}
+    return [group[-1].name for group in elementwise_groups(model) if any(m.name in taken for m in group)]
 
 
 def _applies(impl: str, layer: Layer, candidates: list[Candidate]) -> bool:
