@@ -118,7 +118,7 @@ def _local(candidate, case):
 @pytest.mark.parametrize("conv_name", ["enc1_conv1", "dec0_reduce"])
 def test_conv_cases_of_a_model_carry_the_chain_and_every_tvm_kernel_computes_it(small_model, conv_name):
     group = _conv_group(small_model, conv_name)
-    case = ConvCase.from_model(small_model, group.conv, seed=2, fusion=group.fusion)
+    case = ConvCase.from_group(small_model, group, seed=2)
     assert case.relu and case.fusion == group.fusion
     assert case.x.shape == tuple(small_model.layer(group.source).output_shape)
     assert case.reference.shape == group.tail.output_shape
