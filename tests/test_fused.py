@@ -9,6 +9,7 @@ import tvm
 from tvm import relax
 
 from workbench import schedules as S
+from workbench.compare import measure_one
 from workbench.fusion import ConvGroup, Fusion, fusible_chain, fused_layers, prologue_chain, prologue_layers
 from workbench.kernels.default import DefaultCandidate, default_conv_func
 from workbench.kernels.fused import (ElementwiseKernel, ElementwiseKnobs, GroupCase, GroupError, elementwise_groups,
@@ -117,7 +118,7 @@ def _local(candidate, case):
 @pytest.mark.parametrize("conv_name", ["enc1_conv1", "dec0_reduce"])
 def test_conv_cases_of_a_model_carry_the_chain_and_every_tvm_kernel_computes_it(small_model, conv_name):
     group = _conv_group(small_model, conv_name)
-    case = ConvCase.from_model(small_model, group.conv, seed=2, fusion=group.fusion)
+    case = ConvCase.from_group(small_model, group, seed=2)
     assert case.relu and case.fusion == group.fusion
     assert case.x.shape == tuple(small_model.layer(group.source).output_shape)
     assert case.reference.shape == group.tail.output_shape
@@ -228,3 +229,5 @@ def test_a_fused_conv_and_an_elementwise_kernel_are_measured_over_rpc(small_mode
         assert result.status == "ok" and result.numerics_ok, result.note
         assert result.median_ms > 0 and len(result.repeats_ms) == timing.repeat
     assert results[1].layer == pool[-1].name
+    record = measure_one(small_model, device, "dec0_reduce", HandSchedule("winograd_2"), timing, fusion=group.fusion)
+    assert record["fusion"] == "conv > resize+add+relu" and record["status"] == "ok" and record["numerics_ok"]

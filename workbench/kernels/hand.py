@@ -29,12 +29,14 @@ class HandSchedule(TVMCandidate):
     def why_not_applicable(self, layer):
         return schedules.applicable(self.schedule, schedules.ConvLayer.of(layer))
 
-    def knobs(self, layer):
+    def knobs(self, layer, fusion=None):
+        """The chosen knobs, else the defaults for the layer with its fusion (a pool changes Winograd's pad)."""
         chosen = self.knobs_for(layer) if self.knobs_for else None
-        return chosen or schedules.default_knobs(self.schedule, schedules.ConvLayer.of(layer))
+        conv = schedules.ConvLayer.of(layer, fusion if fusion is not None else False)
+        return chosen or schedules.default_knobs(self.schedule, conv)
 
     def prim_func(self, layer, fusion, weight, target):
-        conv, knobs = schedules.ConvLayer.of(layer, fusion), self.knobs(layer)
+        conv, knobs = schedules.ConvLayer.of(layer, fusion), self.knobs(layer, fusion)
         sch = schedules.schedule(self.schedule, schedules.new_schedule(self.schedule, conv, knobs), conv, knobs)
         return sch.mod["main"], schedules.pack_weight(self.schedule, conv, knobs, weight)
 
