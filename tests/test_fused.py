@@ -9,6 +9,7 @@ import tvm
 from tvm import relax
 
 from workbench import schedules as S
+from workbench.compare import measure_one
 from workbench.fusion import ConvGroup, Fusion, fusible_chain, fused_layers, prologue_chain, prologue_layers
 from workbench.kernels.default import DefaultCandidate, default_conv_func
 from workbench.kernels.fused import (ElementwiseKernel, ElementwiseKnobs, GroupCase, GroupError, elementwise_groups,
@@ -26,16 +27,18 @@ FUSIONS = {
     # An odd pre-pool size: 25x25 pools to 12x12 (the last row and column are dropped).
     "both": Fusion(pool=2, pool_relu=True, pool_in=(25, 25), scale=2, add=True, relu=True),
 }
-# (epilogue, pad) pairs covering every value of both knobs.
+# (epilogue, pad, parallel) covering every value of both placement knobs; the output-channel
+# placement under parallel="oc", where it is its own loop (fused, it is the row's).
 PLACEMENTS = {
-    "direct": [("tile", "separate"), ("row", "compute_at"), ("separate", "inline")],
-    "winograd": [("fused", "separate"), ("separate", "inline")],
+    "direct": [("tile", "separate", "fused"), ("row", "compute_at", "fused"), ("separate", "inline", "fused"),
+               ("oc", "separate", "oc")],
+    "winograd": [("fused", "separate", "fused"), ("separate", "inline", "fused")],
 }
 TOLERANCE = {"direct_nchw": 1e-5, "direct_nchwc": 1e-5, "winograd_2": 1e-5, "winograd_4": 1e-4, "winograd_6": 1e-3}
 # Winograd refuses an inlined pool (see test_winograd_keeps_a_pool_in_a_separate_stage).
-CASES = [(impl, fusion, epilogue, pad) for impl in S.IMPLEMENTATIONS for fusion in FUSIONS
-         for epilogue, pad in PLACEMENTS[impl.split("_")[0]]
-         if not (impl.startswith("winograd") and FUSIONS[fusion].pool and pad == "inline")]
+CASES = [(impl, fusion, *placement) for impl in S.IMPLEMENTATIONS for fusion in FUSIONS
+         for placement in PLACEMENTS[impl.split("_")[0]]
+         if not (impl.startswith("winograd") and FUSIONS[fusion].pool and placement[1] == "inline")]
 
 
 def _layer(fusion: Fusion) -> ConvLayer:
@@ -51,10 +54,10 @@ def _inputs(layer: ConvLayer):
     return x, w, b, skip
 
 
-@pytest.mark.parametrize("impl,fusion,epilogue,pad", CASES, ids=["-".join(c) for c in CASES])
-def test_hand_schedules_compute_the_fused_chain(impl, fusion, epilogue, pad):
+@pytest.mark.parametrize("impl,fusion,epilogue,pad,parallel", CASES, ids=["-".join(c) for c in CASES])
+def test_hand_schedules_compute_the_fused_chain(impl, fusion, epilogue, pad, parallel):
     layer = _layer(FUSIONS[fusion])
-    knobs = dataclasses.replace(S.default_knobs(impl, layer), epilogue=epilogue, pad=pad)
+    knobs = dataclasses.replace(S.default_knobs(impl, layer), epilogue=epilogue, pad=pad, parallel=parallel)
     x, w, b, skip = _inputs(layer)
     built = S.build(impl, layer, knobs, target=TARGET)
     out = built.run(x, built.prepare(w, b), skip)
@@ -115,7 +118,7 @@ def _local(candidate, case):
 @pytest.mark.parametrize("conv_name", ["enc1_conv1", "dec0_reduce"])
 def test_conv_cases_of_a_model_carry_the_chain_and_every_tvm_kernel_computes_it(small_model, conv_name):
     group = _conv_group(small_model, conv_name)
-    case = ConvCase.from_model(small_model, group.conv, seed=2, fusion=group.fusion)
+    case = ConvCase.from_group(small_model, group, seed=2)
     assert case.relu and case.fusion == group.fusion
     assert case.x.shape == tuple(small_model.layer(group.source).output_shape)
     assert case.reference.shape == group.tail.output_shape
@@ -226,3 +229,5 @@ def test_a_fused_conv_and_an_elementwise_kernel_are_measured_over_rpc(small_mode
         assert result.status == "ok" and result.numerics_ok, result.note
         assert result.median_ms > 0 and len(result.repeats_ms) == timing.repeat
     assert results[1].layer == pool[-1].name
+    record = measure_one(small_model, device, "dec0_reduce", HandSchedule("winograd_2"), timing, fusion=group.fusion)
+    assert record["fusion"] == "conv > resize+add+relu" and record["status"] == "ok" and record["numerics_ok"]

@@ -210,8 +210,8 @@ def cmd_study(args) -> None:
     work = WorkDir.at(args.work_dir)
     with work.lock("study"), open_device(args.tracker, args.key, args.target, args.threads) as device:
         summary = run_study(model, device, work, config, progress=not args.json)
-    _emit(args, summary, lambda: json.dumps({k: summary[k] for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios")},
-                                            indent=1) + f"\nreport: {work.report}")
+    shown = ("hybrid_ms", "numerics_ok", "baselines", "ratios", "fusion")
+    _emit(args, summary, lambda: json.dumps({k: summary.get(k) for k in shown}, indent=1) + f"\nreport: {work.report}")
 
 
 def cmd_export(args) -> None:

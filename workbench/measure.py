@@ -77,6 +77,11 @@ class ConvCase:
         return cls(layer, weight, bias, x, reference_conv(layer, x, weight, bias, fusion, skip), fusion=fusion,
                    skip=skip)
 
+    @classmethod
+    def from_group(cls, model: Model, group, seed: int = 0) -> "ConvCase":
+        """The case of a conv group (fusion.ConvGroup): its conv with the ops it absorbs."""
+        return cls.from_model(model, group.conv, seed, fusion=group.fusion)
+
 
 def reference_conv(layer: Layer, x, weight, bias, relu: bool | Fusion = False, skip=None) -> np.ndarray:
     """PyTorch in float64: [maxpool [-> relu] ->] conv + bias [-> resize] [-> + skip] [-> relu]."""

@@ -53,7 +53,7 @@ PARALLEL_DIRECT = ("fused", "oc", "oh", "none")
 PARALLEL_WINOGRAD = ("fused", "eps", "none")
 PAD_DIRECT = ("separate", "compute_at", "inline")
 PAD_WINOGRAD = ("separate", "inline")
-EPILOGUE_DIRECT = ("tile", "row", "separate")
+EPILOGUE_DIRECT = ("tile", "row", "oc", "separate")
 EPILOGUE_WINOGRAD = ("fused", "separate")
 
 
@@ -638,7 +638,8 @@ def weight_prim_func(impl: str, layer: ConvLayer, knobs: Knobs | None = None) ->
 def _outer_loops(sch, parallel: str, order: tuple):
     """Order the outer loops ``order`` = (n, kc, oh) for the ``parallel`` knob and mark it.
 
-    Returns (the parallel loop or None, the loop directly above the register tile).
+    Returns (the parallel loop or None, the loop directly above the register tile, the
+    output-channel block loop: the fused loop when the three are fused).
     """
     n, kc, oh = order
     if parallel == "oh":
@@ -646,14 +647,14 @@ def _outer_loops(sch, parallel: str, order: tuple):
     if parallel == "fused":
         fused = sch.fuse(n, kc, oh)
         sch.parallel(fused)
-        return fused, fused
+        return fused, fused, fused
     if parallel == "oc":
         sch.parallel(kc)
-        return kc, oh
+        return kc, oh, kc
     if parallel == "oh":
         sch.parallel(oh)
-        return oh, kc
-    return None, oh
+        return oh, kc, kc
+    return None, oh, kc
 
 
 def _place_pad(sch, knobs, par_loop, inner_loop, vectorize: bool) -> None:
@@ -685,8 +686,9 @@ def _vectorize_innermost(sch, loop, lanes: int = 16) -> None:
         sch.vectorize(sch.split(loop, [None, vec])[1])
 
 
-def _place_epilogue(sch, knobs, tile_loop, row_loop) -> None:
-    """Bias (+ReLU, +unpack) at the register tile, per row of tiles, or as its own loop nest.
+def _place_epilogue(sch, knobs, tile_loop, row_loop, oc_loop) -> None:
+    """Bias (+ReLU, +unpack) at the register tile (a column tile of a row), per row of tiles,
+    per output-channel block, or as its own loop nest.
 
     With a resize epilogue the output block reads conv[h // s, w // s]; reverse_compute_at
     inverts that read (0.27, verified): at a tile it computes the s x s upsampled copies of
@@ -697,6 +699,8 @@ def _place_epilogue(sch, knobs, tile_loop, row_loop) -> None:
         sch.reverse_compute_at(out, tile_loop)
     elif knobs.epilogue == "row":
         sch.reverse_compute_at(out, row_loop)
+    elif knobs.epilogue == "oc":
+        sch.reverse_compute_at(out, oc_loop)
     else:
         loops = sch.get_loops(out)
         sch.parallel(sch.fuse(*loops[:2]))
@@ -718,7 +722,7 @@ def _schedule_direct_nchw(sch, layer: ConvLayer, knobs: DirectNCHWKnobs) -> Iter
     inner = (kh, kb, kw) if knobs.unroll_kw else (kh, kw, kb)
     sch.reorder(n, kc, oh, owo, ic, *inner, owv_o, owv)
     yield "register tile: oc_bn output channels x ow_bn pixels, reduction outside"
-    par, row = _outer_loops(sch, knobs.parallel, (n, kc, oh))
+    par, row, oc = _outer_loops(sch, knobs.parallel, (n, kc, oh))
     yield f"parallel: {knobs.parallel}"
     sch.vectorize(owv)
     sch.unroll(owv_o)
@@ -726,7 +730,7 @@ def _schedule_direct_nchw(sch, layer: ConvLayer, knobs: DirectNCHWKnobs) -> Iter
     if knobs.unroll_kw:
         sch.unroll(kw)
     yield "vectorize the width, unroll the register tile"
-    _place_epilogue(sch, knobs, owo, row)
+    _place_epilogue(sch, knobs, owo, row, oc)
     yield f"epilogue (bias{_epilogue_label(layer)}): {knobs.epilogue}"
     _place_pad(sch, knobs, par, row, vectorize=False)
     yield f"padding: {knobs.pad}"
@@ -745,7 +749,7 @@ def _schedule_direct_nchwc(sch, layer: ConvLayer, knobs: DirectNCHWcKnobs) -> It
     else:
         sch.reorder(n, kc, oh, owo, ico, kh, kw, ici, owi, kbo, kbv)
     yield "register tile: ow_bn pixels x oc_bn channels, reduction outside (conv2d_NCHWc recipe)"
-    par, row = _outer_loops(sch, knobs.parallel, (n, kc, oh))
+    par, row, oc = _outer_loops(sch, knobs.parallel, (n, kc, oh))
     yield f"parallel: {knobs.parallel}"
     sch.vectorize(kbv)
     sch.unroll(kbo)
@@ -753,7 +757,7 @@ def _schedule_direct_nchwc(sch, layer: ConvLayer, knobs: DirectNCHWcKnobs) -> It
     if knobs.unroll_kw:
         sch.unroll(kw)
     yield "vectorize output channels, unroll the register tile"
-    _place_epilogue(sch, knobs, owo, row)
+    _place_epilogue(sch, knobs, owo, row, oc)
     yield f"epilogue (unpack to NCHW + bias{_epilogue_label(layer)}): {knobs.epilogue}"
     _place_pad(sch, knobs, par, row, vectorize=True)
     yield f"padding + NCHW[{knobs.ic_bn}]c re-layout: {knobs.pad}"

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import WorkbenchError
+
 if TYPE_CHECKING:
     from ..fusion import ConvGroup
     from ..measure import ConvCase, TimingConfig
@@ -13,6 +15,10 @@ if TYPE_CHECKING:
 
 # Relative tolerance: max |out - ref| / max |ref|. Winograd and FFT lose a little precision.
 DEFAULT_TOLERANCE = 1e-4
+
+
+class KnobsError(WorkbenchError, ValueError):
+    """Knobs given to an implementation that has none, or that do not fit it."""
 
 
 class Running:
@@ -44,7 +50,7 @@ class Candidate:
     alias_of: str | None = None  # the implementation this one really runs (fp16 Winograd on x86)
     config: str = ""
     fusible: tuple[str, ...] = ("relu",)
-    prologue_fusible: tuple[str, ...] = ()
+    prologue_fusible: tuple[str, ...] = ()  # ops before the conv its input stage computes
 
     def why_not_fusible(self, fusion) -> str | None:
         """A sentence naming the fused ops this kernel cannot compute, or None."""
@@ -74,6 +80,13 @@ class Candidate:
         `values` maps layer (and input) names to the Relax values emitted so far.
         """
         raise NotImplementedError
+
+    def with_knobs(self, knobs: dict) -> "Candidate":
+        """This implementation with some knobs set (a plan entry's `knobs`); only hand schedules have knobs."""
+        raise KnobsError(f"{self.impl} has no knobs to set; drop 'knobs' from its plan entry")
+
+    def check_knobs(self, layer: "Layer") -> None:
+        """Raise a WorkbenchError naming the first knob that does not fit the layer."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.impl}>"

@@ -7,9 +7,11 @@ defaults for the layer; the weight is packed (and Winograd-transformed) on the h
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from .. import schedules
+from .base import KnobsError
 from .tvm_kernel import FactoryCandidate, TVMCandidate
 
 
@@ -27,14 +29,32 @@ class HandSchedule(TVMCandidate):
     def why_not_applicable(self, layer):
         return schedules.applicable(self.schedule, schedules.ConvLayer.of(layer))
 
-    def knobs(self, layer):
+    def knobs(self, layer, fusion=None):
+        """The chosen knobs, else the defaults for the layer with its fusion (a pool changes Winograd's pad)."""
         chosen = self.knobs_for(layer) if self.knobs_for else None
-        return chosen or schedules.default_knobs(self.schedule, schedules.ConvLayer.of(layer))
+        conv = schedules.ConvLayer.of(layer, fusion if fusion is not None else False)
+        return chosen or schedules.default_knobs(self.schedule, conv)
 
     def prim_func(self, layer, fusion, weight, target):
-        conv, knobs = schedules.ConvLayer.of(layer, fusion), self.knobs(layer)
+        conv, knobs = schedules.ConvLayer.of(layer, fusion), self.knobs(layer, fusion)
         sch = schedules.schedule(self.schedule, schedules.new_schedule(self.schedule, conv, knobs), conv, knobs)
         return sch.mod["main"], schedules.pack_weight(self.schedule, conv, knobs, weight)
+
+
+    def with_knobs(self, knobs: dict) -> "HandSchedule":
+        """The schedule with `knobs` over its defaults for each layer (e.g. {'ow_bn': 8, 'epilogue': 'row'})."""
+        fields = {f.name for f in dataclasses.fields(schedules.knobs_class(self.schedule))}
+        unknown = sorted(set(knobs) - fields)
+        if unknown:
+            raise KnobsError(f"{self.impl} has no knob(s) {unknown}; its knobs are {sorted(fields)}")
+        chosen = dict(knobs)
+        made = HandSchedule(self.schedule, lambda layer: dataclasses.replace(
+            schedules.default_knobs(self.schedule, schedules.ConvLayer.of(layer)), **chosen))
+        made.config = "knobs " + ", ".join(f"{k}={v}" for k, v in sorted(chosen.items()))
+        return made
+
+    def check_knobs(self, layer) -> None:
+        schedules.validate_knobs(self.schedule, schedules.ConvLayer.of(layer), self.knobs(layer))
 
 
 def hand_candidates() -> list[HandSchedule]:
