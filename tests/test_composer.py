@@ -95,20 +95,20 @@ def test_a_wrong_variant_is_marked_and_never_best(small_model, device):
 
 def test_use_in_plan_validates(small_model):
     plan = Plan.uniform(small_model)
-    variant = composer.make_variant(small_model, "dec0_conv", "direct_nchwc", ("relu",))
+    variant = composer.make_variant(small_model, "dec0_conv", "direct_nchwc", ("relu",), epilogue="row")
     composer.use_in_plan(plan, small_model, variant)
-    assert plan.layers["dec0_conv"].impl == "tvm:direct_nchwc" and plan.layers["dec0_conv"].fuse == ("relu",)
-    assert any(n.startswith("dec0_conv: ") and variant.knob_text in n for n in plan.notes)
-    pool_block = composer.block(small_model, "enc1_conv1")
-    pooled = composer.Variant("enc1_conv1", "direct_nchw", pool_block.fusion(("pool-relu", "relu")),
-                              schedules.default_knobs("direct_nchw", schedules.ConvLayer.of(pool_block.conv)))
-    before = plan.layers["enc1_conv1"]
-    from workbench.plan import LayerPlan
-
-    if "prologue" not in {f.name for f in dataclasses.fields(LayerPlan)}:  # the plan cannot say it yet
-        with pytest.raises(WorkbenchError, match="pool"):
-            composer.use_in_plan(plan, small_model, pooled)
-        assert plan.layers["enc1_conv1"] == before
+    entry = plan.layers["dec0_conv"]
+    assert (entry.impl, entry.fuse, entry.prologue) == ("tvm:direct_nchwc", ("relu",), ())
+    assert entry.knobs == dataclasses.asdict(variant.knobs) and entry.knobs["epilogue"] == "row"
+    pooled = composer.make_variant(small_model, "enc1_conv1", "direct_nchw", ("pool-relu", "relu"))
+    composer.use_in_plan(plan, small_model, pooled)
+    assert plan.layers["enc1_conv1"].prologue == ("maxpool", "relu")
+    assert Plan.from_json(plan.to_json()).layers["enc1_conv1"] == plan.layers["enc1_conv1"]  # it survives saving
+    before = plan.layers["enc0_conv1"]
+    bad = dataclasses.replace(composer.make_variant(small_model, "enc0_conv1", "direct_nchw"), impl="winograd_9")
+    with pytest.raises(WorkbenchError):
+        composer.use_in_plan(plan, small_model, bad)
+    assert plan.layers["enc0_conv1"] == before  # a variant the plan refuses leaves it as it was
 
 
 def test_fused_blocks_measure_against_the_whole_chain(small_model, device):

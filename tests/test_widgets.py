@@ -45,7 +45,8 @@ def test_composer_widget_applies_variants_and_keeps_working_after_an_error(small
     assert "ow_bn=8" in ui.time.value and len(ui.chart.data[0].x) == 3
 
     ui.use.click()
-    assert plan.layers["enc0_conv1"].impl == "tvm:direct_nchw" and plan.layers["enc0_conv1"].fuse == ("relu",)
+    entry = plan.layers["enc0_conv1"]
+    assert (entry.impl, entry.fuse, entry.knobs["ow_bn"]) == ("tvm:direct_nchw", ("relu",), 8), ui.status.value
     assert ui.status.value.startswith("plan: enc0_conv1")
 
     ui.block.value = "dec1_reduce"  # another block: its own toggles, an empty chart
@@ -82,10 +83,27 @@ def test_plan_editor_lists_measured_impls_and_legal_fusions(small_model):
     assert decoder.disabled and not decoder.value  # NNPACK cannot compute resize+add
     assert editor.plan.layers["dec1_reduce"].fuse == ()
 
+    pool = editor.toggles["enc1_conv1"]["pool-relu"]
+    assert not pool.disabled  # tvm:default computes the pool in its input stage
+    pool.value = True
+    assert editor.plan.layers["enc1_conv1"].prologue == ("maxpool", "relu")
+    editor.set("enc1_conv1", next(v for _, v in editor.impls["enc1_conv1"].options if v.startswith("nnpack:")))
+    assert pool.disabled and editor.plan.layers["enc1_conv1"].prologue == ()
+
     edited = editor.plan_with("enc0_conv1", "tvm:direct_nchw", toggles=())
     assert edited.layers["enc0_conv1"].fuse == () and editor.plan.layers["enc0_conv1"].fuse == ("relu",)
     editor.retime_button.click()  # no runner: one clear line, not a dead button
     assert editor.status.value.startswith("error: nothing to re-time")
+
+
+def test_plan_editor_keeps_a_convs_knobs_while_its_implementation_stays(small_model):
+    plan = Plan.uniform(small_model, overrides={"head_conv": "tvm:direct_nchw"})
+    variant = composer.make_variant(small_model, "head_conv", "direct_nchw", (), ow_bn=8, vec=8)
+    composer.use_in_plan(plan, small_model, variant)
+    editor = widgets.PlanEditor(small_model, plan)
+    assert editor.plan.layers["head_conv"].knobs["ow_bn"] == 8
+    editor.set("head_conv", "tvm:default")
+    assert editor.plan.layers["head_conv"].knobs == {}  # another implementation: its own defaults
 
 
 def test_plan_editor_rebuilds_and_retimes_the_edited_plan(small_model, device, tmp_path):

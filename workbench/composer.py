@@ -348,19 +348,15 @@ def measure_case(device, candidate, case: ConvCase, timing: TimingConfig) -> dic
 # ---------------------------------------------------------------- into the plan
 
 
-def use_in_plan(plan, model: Model, variant: Variant):
-    """Put the variant's implementation and fusion into `plan` (a plan.Plan), validated; returns the plan.
+def use_in_plan(plan: Plan, model: Model, variant: Variant) -> Plan:
+    """Put the variant (implementation, knobs, prologue and epilogue) into `plan`, validated; returns the plan.
 
-    A plan names an implementation by id, not its knobs: the chosen knobs go into the plan's notes.
+    A variant the plan cannot take (PlanError) leaves the plan as it was.
     """
     from .plan import LayerPlan, PlanError
 
-    has_prologue = "prologue" in {f.name for f in dataclasses.fields(LayerPlan)}
-    if variant.fusion.prologue_ops and not has_prologue:
-        raise ComposerError(f"this plan format cannot fuse {'+'.join(variant.fusion.prologue_ops)} into "
-                            f"{variant.block!r}; switch that toggle off to use the variant in the plan")
-    extra = {"prologue": variant.fusion.prologue_ops} if has_prologue else {}
-    entry = LayerPlan(variant.block, f"tvm:{variant.impl}", variant.fusion.epilogue_ops, **extra)
+    entry = LayerPlan(variant.block, f"tvm:{variant.impl}", variant.fusion.epilogue_ops, variant.fusion.prologue_ops,
+                      dataclasses.asdict(variant.knobs))
     previous = plan.layers.get(variant.block)
     plan.layers[variant.block] = entry
     try:
@@ -371,8 +367,6 @@ def use_in_plan(plan, model: Model, variant: Variant):
         else:
             plan.layers[variant.block] = previous
         raise
-    note = f"{variant.block}: tvm:{variant.impl} with knobs {variant.knob_text} (chosen in the composer)"
-    plan.notes = [n for n in plan.notes if not n.startswith(f"{variant.block}: ")] + [note]
     return plan
 
 

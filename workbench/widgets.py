@@ -146,8 +146,8 @@ class ComposerWidget(w.VBox):
             raise WorkbenchError("apply a variant whose numerics hold first; a wrong or failed variant never "
                                  "goes into the plan")
         comp.use_in_plan(self.plan, self.composer.model, self.result.variant)
-        entry = self.plan.layers[self.result.variant.block]
-        self.status.value = f"plan: {entry.layer} -> {entry.impl}, fuse {'+'.join(entry.fuse) or 'nothing'}"
+        variant = self.result.variant
+        self.status.value = f"plan: {variant.block} -> tvm:{variant.impl}, {variant.fusion.label}, {variant.knob_text}"
         return self.plan
 
     # -- showing
@@ -278,7 +278,7 @@ class PlanEditor(w.VBox):
         self.candidates = all_candidates() if candidates is None else candidates
         self.times = _best_times(records)
         self.blocks = {b.name: b for b in comp.blocks(model)}
-        self.notes = list(plan.notes)
+        self.start = plan  # its knobs, notes and settings carry over into the edited plan
         self.impls: dict[str, w.Dropdown] = {}
         self.toggles: dict[str, dict[str, w.ToggleButton]] = {}
         self.status = _classes(w.Label(value=""), "wb-status")
@@ -335,17 +335,14 @@ class PlanEditor(w.VBox):
                 toggle.value = False
 
     def _why_not(self, name: str, impl: str, toggle_name: str) -> str | None:
-        from .fusion import legal_fusions
+        from .fusion import legal_fusions, prologue_chain
         from .kernels.registry import find
-        from .plan import LayerPlan
 
         ops, block = self.blocks[name].toggles[toggle_name], self.blocks[name]
         candidate = find(impl, self.candidates)
         if ops == block.prologue:
-            if "prologue" not in {f.name for f in dataclasses.fields(LayerPlan)}:
-                return "plans cannot fuse a pool into a conv in this version"
-            if "maxpool" not in getattr(candidate, "prologue_fusible", ()):
-                return f"{impl} cannot compute a pool in its input stage"
+            if prologue_chain(self.model, block.conv, candidate.prologue_fusible) != ops:
+                return f"{impl} cannot compute {toggle_name} in its input stage"
             return None
         if ops not in legal_fusions(self.model, block.conv, candidate.fusible):
             return f"{impl} cannot fuse {toggle_name} here"
@@ -365,18 +362,21 @@ class PlanEditor(w.VBox):
 
     @property
     def plan(self):
-        """The plan the controls describe, validated (PlanError names what does not fit)."""
-        from .plan import LayerPlan, Plan
+        """The plan the controls describe, validated (PlanError names what does not fit).
 
-        with_prologue = "prologue" in {f.name for f in dataclasses.fields(LayerPlan)}
+        A conv keeps its starting entry's knobs while its implementation is unchanged.
+        """
+        from .plan import LayerPlan
+
         entries = {}
         for conv in self.model.convs:
             block, on = self.blocks[conv.name], [n for n, t in self.toggles[conv.name].items() if t.value]
-            chosen = {block.toggles[n] for n in on}
-            epilogue = block.epilogue if block.epilogue in chosen else ()
-            extra = {"prologue": block.prologue if block.prologue in chosen else ()} if with_prologue else {}
-            entries[conv.name] = LayerPlan(conv.name, self.impls[conv.name].value, epilogue, **extra)
-        plan = Plan(self.model.name, entries, list(self.notes))
+            chosen, impl = {block.toggles[n] for n in on}, self.impls[conv.name].value
+            start = self.start.layers.get(conv.name)
+            knobs = dict(start.knobs) if start is not None and start.impl == impl else {}
+            entries[conv.name] = LayerPlan(conv.name, impl, block.epilogue if block.epilogue in chosen else (),
+                                           block.prologue if block.prologue in chosen else (), knobs)
+        plan = dataclasses.replace(self.start, layers=entries, notes=list(self.start.notes))
         plan.validate(self.model, self.candidates)
         return plan
 
