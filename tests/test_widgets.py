@@ -67,7 +67,9 @@ def test_plan_editor_lists_measured_impls_and_legal_fusions(small_model):
     records = [{"layer": "enc0_conv1", "impl": "tvm:direct_nchw", "status": "ok", "numerics_ok": True, "median_ms": 0.5},
                {"layer": "enc0_conv1", "impl": "tvm:default", "status": "ok", "numerics_ok": True, "median_ms": 0.25},
                {"layer": "enc0_conv1", "impl": "tvm:winograd_2", "status": "wrong", "numerics_ok": False,
-                "median_ms": 0.01}]
+                "median_ms": 0.01},
+               {"layer": "enc0_conv1", "impl": "tvm:default", "status": "ok", "numerics_ok": True, "median_ms": 0.1,
+                "fusion": "conv > relu"}]  # a fused block's time is not the conv's own
     plan = Plan.uniform(small_model)
     editor = widgets.PlanEditor(small_model, plan, records)
     assert "wb-plan-editor" in _classes(editor)

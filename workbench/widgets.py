@@ -322,8 +322,7 @@ class PlanEditor(w.VBox):
         from .fusion import Fusion, fused_layers, prologue_layers
 
         conv = self.model.layer(entry.layer)
-        prologue = tuple(getattr(entry, "prologue", ()) or ())
-        return Fusion.of(tuple(prologue_layers(self.model, conv, prologue)),
+        return Fusion.of(tuple(prologue_layers(self.model, conv, tuple(entry.prologue))),
                          tuple(fused_layers(self.model, conv, tuple(entry.fuse))))
 
     def _legal(self, name: str):
@@ -414,11 +413,11 @@ class PlanEditor(w.VBox):
 
 
 def _best_times(records) -> dict[tuple[str, str], float]:
-    """(layer, impl) -> fastest usable median ms among the records."""
+    """(layer, impl) -> fastest usable median ms among the records of the conv alone (not a fused block)."""
     from .measure import usable
 
     best = {}
-    for rec in usable(list(records)):
+    for rec in usable([r for r in records if not r.get("fusion")]):
         key = (rec["layer"], rec["impl"])
         best[key] = min(best.get(key, float("inf")), rec["median_ms"])
     return best
