@@ -181,3 +181,22 @@ def fused_groups(model):
     from workbench.kernels.fused import elementwise_groups
 
     return elementwise_groups(model)
+
+
+def test_a_pool_the_hand_kernel_cannot_compute_runs_as_a_plain_op():
+    from workbench import hybrid
+    from workbench.build import build_hybrid, compile_hybrid
+    from workbench.model import reference_output, sample_input
+    from workbench.rpc import host_target
+
+    a = conv_layer("a", "input", (1, 3, 16, 16), 4)
+    pool = pool_layer("pool", "a", a.output_shape, kernel=3, stride=2, pad=1)
+    relu = unary_layer("relu", "relu", "pool", pool.output_shape)
+    b = conv_layer("b", "relu", relu.output_shape, 4)
+    model = Model("overlap", [a, pool, relu, b], random_params([a, b]), a.input_shape)
+    plan = Plan.uniform(model, NCHWC, fuse="2018")
+    assert plan.elementwise == "hand" and plan.layers["b"].prologue == ()
+    x = sample_input(model)
+    result = hybrid.run_local(compile_hybrid(build_hybrid(model, plan, host_target(2))), x,
+                              reference=reference_output(model, x), threads=2)
+    assert result["numerics_ok"], result["rel_err"]

@@ -52,7 +52,8 @@ def group_kind(layers: tuple[Layer, ...]) -> str:
 
 
 def elementwise_groups(model: Model) -> list[tuple[Layer, ...]]:
-    """Every MaxPool [+ its sole reader, a ReLU] and every Resize -> Add [-> ReLU] chain, in model order."""
+    """Every MaxPool [+ its sole reader, a ReLU] and every Resize -> Add [-> ReLU] chain the kernels
+    compute, in model order (an overlapping or padded pool stays a plain op)."""
     from ..fusion import consumers
 
     users, groups = consumers(model), []
@@ -68,7 +69,8 @@ def elementwise_groups(model: Model) -> list[tuple[Layer, ...]]:
         after = _sole_reader(model, users, chain[-1].name)
         if after is not None and after.op == "relu":
             chain.append(after)
-        groups.append(tuple(chain))
+        if _why_not(tuple(chain)) is None:
+            groups.append(tuple(chain))
     return groups
 
 
