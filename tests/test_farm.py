@@ -1,0 +1,108 @@
+"""A device farm: two local servers under one key (1 thread each), measured in parallel.
+
+The sweep spreads its (layer, implementation) pairs over both servers, one session each, and
+names the server of every record; MetaSchedule's runner gets one worker per server. Neither
+measures anything twice, and both cover exactly what a one-server run covers.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workbench.compare import KIND, compare
+from workbench.kernels.registry import library_candidates
+from workbench.measure import TimingConfig
+from workbench.records import RecordStore
+from workbench.rpc import DeviceError, LocalCluster, check_farm
+from workbench.tuning import TuningConfig, open_database, records_of, runner_workers, tune_layer, workload
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = TimingConfig.quick()
+KEY = ("layer", "impl")
+
+
+@pytest.fixture(scope="module")
+def farm():
+    with LocalCluster(servers=2, threads=1) as cluster:
+        yield cluster.device()
+
+
+@pytest.fixture(scope="module")
+def single():
+    with LocalCluster(servers=1, threads=1) as cluster:
+        yield cluster.device()
+
+
+def _layers(model):
+    return [model.convs[0].name, model.convs[3].name]
+
+
+def _sweep(model, device, store):
+    return compare(model, device, _layers(model), candidates=library_candidates(1), timing=QUICK, store=store,
+                   progress=False)
+
+
+def test_the_sweep_spreads_over_the_farm_and_measures_nothing_twice(small_model, farm, single, tmp_path):
+    store = RecordStore(tmp_path / "farm" / "records.jsonl")
+    records = _sweep(small_model, farm, store)
+    assert farm.server_count() == 2
+    servers = {r["server"] for r in records}
+    assert len(servers) == 2 and None not in servers  # both servers measured, each record names its own
+    assert not store.duplicates(KIND, KEY)  # nothing measured twice
+    assert len(store.read(KIND)) == len(records)
+
+    alone = _sweep(small_model, single, RecordStore(tmp_path / "single" / "records.jsonl"))
+    assert [(r["layer"], r["impl"]) for r in records] == [(r["layer"], r["impl"]) for r in alone]  # same coverage
+    assert [r["status"] for r in records] == [r["status"] for r in alone]
+    assert all(r["numerics_ok"] for r in records if r["status"] == "ok")
+
+    again = _sweep(small_model, farm, store)  # resumes: everything is in the store already
+    assert len(store.read(KIND)) == len(records)
+    assert [(r["layer"], r["impl"], r["server"], r["median_ms"]) for r in again] == \
+        [(r["layer"], r["impl"], r["server"], r["median_ms"]) for r in records]
+
+
+def test_the_cli_starts_a_local_farm_and_holds_the_work_dir(small_model, tmp_path):
+    from workbench.model import save_onnx
+
+    path = save_onnx(small_model, tmp_path / "small.onnx")
+    work = tmp_path / "work"
+    argv = [sys.executable, "-m", "workbench", "compare", "--servers", "2", "--model", str(path), "--layers",
+            ",".join(_layers(small_model)), "--quick", "--json", "--work-dir", str(work)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert len({r["server"] for r in rows}) == 2 and not any(r["emulated"] for r in rows)
+    records = RecordStore(work / "results" / "records.jsonl").read(KIND)
+    assert all(r["device"]["target"]["num-cores"] == 1 for r in records)  # 2 cores shared out: 1 thread each
+    assert not RecordStore(work / "results" / "records.jsonl").duplicates(KIND, KEY)
+
+
+def test_a_farm_that_oversubscribes_the_cores_is_refused():
+    import os
+
+    with pytest.raises(DeviceError, match="cores"):
+        check_farm(2, os.cpu_count())
+    with pytest.raises(DeviceError, match="positive"):
+        check_farm(0, 1)
+    done = subprocess.run([sys.executable, "-m", "workbench", "compare", "--servers", "2", "--tracker", "127.0.0.1:9",
+                           "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--servers" in done.stderr
+
+
+def test_tuning_runs_on_every_server_of_the_farm(small_model, farm, single, tmp_path):
+    layer = small_model.convs[0]
+    config = TuningConfig(trials_per_batch=4, population_size=16, genetic_num_iters=1)
+    assert runner_workers(farm) == 2 and runner_workers(single) == 1
+    result = tune_layer(layer, farm, 8, tmp_path / "farm", progress=False, config=config)
+    assert result.trials == 8 and result.new_trials == 8
+    assert len(result.servers) == 2 and sum(result.servers.values()) >= 8  # a session per candidate, on both
+    database = open_database(tmp_path / "farm", farm.target)
+    measured = records_of(database, workload(layer))
+    assert len({str(r.trace) for r in measured}) == len(measured) == 8  # no candidate measured twice
+
+    alone = tune_layer(layer, single, 8, tmp_path / "single", progress=False, config=config)
+    assert alone.trials == result.trials and len(alone.servers) == 1  # the same coverage from one server
