@@ -29,11 +29,12 @@ lab: venv
 clean-venv:
 	rm -rf $(VENV)
 
-# Debian's cross g++ for the armv7 and aarch64 targets (the cross-compiling test runs only with them).
-CROSS_GXX := aarch64-linux-gnu-g++ arm-linux-gnueabihf-g++
+# Debian's cross g++ for the armv7 and aarch64 targets (the cross-compiling test runs only with them),
+# and qemu-user with binfmt for the emulated aarch64 board (python -m workbench board, tests/test_board.py).
+CROSS_GXX := aarch64-linux-gnu-g++ arm-linux-gnueabihf-g++ qemu-aarch64-static update-binfmts
 system-deps:
-	@missing=$$(for c in $(CROSS_GXX); do command -v $$c >/dev/null || echo $$c; done); \
+	@missing=$$(for c in $(CROSS_GXX); do command -v $$c >/dev/null || [ -x /usr/sbin/$$c ] || echo $$c; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu g++-arm-linux-gnueabihf >/dev/null; \
-	else echo "note: $$missing missing; as root: apt-get install g++-aarch64-linux-gnu g++-arm-linux-gnueabihf"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user-static binfmt-support >/dev/null; \
+	else echo "note: $$missing missing; as root: apt-get install g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user-static binfmt-support"; fi

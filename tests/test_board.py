@@ -27,8 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REGISTER_TIMEOUT = 900  # a cold set-up downloads about 1 GB of wheels; a warm start takes ~30 s
 RUN_TIMEOUT = 600
 
-pytestmark = pytest.mark.skipif(board.emulation_unavailable() is not None,
-                                reason=f"no emulated board here: {board.emulation_unavailable()}")
 
 
 def readme_commands() -> list[list[str]]:
@@ -69,6 +67,9 @@ def emulated(tmp_path_factory):
     """A tracker and the emulated board, started as the README says; ended (and checked gone) after."""
     from workbench.rpc import Device
 
+    why = board.emulation_unavailable()
+    if why:
+        pytest.skip(f"no emulated board here: {why}")
     logs = tmp_path_factory.mktemp("board")
     port = free_port()
     env = {**os.environ, "WORKBENCH_RPC_KEY": f"board-{secrets.token_hex(8)}", "PYTHONPATH": str(ROOT)}
@@ -154,3 +155,37 @@ def test_the_hybrid_built_for_aarch64_runs_on_the_board(emulated, small_model):
     assert result["numerics_ok"], result["rel_err"]
     assert result["nnpack_profile"].get("run")  # NNPACK ran on the board, inside the model
     assert result["median_ms"] > 0
+
+
+# ---------------------------------------------------------------- without emulation
+
+def test_the_board_refuses_what_it_cannot_emulate_in_one_line(tmp_path):
+    with pytest.raises(board.BoardError, match="armv7.*README"):
+        board.EmulatedBoard("armv7")
+    done = subprocess.run([sys.executable, "-m", "workbench", "board", "--emulate", "aarch64", "--tracker",
+                           "127.0.0.1:1"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "WORKBENCH_CACHE": str(tmp_path)})
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # a wrong tracker fails before minutes of set-up
+
+
+def test_the_set_up_follows_the_pins_and_a_cortex_a72():
+    pins = board.pinned_versions()
+    assert pins["apache-tvm"] == "0.27.0.post1" and pins["torch"] == "2.13.0"
+    info = board.cortex_a72_cpuinfo(2)
+    assert info.count("processor\t:") == 2 and "CPU part\t: 0xd08" in info and "asimd" in info
+
+
+def test_reports_name_the_device_and_mark_emulation(tmp_path):
+    import plotly.graph_objects as go
+
+    from workbench.report import Section, device_line, write_report
+
+    device = {"tracker": "127.0.0.1:9190", "key": "rpi", "machine": "aarch64", "emulated": True,
+              "emulation": "qemu-aarch64-static", "target": {"mtriple": "aarch64-linux-gnu", "num-cores": 2}}
+    assert "EMULATED" in device_line(device) and "rpi" in device_line(device)
+    assert "EMULATED" not in device_line({**device, "emulated": False})
+    figure = go.Figure(layout=dict(title="Roofline"))
+    page = write_report(tmp_path / "r.html", "study", [Section("one", [figure])], device=device).read_text()
+    assert page.count("EMULATED") == 2  # the header and the figure
+    assert figure.layout.title.text == "Roofline"  # the caller's figure is left as it was
