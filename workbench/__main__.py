@@ -175,6 +175,7 @@ def cmd_compare(args) -> None:
     from .kernels.registry import all_candidates
     from .measure import TimingConfig
     from .records import WorkDir
+    from .report import device_line
     from .rpc import open_device
 
     model = _load_model(args.model)
@@ -188,7 +189,7 @@ def cmd_compare(args) -> None:
         candidates = all_candidates(int(device.target.get("num-cores") or 1), work.tuning, tuned)
         records = compare(model, device, layers, candidates=candidates, timing=timing, store=work.records,
                           resume=not args.fresh, progress=not args.json)
-    _emit(args, json_rows(records), lambda: table(records).to_string(index=False))
+    _emit(args, json_rows(records), lambda: f"{device_line(device.describe())}\n{table(records).to_string(index=False)}")
 
 
 def cmd_tune(args) -> None:

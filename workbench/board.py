@@ -20,6 +20,7 @@ records and reports carry it; they are never a board's speed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -169,9 +170,15 @@ class EmulatedBoard:
 
     # -- set-up, step by step, each skipped when its stamp matches
     def setup(self) -> float:
-        """Everything the board needs, downloaded once; returns the seconds it took."""
+        """Everything the board needs, downloaded once; returns the seconds it took. Two boards
+        starting at once set up one after the other (a lock on the cache), the second finding it done."""
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
+        with _locked(self.root / ".lock"):
+            self._setup_steps()
+        return time.monotonic() - started
+
+    def _setup_steps(self) -> None:
         steps = self._steps()
         for name, action in (("sysroot", self._make_sysroot), ("cpuinfo", self._write_cpuinfo),
                              ("stack", self._install_stack), ("torch", self._install_torch)):
@@ -180,7 +187,6 @@ class EmulatedBoard:
                 continue
             action()
             stamp.write_text(steps[name])
-        return time.monotonic() - started
 
     def _stamp(self, name: str) -> Path:
         return self.root / f".done-{name}"
@@ -298,6 +304,19 @@ class EmulatedBoard:
         out = _run([str(self.python), "-c", probe], timeout,
                    f"the emulated Python cannot import TVM; remove {self.root} to set the board up again", self.env())
         return out.strip()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another board is setting up {path.parent}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)  # Ctrl-C still interrupts the wait
+        yield
 
 
 def pinned_versions(lock: Path = REPO / "requirements.lock") -> dict[str, str]:
