@@ -16,7 +16,7 @@ from .kernels.base import Candidate
 from .measure import FINAL, ConvCase, Measurement, TimingConfig, measure, usable
 from .model import Model
 from .records import RecordStore
-from .rpc import SessionKeeper, SessionLost, device_ok, hang_guard, short_reason
+from .rpc import DeviceError, SessionKeeper, SessionLost, device_ok, hang_guard, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ def _measure_all(device, model, todo, timing, store, context, seed, progress) ->
 
 
 def _server_count(device) -> int:
-    """How many servers measure at once: the local cluster's, else those registered for the key."""
+    """How many servers measure at once: the local cluster's, else the key's free servers."""
     if device.local is not None:
         return max(1, device.local.servers)
     try:
-        return max(1, device.server_count())
+        return max(1, device.server_count(free=True))
     except Exception:  # noqa: BLE001 - the session request says what is wrong with the tracker
         return 1
 
@@ -126,9 +126,19 @@ class Work:
             self.results[(layer.name, candidate.impl)] = record
 
 
-def _worker(work: Work, device, timing: TimingConfig, bar) -> None:
-    """One session (one server) measuring items from the queue until it is empty."""
+def _worker(work: Work, device, timing: TimingConfig, bar, spare: bool = False) -> None:
+    """One session (one server) measuring items from the queue until it is empty.
+
+    A `spare` worker that gets no server (another client took it since it was counted free)
+    leaves the work to the others instead of stopping the sweep."""
     with SessionKeeper(device) as sessions:
+        try:
+            sessions.get()
+        except DeviceError as err:
+            if not spare:
+                raise
+            log.warning("a farm worker got no server (%s); the others measure its share", short_reason(err))
+            return
         while (item := work.take()) is not None:
             layer, candidate = item
             bar.set_postfix_str(f"{layer.name} {candidate.impl}", refresh=False)
@@ -141,15 +151,15 @@ def _farm(work: Work, device, timing: TimingConfig, bar, workers: int) -> None:
     """A worker thread per server (RPC calls release the GIL); the first error stops them all."""
     errors: list = []
 
-    def run():
+    def run(spare: bool):
         try:
-            _worker(work, device, timing, bar)
+            _worker(work, device, timing, bar, spare)
         except BaseException as err:  # noqa: BLE001 - raised again in the calling thread
             errors.append(err)
             work.stop.set()
 
     log.info("measuring on %d servers at once", workers)
-    threads = [threading.Thread(target=run, name=f"farm-{i}", daemon=True) for i in range(workers)]
+    threads = [threading.Thread(target=run, args=(i > 0,), name=f"farm-{i}", daemon=True) for i in range(workers)]
     for thread in threads:
         thread.start()
     try:
