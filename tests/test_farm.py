@@ -106,3 +106,56 @@ def test_tuning_runs_on_every_server_of_the_farm(small_model, farm, single, tmp_
 
     alone = tune_layer(layer, single, 8, tmp_path / "single", progress=False, config=config)
     assert alone.trials == result.trials and len(alone.servers) == 1  # the same coverage from one server
+
+
+class KillsItsServerOnce:
+    """TVM's default conv (as `tvm:killer`), whose first setup SIGKILLs the process group of the
+    server its own session is on: one server of the farm dies, the other measures on."""
+
+    def __init__(self, cluster):
+        from workbench.kernels.default import DefaultCandidate
+
+        self.inner, self.cluster, self.killed = DefaultCandidate(), cluster, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def impl(self):
+        return "tvm:killer"
+
+    def setup(self, session, case, device):
+        import os
+        import signal
+
+        from workbench.rpc import server_of
+
+        if not self.killed:
+            port = int(server_of(session).rpartition(":")[2])
+            pgid = next(pid for pid, p in self.cluster.server_ports.items() if p == port)
+            os.killpg(pgid, signal.SIGKILL)
+            self.killed.append((pgid, port))
+        return self.inner.setup(session, case, device)
+
+
+def test_a_farm_server_killed_mid_sweep_is_restarted_while_the_other_measures_on(small_model, tmp_path):
+    from processes import group_alive
+
+    with LocalCluster(servers=2, threads=1) as cluster:
+        device = cluster.device()
+        first = dict(cluster.server_ports)
+        library = library_candidates(1)
+        killer = KillsItsServerOnce(cluster)
+        candidates = library[:4] + [killer] + library[4:]
+        store = RecordStore(tmp_path / "records.jsonl")
+        records = compare(small_model, device, _layers(small_model), candidates=candidates, timing=QUICK,
+                          store=store, progress=False)
+        pgid, port = killer.killed[0]
+        assert group_alive(pgid) == []  # the kill happened, mid-sweep
+        survivor = next(p for pid, p in first.items() if pid != pgid)
+        assert survivor in cluster.server_ports.values()  # the other server was never restarted
+        assert cluster.healthy(wait=5) and len(cluster.server_ports) == 2  # the dead one was replaced
+    assert {r["status"] for r in records} <= {"ok", "not_applicable"}, [
+        (r["impl"], r["status"], r["note"]) for r in records if r["status"] not in ("ok", "not_applicable")]
+    assert not store.duplicates(KIND, KEY) and len(store.read(KIND)) == len(records)
+    assert f"127.0.0.1:{survivor}" in {r["server"] for r in records}
