@@ -164,9 +164,11 @@ def cmd_ceilings(args) -> None:
     from .ceilings import measure_ceilings
     from .rpc import open_device
 
+    from .report import device_line
+
     with open_device(args.tracker, args.key, args.target, args.threads) as device:
         result = measure_ceilings(device, quick=args.quick)
-    _emit(args, result.to_dict(), lambda: result.summary())
+    _emit(args, result.to_dict(), lambda: f"{device_line(device.describe())}\n{result.summary()}")
 
 
 def cmd_compare(args) -> None:
@@ -195,6 +197,7 @@ def cmd_compare(args) -> None:
 def cmd_tune(args) -> None:
     from . import tuning
     from .records import WorkDir
+    from .report import device_line
     from .rpc import open_device
 
     model = _load_model(args.model)
@@ -208,11 +211,12 @@ def cmd_tune(args) -> None:
             results = tuning.tune_layers(model, device, args.trials, work.tuning, layers=layers,
                                          progress=not args.json)
         for result in results:
-            work.records.append("tuning", result.to_dict(), model=model.name, device=device.describe())
-    rows = [r.to_dict() for r in results]
-    _emit(args, rows, lambda: "\n".join(
+            work.records.append("tuning", result.to_dict(), model=model.name, device=device.describe(),
+                                emulated=device.emulated)
+    rows = [{**r.to_dict(), "emulated": device.emulated} for r in results]
+    _emit(args, rows, lambda: "\n".join([device_line(device.describe())] + [
         f"{r['layer']}: {r['trials']} trials ({r['new_trials']} new, {r['trials_per_minute']:.1f}/min), "
-        f"best {r['best_ms']} ms" for r in rows))
+        f"best {r['best_ms']} ms" for r in rows]))
 
 
 def cmd_study(args) -> None:
