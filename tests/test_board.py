@@ -157,6 +157,34 @@ def test_the_hybrid_built_for_aarch64_runs_on_the_board(emulated, small_model):
     assert result["median_ms"] > 0
 
 
+def test_a_board_killed_outright_leaves_nothing_behind(emulated):
+    """SIGKILL gives the board no chance to clean up: its emulated server notices and ends its group."""
+    import psutil
+
+    from workbench.rpc import Device
+
+    env = {**emulated["env"], "WORKBENCH_RPC_KEY": f"board-{secrets.token_hex(8)}"}
+    log = emulated["logs"] / "killed.log"
+    proc = _start(command("board", emulated["port"]) + ["--port", str(free_port())], env, open(log, "w"))
+    try:
+        device = Device("127.0.0.1", emulated["port"], env["WORKBENCH_RPC_KEY"])
+        deadline = time.monotonic() + REGISTER_TIMEOUT
+        while not device.alive(wait=2):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        server = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert server, "the board started no server"
+        server_group = os.getpgid(server[0])
+        assert server_group != proc.pid  # its own group, ended whole
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while group_alive(server_group) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert group_alive(server_group) == []
+    finally:
+        _end(proc)
+
+
 # ---------------------------------------------------------------- without emulation
 
 def test_the_board_refuses_what_it_cannot_emulate_in_one_line(tmp_path):
