@@ -103,6 +103,9 @@ def _run(argv, env, timeout=RUN_TIMEOUT):
 
 def test_the_board_was_set_up_and_logged_its_steps(emulated):
     assert board.EmulatedBoard("aarch64").ready()  # cached: the next start sets nothing up
+    deadline = time.monotonic() + 60  # the board sees its server registered a poll after the tracker does
+    while "serving aarch64 (emulated)" not in emulated["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
     text = emulated["log"].read_text()
     assert "board: set up in" in text and "serving aarch64 (emulated)" in text
 

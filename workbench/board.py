@@ -291,12 +291,28 @@ class EmulatedBoard:
     def env(self, extra: dict | None = None) -> dict:
         """The emulated Python's environment: the sysroot as qemu's prefix, the wheels and this
         workbench importable, and the mark that says every timing here is emulated."""
-        path = os.pathsep.join(map(str, (self.site, self.torch_site, REPO)))
+        path = os.pathsep.join(map(str, (self.site, self.torch_site, self._source())))
         qemu = Path(qemu_binary(self.arch)).name
         return {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))},
                 "QEMU_LD_PREFIX": str(self.sysroot), "PYTHONPATH": path, "PYTHONNOUSERSITE": "1",
                 "PYTHONDONTWRITEBYTECODE": "1", EMULATED_ENV: f"{qemu} ({self.arch} user-mode emulation)",
                 **(extra or {})}
+
+    def _source(self) -> Path:
+        """A folder holding only this workbench package (a link to it): never the host's site-packages,
+        whose x86 extensions the emulated Python must not find. One per package location, so boards
+        started from two checkouts do not share it."""
+        package = Path(__file__).resolve().parent
+        folder = self.root / f"src-{hashlib.sha256(str(package).encode()).hexdigest()[:12]}"
+        link = folder / package.name
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (link.is_symlink() and link.resolve() == package):
+            link.unlink(missing_ok=True)
+            try:
+                link.symlink_to(package, target_is_directory=True)
+            except FileExistsError:  # a board started at the same moment made the same link
+                pass
+        return folder
 
     def check_python(self, timeout: float = 300) -> str:
         """Run the emulated Python once: the sysroot, binfmt and the wheels work (TVM imports)."""
@@ -320,12 +336,18 @@ def _locked(path: Path):
 
 
 def pinned_versions(lock: Path = REPO / "requirements.lock") -> dict[str, str]:
-    """name -> version from requirements.lock (names lower-cased, '_' as '-'); {} without one."""
+    """name -> version from requirements.lock (names lower-cased, '_' as '-'), else from the installed
+    package's own pins (pyproject's dependencies)."""
     pins = {}
     try:
         lines = lock.read_text().splitlines()
     except OSError:
-        return pins
+        from importlib import metadata
+
+        try:
+            lines = [r.split(";")[0] for r in metadata.requires("unet-workbench") or []]
+        except metadata.PackageNotFoundError:
+            lines = []
     for line in lines:
         name, sep, version = line.split("#")[0].strip().partition("==")
         if sep:
