@@ -220,3 +220,11 @@ def test_reports_name_the_device_and_mark_emulation(tmp_path):
     page = write_report(tmp_path / "r.html", "study", [Section("one", [figure])], device=device).read_text()
     assert page.count("EMULATED") == 2  # the header and the figure
     assert figure.layout.title.text == "Roofline"  # the caller's figure is left as it was
+
+
+def test_missing_qemu_is_named_with_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-aarch64-static on it
+    why = board.emulation_unavailable()
+    assert why and "qemu-aarch64-static is not installed" in why and "apt-get install qemu-user-static" in why
+    with pytest.raises(board.BoardError, match="make system-deps"):
+        board.ensure_binfmt()

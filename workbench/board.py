@@ -431,18 +431,12 @@ def _await_registration(server: subprocess.Popen, tracker: str, key: str, timeou
 
 
 def emulation_unavailable(arch: str = "aarch64") -> str | None:
-    """Why an emulated board cannot run here, or None: qemu-user installed, and binfmt_misc ready
-    or fixable by this (root) process."""
+    """Why an emulated board cannot run here, or None: qemu-user installed and binfmt_misc ready.
+    As root, binfmt_misc is set up here as the board would (a container may not allow it)."""
     try:
-        qemu_binary(arch)
+        ensure_binfmt(arch)
     except BoardError as err:
         return str(err)
-    if binfmt_ready(arch):
-        return None
-    if os.geteuid() != 0:
-        return f"binfmt_misc has no enabled qemu-{arch} entry and this process is not root to add it"
-    if not shutil.which("update-binfmts"):
-        return "update-binfmts (Debian's binfmt-support) is missing; apt-get install binfmt-support"
     return None
 
 
