@@ -26,8 +26,14 @@ KEY = ("layer", "impl")
 
 @pytest.fixture(scope="module")
 def farm():
+    from processes import group_alive
+
     with LocalCluster(servers=2, threads=1) as cluster:
+        assert len(cluster.pids) == 3  # the tracker and two servers, each its own process group
+        groups = set(cluster.pids)
         yield cluster.device()
+        groups.update(cluster.pids)  # servers restarted since
+    assert not any(group_alive(g) for g in groups), "a farm process outlived its cluster"
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,11 @@ def test_the_cli_starts_a_local_farm_and_holds_the_work_dir(small_model, tmp_pat
     work = tmp_path / "work"
     argv = [sys.executable, "-m", "workbench", "compare", "--servers", "2", "--model", str(path), "--layers",
             ",".join(_layers(small_model)), "--quick", "--json", "--work-dir", str(work)]
+    from workbench.records import WorkDir
+
+    with WorkDir.at(work).lock("another run"):  # one run per work dir, farm or not
+        busy = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert busy.returncode == 2 and "in use" in busy.stderr and busy.stderr.count("\n") == 1
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
