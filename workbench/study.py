@@ -199,9 +199,10 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     log.info("[6/6] report")
     summary = _summary(model, end_to_end, chosen["hybrid"], config, threads, time.time() - started)
     summary["fusion"] = fusion_figures(end_to_end, chosen["hybrid"], measured.records)
+    summary.update(device=device.describe(), emulated=device.describe()["emulated"])  # never a board's speed if true
     write_report(work.report, f"UNet study: {model.name}",
                  _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
-                           in_model, summary, measured.blocks))
+                           in_model, summary, measured.blocks), device=device.describe())
     (work.root / "study.json").write_text(json.dumps(summary, indent=1, default=str))
     log.info("report: %s", work.report)
     return summary
