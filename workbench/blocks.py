@@ -69,7 +69,7 @@ def measure_blocks(model: Model, device, records: list[dict], candidates: list[C
     """Measure every block variant and the separate kernels they are weighed against; the records."""
     from tqdm.auto import tqdm
 
-    from .compare import _survive
+    from .compare import measure_surviving
     from .rpc import SessionKeeper
 
     variants = block_variants(model, records, candidates)
@@ -96,8 +96,8 @@ def measure_blocks(model: Model, device, records: list[dict], candidates: list[C
                 continue
             bar.set_postfix_str(f"{layer} {candidate.impl} {label}")
             case = make_case()
-            result = _survive(candidate, case, sessions, device, timing)
-            record = {**context, **result.to_dict(), "fusion": label, "flops": case.flops,
+            result = measure_surviving(candidate, case, sessions, device, timing)
+            record = {**context, **result.to_dict(), "fusion": label, "flops": case.flops, "server": sessions.server,
                       "prologue": list(fusion.prologue_ops) if fusion else [],
                       "epilogue": list(fusion.epilogue_ops) if fusion else []}
             if store:

@@ -41,7 +41,7 @@ def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: 
     context = {"model": model.name, "model_fingerprint": model.fingerprint, "device": device.describe(),
                "threads": threads, "fusion": fusion.label}
     with SessionKeeper(device) as sessions:
-        return _record(_survive(candidate, case, sessions, device, timing), context, case)
+        return _record(measure_surviving(candidate, case, sessions, device, timing), context, case)
 
 
 # ---------------------------------------------------------------- the study
@@ -156,7 +156,7 @@ def _worker(work: Work, device, timing: TimingConfig, bar, spare: bool = False) 
         while (item := work.take()) is not None:
             layer, candidate = item
             bar.set_postfix_str(f"{layer.name} {candidate.impl}", refresh=False)
-            result = _survive(candidate, work.case(layer), sessions, device, timing)
+            result = measure_surviving(candidate, work.case(layer), sessions, device, timing)
             work.keep(layer, candidate, result, sessions.server)
             bar.update(1)
 
@@ -187,7 +187,7 @@ def _farm(work: Work, device, timing: TimingConfig, bar, workers: int) -> None:
         raise errors[0]
 
 
-def _survive(candidate, case: ConvCase, sessions: SessionKeeper, device, timing: TimingConfig) -> Measurement:
+def measure_surviving(candidate, case: ConvCase, sessions: SessionKeeper, device, timing: TimingConfig) -> Measurement:
     """measure() in a live session; a lost session is revived and the candidate tried again.
 
     A candidate whose session dies CRASH_LIMIT times (a kernel that kills its process, or

@@ -338,11 +338,11 @@ class Composer:
 
 def measure_case(device, candidate, case: ConvCase, timing: TimingConfig) -> dict:
     """One candidate on a prepared case (a fused chain's reference) through the protocol, surviving a lost session."""
-    from .compare import _survive
+    from .compare import measure_surviving
     from .rpc import SessionKeeper
 
     with SessionKeeper(device) as sessions:
-        return _survive(candidate, case, sessions, device, timing).to_dict()
+        return measure_surviving(candidate, case, sessions, device, timing).to_dict()
 
 
 # ---------------------------------------------------------------- into the plan
