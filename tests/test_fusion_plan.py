@@ -200,3 +200,24 @@ def test_a_pool_the_hand_kernel_cannot_compute_runs_as_a_plain_op():
     result = hybrid.run_local(compile_hybrid(build_hybrid(model, plan, host_target(2))), x,
                               reference=reference_output(model, x), threads=2)
     assert result["numerics_ok"], result["rel_err"]
+
+
+def test_a_composed_variant_lands_in_the_exported_hybrid(small_model, tmp_path):
+    from workbench import composer, hybrid, load_hybrid
+    from workbench.model import reference_output, sample_input
+    from workbench.rpc import host_target
+
+    plan = Plan.uniform(small_model, NCHWC, fuse="2018")
+    variant = composer.make_variant(small_model, "enc1_conv1", "winograd_2", ("pool-relu", "relu"), tile_bn=2)
+    composer.use_in_plan(plan, small_model, variant)
+    entry = plan.layers["enc1_conv1"]
+    assert (entry.impl, entry.prologue, entry.knobs["tile_bn"]) == ("tvm:winograd_2", ("maxpool", "relu"), 2)
+    partial = dict(plan.layers, dec0_reduce=LayerPlan("dec0_reduce", "tvm:winograd_4",
+                                                      ("resize", "add", "relu"), (), {"oc_bn": 4}))
+    plan = Plan(plan.model, partial, elementwise="hand")
+    out = hybrid.export_hybrid(small_model, plan, tmp_path / "hybrid", host_target(2), threads=2)
+    saved = Plan.load(out / "plan.json")
+    assert saved.layers["enc1_conv1"] == entry and saved.layers["dec0_reduce"].knobs == {"oc_bn": 4}
+    x = sample_input(small_model)
+    loaded = load_hybrid(out, threads=2)
+    assert hybrid.check_output(loaded(x), reference_output(small_model, x))["numerics_ok"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import WorkbenchError
-from .fusion import fusible_chain, legal_fusions, prologue_chain
+from .fusion import Fusion, fused_layers, fusible_chain, legal_fusions, prologue_chain, prologue_layers
 from .kernels.base import Candidate
 from .kernels.registry import UnknownImplementationError, all_candidates, find
 from .measure import usable
@@ -280,7 +280,9 @@ def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[C
                         f"input stage; legal prologues here: {legal_before}")
     if entry.knobs:
         try:
-            candidate.with_knobs(entry.knobs).check_knobs(conv)
+            fusion = Fusion.of(tuple(prologue_layers(model, conv, tuple(entry.prologue))),
+                               tuple(fused_layers(model, conv, tuple(entry.fuse))))
+            candidate.with_knobs(entry.knobs).check_knobs(conv, fusion)
         except WorkbenchError as err:
             raise PlanError(f"layer {conv.name!r}: {err}") from None
 
@@ -349,7 +351,6 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
 
 def _absorbed_groups(model: Model, conv: Layer, prologue: tuple[str, ...], epilogue: tuple[str, ...]) -> list[str]:
     """Last layers of the elementwise groups (kernels/fused.py) a fold replaces: the pool, the resize+add."""
-    from .fusion import fused_layers, prologue_layers
     from .kernels.fused import elementwise_groups
 
     taken = {m.name for m in prologue_layers(model, conv, prologue)}

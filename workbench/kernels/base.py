@@ -85,7 +85,7 @@ class Candidate:
         """This implementation with some knobs set (a plan entry's `knobs`); only hand schedules have knobs."""
         raise KnobsError(f"{self.impl} has no knobs to set; drop 'knobs' from its plan entry")
 
-    def check_knobs(self, layer: "Layer") -> None:
+    def check_knobs(self, layer: "Layer", fusion=None) -> None:
         """Raise a WorkbenchError naming the first knob that does not fit the layer."""
 
     def __repr__(self) -> str:
