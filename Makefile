@@ -30,12 +30,16 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Debian packages the tests need, as command:package pairs (a test that needs a missing one is
-# skipped and says so): the cross g++ for the armv7 and aarch64 targets, Chromium for the browser test.
+# skipped and says so): the cross g++ for the armv7 and aarch64 targets, qemu-user with binfmt for
+# the emulated aarch64 board (python -m workbench board, tests/test_board.py), Chromium for the
+# browser test.
 SYSTEM_DEPS := aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
 	arm-linux-gnueabihf-g++:g++-arm-linux-gnueabihf \
+	qemu-aarch64-static:qemu-user-static \
+	update-binfmts:binfmt-support \
 	chromium:chromium
 system-deps:
-	@missing=$$(for dep in $(SYSTEM_DEPS); do command -v $${dep%%:*} >/dev/null || echo $${dep#*:}; done); \
+	@missing=$$(for dep in $(SYSTEM_DEPS); do c=$${dep%%:*}; command -v $$c >/dev/null || [ -x /usr/sbin/$$c ] || echo $${dep#*:}; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

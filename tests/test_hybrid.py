@@ -57,7 +57,7 @@ def test_plan_json_and_frame_round_trip(small_model, tmp_path):
     assert again.layers == plan.layers and again.model == plan.model
     assert Plan.load(plan.save(tmp_path / "plan.json")).layers == plan.layers
     frame = plan.frame()
-    assert list(frame.columns) == ["layer", "impl", "fuse"]
+    assert list(frame.columns) == ["layer", "impl", "prologue", "fuse", "knobs"]
     frame.loc[frame.layer == "head_conv", "impl"] = NNPACK_WT  # edited like a user would
     edited = Plan.from_frame(frame, small_model.name)
     edited.validate(small_model)

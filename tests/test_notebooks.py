@@ -12,6 +12,7 @@ PARAMETERS = {
     "01_layers_and_roofline.ipynb": SMALL,
     "02_nnpack_algorithms.ipynb": {**SMALL, "work_dir": None},
     "03_tvm_schedules_and_tuning.ipynb": {**SMALL, "work_dir": None, "trials": 4},
+    "04_fused_operators.ipynb": {**SMALL, "work_dir": None},
     "05_hybrid_unet.ipynb": {**SMALL, "work_dir": None, "trials": 4},
 }
 

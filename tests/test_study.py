@@ -48,6 +48,24 @@ def test_study_reports_the_hybrid_against_every_peer(study):
     assert (study["work"] / "hybrid" / "plan.json").exists()
 
 
+def test_study_reports_fusion_measured_in_the_same_run(study):
+    fusion = study["summary"]["fusion"]
+    for key in ("unfused_ms", "groups_2018_ms", "folded_ms", "hybrid_ms", "isolated_sum_ms"):
+        assert fusion[key] > 0, key
+    assert fusion["hybrid_ms"] == study["summary"]["hybrid_ms"]
+    assert fusion["hybrid_vs_unfused"] == pytest.approx(fusion["hybrid_ms"] / fusion["unfused_ms"])
+    assert not {"unfused", "groups_2018", "folded"} & set(study["summary"]["baselines"])  # not peers
+    records = [json.loads(l) for l in (study["work"] / "results" / "records.jsonl").read_text().splitlines()]
+    blocks = [r for r in records if r["kind"] == "block_measurement"]
+    folds = [r for r in blocks if " > " in r["fusion"]]
+    separate = [r for r in blocks if " > " not in r["fusion"]]
+    assert folds and separate and all(r["status"] == "ok" and r["numerics_ok"] for r in blocks)
+    assert {r["impl"] for r in separate} == {"tvm:maxpool_relu", "tvm:resize_add_relu"}
+    plan = json.loads((study["work"] / "hybrid" / "plan.json").read_text())
+    assert plan["elementwise"] == "hand"
+    assert "Fusion" in (study["work"] / "report.html").read_text()
+
+
 def test_study_measured_nnpack_tvm_and_tuned_kernels(study):
     records = [json.loads(l) for l in (study["work"] / "results" / "records.jsonl").read_text().splitlines()]
     convs = [r for r in records if r["kind"] == "conv_measurement"]
@@ -63,6 +81,7 @@ def test_a_rerun_resumes_without_tuning_or_measuring_layers_again(study):
     summary = json.loads(workbench(*study["args"]).stdout)
     after = _kinds(study["work"])
     assert after["conv_measurement"] == before["conv_measurement"]
+    assert after["block_measurement"] == before["block_measurement"]
     tuning = [json.loads(l) for l in (study["work"] / "results" / "records.jsonl").read_text().splitlines()
               if json.loads(l)["kind"] == "tuning"]
     assert all(r["new_trials"] == 0 for r in tuning[-4:])

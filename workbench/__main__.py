@@ -53,11 +53,16 @@ def _common(parser, *names) -> None:
         parser.add_argument(name, **COMMON[name])
 
 
-def _device_args(parser) -> None:
+def _device_args(parser, farm: bool = False) -> None:
     parser.add_argument("--tracker", help="remote RPC tracker HOST:PORT (default: a local cluster on loopback)")
     parser.add_argument("--key", help="device key registered at the tracker (default: $WORKBENCH_RPC_KEY, else 'workbench')")
     parser.add_argument("--target", help="'host', 'armv7', 'aarch64' or a JSON target dict (default: host)")
-    parser.add_argument("--threads", type=int, default=None, help="threads on the device (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads on the device (default: all cores; on a local farm, the cores shared out)")
+    if farm:
+        parser.add_argument("--servers", type=int, default=1,
+                            help="a local farm: N servers under one key, measured in parallel (default: 1; with "
+                                 "--tracker, every server registered for the key is used)")
 
 
 # ---------------------------------------------------------------- the door
@@ -86,6 +91,19 @@ def check_arguments(args) -> None:
         from .records import WorkDir
 
         WorkDir.at(args.work_dir)  # checked, not created: a bad path fails before anything is measured
+    if getattr(args, "servers", 1) != 1:
+        _check_servers(args, remote)
+
+
+def _check_servers(args, remote) -> None:
+    from .rpc import check_farm, farm_threads
+
+    if remote:
+        raise UserError("--servers starts a local farm; with --tracker, every server registered for the key "
+                        "measures (start more servers on the board side instead)")
+    if args.servers < 1:
+        raise UserError(f"--servers must be at least 1, got {args.servers}")
+    check_farm(args.servers, args.threads or farm_threads(args.servers))
 
 
 def _check_key(args, command) -> None:
@@ -146,9 +164,11 @@ def cmd_ceilings(args) -> None:
     from .ceilings import measure_ceilings
     from .rpc import open_device
 
+    from .report import device_line
+
     with open_device(args.tracker, args.key, args.target, args.threads) as device:
         result = measure_ceilings(device, quick=args.quick)
-    _emit(args, result.to_dict(), lambda: result.summary())
+    _emit(args, result.to_dict(), lambda: f"{device_line(device.describe())}\n{result.summary()}")
 
 
 def cmd_compare(args) -> None:
@@ -157,6 +177,7 @@ def cmd_compare(args) -> None:
     from .kernels.registry import all_candidates
     from .measure import TimingConfig
     from .records import WorkDir
+    from .report import device_line
     from .rpc import open_device
 
     model = _load_model(args.model)
@@ -164,36 +185,38 @@ def cmd_compare(args) -> None:
     model.select_convs(layers)  # fail on unknown names before starting a device
     timing = TimingConfig.quick() if args.quick else TimingConfig()
     work = WorkDir.at(args.work_dir)
-    with work.lock("compare"), open_device(args.tracker, args.key, args.target, args.threads) as device:
+    with work.lock("compare"), open_device(args.tracker, args.key, args.target, args.threads, args.servers) as device:
         # NNPACK and TVM's default, the hand schedules, and tvm:tuned where the work dir has tuning records.
         tuned = tuning.tuned_layers(model, device.target, work.tuning)
         candidates = all_candidates(int(device.target.get("num-cores") or 1), work.tuning, tuned)
         records = compare(model, device, layers, candidates=candidates, timing=timing, store=work.records,
                           resume=not args.fresh, progress=not args.json)
-    _emit(args, json_rows(records), lambda: table(records).to_string(index=False))
+    _emit(args, json_rows(records), lambda: f"{device_line(device.describe())}\n{table(records).to_string(index=False)}")
 
 
 def cmd_tune(args) -> None:
     from . import tuning
     from .records import WorkDir
+    from .report import device_line
     from .rpc import open_device
 
     model = _load_model(args.model)
     layers = _layer_names(args.layers)
     model.select_convs(layers)
     work = WorkDir.at(args.work_dir)
-    with work.lock("tune"), open_device(args.tracker, args.key, args.target, args.threads) as device:
+    with work.lock("tune"), open_device(args.tracker, args.key, args.target, args.threads, args.servers) as device:
         if args.whole_model:
             results = tuning.tune_model(model, device, args.trials, work.tuning, layers=layers, progress=not args.json)
         else:
             results = tuning.tune_layers(model, device, args.trials, work.tuning, layers=layers,
                                          progress=not args.json)
         for result in results:
-            work.records.append("tuning", result.to_dict(), model=model.name, device=device.describe())
-    rows = [r.to_dict() for r in results]
-    _emit(args, rows, lambda: "\n".join(
+            work.records.append("tuning", result.to_dict(), model=model.name, device=device.describe(),
+                                emulated=device.emulated)
+    rows = [{**r.to_dict(), "emulated": device.emulated} for r in results]
+    _emit(args, rows, lambda: "\n".join([device_line(device.describe())] + [
         f"{r['layer']}: {r['trials']} trials ({r['new_trials']} new, {r['trials_per_minute']:.1f}/min), "
-        f"best {r['best_ms']} ms" for r in rows))
+        f"best {r['best_ms']} ms" for r in rows]))
 
 
 def cmd_study(args) -> None:
@@ -208,10 +231,10 @@ def cmd_study(args) -> None:
     if args.tune:
         config.tune = args.tune
     work = WorkDir.at(args.work_dir)
-    with work.lock("study"), open_device(args.tracker, args.key, args.target, args.threads) as device:
+    with work.lock("study"), open_device(args.tracker, args.key, args.target, args.threads, args.servers) as device:
         summary = run_study(model, device, work, config, progress=not args.json)
-    _emit(args, summary, lambda: json.dumps({k: summary[k] for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios")},
-                                            indent=1) + f"\nreport: {work.report}")
+    shown = ("hybrid_ms", "numerics_ok", "baselines", "ratios", "fusion")
+    _emit(args, summary, lambda: json.dumps({k: summary.get(k) for k in shown}, indent=1) + f"\nreport: {work.report}")
 
 
 def cmd_export(args) -> None:
@@ -248,6 +271,15 @@ def cmd_serve(args) -> None:
     serve(args.host, args.port, args.tracker, args.key, args.threads, args.allow_remote)
 
 
+def cmd_board(args) -> None:
+    from .board import run_board
+
+    try:
+        run_board(args.emulate, args.tracker, args.key, args.threads, args.port)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM is how a board is stopped: the server was ended with it
+        print("board: stopped", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m workbench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -267,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "--model", "--layers", "--work-dir", "--json")
     p.add_argument("--fresh", action="store_true", help="measure again even if records exist")
     p.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
-    _device_args(p)
+    _device_args(p, farm=True)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("tune", help="MetaSchedule auto-tuning of convs over RPC (resumes from its database)")
@@ -275,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, required=True, help="trials per layer (records already there count)")
     p.add_argument("--whole-model", action="store_true",
                    help="--trials is one budget for all convs, spent where it pays (every conv gets a batch first)")
-    _device_args(p)
+    _device_args(p, farm=True)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("study", help="the whole study: ceilings, tuning, per-layer comparison, hybrid, peers, report")
@@ -283,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small budget (for CI)")
     p.add_argument("--trials", type=int, help="MetaSchedule trials per tuned layer")
     p.add_argument("--tune", choices=("edges", "all", "none"), help="which convs MetaSchedule tunes")
-    _device_args(p)
+    _device_args(p, farm=True)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("export", help="write the study's hybrid model, plan and source model to a folder")
@@ -303,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--allow-remote", action="store_true", help="allow binding beyond loopback (trusted networks only)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("board", help="an emulated aarch64 board (qemu-user) serving at a tracker, until Ctrl-C")
+    p.add_argument("--emulate", required=True, choices=("aarch64",), help="the board to emulate")
+    p.add_argument("--tracker", required=True, help="register at this tracker HOST:PORT")
+    p.add_argument("--key", help="the device key (default: $WORKBENCH_RPC_KEY, else 'workbench')")
+    p.add_argument("--port", type=int, default=9090, help="the emulated server's port on loopback")
+    p.add_argument("--threads", type=int, default=None, help="threads of the emulated board (default: all cores)")
+    p.set_defaults(func=cmd_board)
     return parser
 
 

@@ -1,9 +1,11 @@
 """The hybrid model's build: a model and a plan become one Relax IRModule, then a compiled library.
 
-Every conv group (a conv and the ops its plan fuses into it) is emitted by its kernel's
-candidate: NNPACK as a `call_dps_packed` of the bridge's global function, TVM kernels as a
-`call_tir` of their PrimFunc. Every other op is a plain Relax op, so TVM's usual LegalizeOps +
-FuseOps pipeline handles it (MaxPool+ReLU and Resize+Add+ReLU form fusion groups there).
+Every conv group (a conv and the ops its plan fuses into it, before and after) is emitted by
+its kernel's candidate: NNPACK as a `call_dps_packed` of the bridge's global function, TVM
+kernels as a `call_tir` of their PrimFunc. The ops no conv absorbs run as the plan's
+`elementwise` says: `hand`, the original study's MaxPool+ReLU and Resize+Add+ReLU kernels
+(kernels/fused.py; anything else as a Relax op); `relax`, plain Relax ops that TVM's LegalizeOps
++ FuseOps pipeline groups; `separate`, plain Relax ops compiled without FuseOps.
 
 Weights are embedded as Relax constants: the compiled library is self-contained (one
 `hybrid.so`), and constant buffers have stable addresses, which the NNPACK bridge's
@@ -16,6 +18,7 @@ import json
 
 from . import tvm_compat
 from .fusion import conv_groups
+from .kernels import fused
 from .kernels.base import Candidate
 from .kernels.registry import all_candidates, find
 from .model import Layer, Model
@@ -36,9 +39,11 @@ def build_hybrid(model: Model, plan: Plan, target, candidates: list[Candidate] |
     plan.validate(model, candidates)
     # Kernels look their tuning records up by the target dict as the device gave it.
     target_dict = dict(target) if isinstance(target, dict) else _target_dict(target)
-    groups = conv_groups(model, plan.fusions())
+    groups = conv_groups(model, plan.fusions(), plan.prologues())
     tails = {group.tail.name: group for group in groups.values()}
-    absorbed = {m.name for g in groups.values() for m in (g.conv, *g.members) if m.name != g.tail.name}
+    absorbed = {m.name for g in groups.values() for m in (*g.prologue, g.conv, *g.members) if m.name != g.tail.name}
+    hand = _hand_groups(model, absorbed | set(tails)) if plan.elementwise == "hand" else {}
+    in_hand = {m.name for g in hand.values() for m in g if m.name != g[-1].name}
     bb = relax.BlockBuilder()
     x = relax.Var(symbol(model.input_name), relax.TensorType(model.input_shape, "float32"))
     with bb.function("main", [x]):
@@ -47,15 +52,24 @@ def build_hybrid(model: Model, plan: Plan, target, candidates: list[Candidate] |
             for layer in model.layers:
                 if layer.name in tails:
                     group = tails[layer.name]
-                    candidate = find(plan.impl(group.conv.name), candidates)
+                    candidate = plan.candidate(group.conv.name, candidates)
                     weight, bias = model.params[group.conv.name]
                     values[layer.name] = candidate.emit(bb, group, values, weight, bias, target_dict)
-                elif layer.name not in absorbed:
+                elif layer.name in hand:
+                    values[layer.name] = fused.elementwise_kernel(hand[layer.name]).emit(bb, hand[layer.name], values)
+                elif layer.name not in absorbed and layer.name not in in_hand:
                     expr = relax_op(layer, [values[s] for s in layer.inputs])
                     values[layer.name] = bb.emit(expr, symbol(layer.name))
             out = bb.emit_output(values[model.output_name])
         bb.emit_func_output(out)
-    return bb.get().with_attr("workbench.target", json.dumps(target_dict))
+    return (bb.get().with_attr("workbench.target", json.dumps(target_dict))
+            .with_attr("workbench.elementwise", plan.elementwise))
+
+
+def _hand_groups(model: Model, taken: set[str]) -> dict[str, tuple[Layer, ...]]:
+    """tail name -> the 2018 elementwise group (MaxPool+ReLU, Resize+Add+ReLU) no conv absorbed."""
+    return {group[-1].name: group for group in fused.elementwise_groups(model)
+            if not any(m.name in taken for m in group)}
 
 
 def _target_dict(target) -> dict:
@@ -88,8 +102,11 @@ def relax_op(layer: Layer, args: list):
     raise PlanError(f"layer {layer.name!r}: op {layer.op!r} has no Relax lowering here")
 
 
-def compile_hybrid(mod, target=None, fuse_ops: bool = True):
-    """Compile with tvm.compile; `fuse_ops` picks the CPU pipeline that runs FuseOps/FuseTIR.
+def compile_hybrid(mod, target=None, fuse_ops: bool | None = None):
+    """Compile with tvm.compile and the CPU pipeline below; `fuse_ops` runs FuseOps/FuseTIR in it.
+
+    By default FuseOps runs unless the plan's elementwise ops are `separate` (module attr
+    `workbench.elementwise`, set by build_hybrid).
 
     In TVM 0.27, ``tvm.compile(mod, target)`` on a CPU target uses the generic "default_build"
     pipeline, which legalizes but does NOT fuse (vm_build.py: the CPU fusion passes may drop
@@ -106,15 +123,18 @@ def compile_hybrid(mod, target=None, fuse_ops: bool = True):
             raise ValueError("no target: pass one, or build the module with build_hybrid(..., target=...)")
         target = json.loads(str(recorded))
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    pipeline = cpu_pipeline(target) if fuse_ops else "default"
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    if fuse_ops is None:
+        recorded = mod.attrs.get("workbench.elementwise") if mod.attrs is not None else None
+        fuse_ops = str(recorded) != "separate" if recorded is not None else True
+    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, fuse_ops))
 
 
-def cpu_pipeline(target):
-    """TVM's CPU pipeline plus one pass: the fused elementwise kernels run parallel and vectorised.
+def cpu_pipeline(target, fuse_ops: bool = True):
+    """TVM's CPU pipeline plus one pass: the elementwise kernels run parallel and vectorised.
 
     Legalized ops (ReLU, MaxPool, Resize, Add) come out as plain serial loops, and on CPU no
     default schedule touches them; on 2 cores that left about 1 ms of the UNet single-threaded.
+    Without `fuse_ops` every op stays its own kernel (the unfused build the study compares).
     """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -122,7 +142,9 @@ def cpu_pipeline(target):
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, _ctx):
         with target:
-            passes = (cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+            legalize = [p for p in cpu_generic.legalize_passes(target)
+                        if fuse_ops or p.info.name not in ("FuseOps", "FuseTIR")]
+            passes = (cpu_generic.library_dispatch_passes(target) + legalize
                       + [parallel_elementwise_pass()] + cpu_generic.dataflow_lower_passes(target)
                       + cpu_generic.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)

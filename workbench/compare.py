@@ -8,14 +8,16 @@ every result becomes a record.
 from __future__ import annotations
 
 import logging
+import threading
 
 import pandas as pd
 
+from .fusion import Fusion
 from .kernels.base import Candidate
 from .measure import FINAL, ConvCase, Measurement, TimingConfig, measure, usable
 from .model import Model
 from .records import RecordStore
-from .rpc import SessionKeeper, SessionLost, device_ok, hang_guard, short_reason
+from .rpc import DeviceError, SessionKeeper, SessionLost, device_ok, hang_guard, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,22 @@ CRASH_LIMIT = 2  # sessions a candidate may lose before it is recorded `crashed`
 PHASES = ("input_transform", "kernel_transform", "output_transform", "block_multiplication", "total")
 
 
-def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: TimingConfig = TimingConfig()) -> dict:
-    """One candidate on one layer through the protocol (not recorded)."""
-    return compare(model, device, [layer], candidates=[candidate], timing=timing, progress=False)[0]
+def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: TimingConfig = TimingConfig(),
+                fusion: Fusion | None = None, seed: int = 0) -> dict:
+    """One candidate on one layer through the protocol (not recorded).
+
+    With `fusion`, the candidate computes those ops around the conv (the case's input is the
+    pre-pool tensor, its reference the whole chain); the record names it in `fusion`.
+    """
+    if fusion is None:
+        return compare(model, device, [layer], candidates=[candidate], timing=timing, progress=False, seed=seed)[0]
+    conv = model.select_convs([layer])[0]
+    case = ConvCase.from_model(model, conv, seed, fusion=fusion)
+    threads = int(device.target.get("num-cores") or 1)
+    context = {"model": model.name, "model_fingerprint": model.fingerprint, "device": device.describe(),
+               "threads": threads, "fusion": fusion.label}
+    with SessionKeeper(device) as sessions:
+        return _record(measure_surviving(candidate, case, sessions, device, timing), context, case)
 
 
 # ---------------------------------------------------------------- the study
@@ -47,13 +62,18 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
     # The name is the file's stem: two different files named small.onnx share it, so every record
     # also carries the model's content fingerprint, and only records with the same one are reused.
     fingerprint = model.fingerprint
-    context = {"model": model.name, "model_fingerprint": fingerprint, "device": device.describe(), "threads": threads}
+    # Timings of an emulated device are labelled at the top of every record: never a board's speed.
+    context = {"model": model.name, "model_fingerprint": fingerprint, "device": device.describe(), "threads": threads,
+               "emulated": bool(getattr(device, "emulated", False))}
     wanted = {(l.name, c.impl): (l, c) for l in convs for c in candidates}
     # Records of another model with the same name, or of another target (an armv7 run in the same
     # work dir, say), are never reused here; records from before fingerprints are measured again.
     where = {"model": model.name, "model_fingerprint": fingerprint, "threads": threads,
              "device.target": device.target}
+    if context["emulated"]:
+        where["emulated"] = True  # and a board's run never reuses an emulated one (below)
     done = store.latest(KIND, ("layer", "impl"), where) if store and resume else {}
+    done = {key: rec for key, rec in done.items() if bool(rec.get("emulated")) == context["emulated"]}
     # A record is reused only if it is a measured result (not `failed`: a build error, or from
     # older runs a dead session) and its candidate is configured as when it was measured.
     results = {key: rec for key, rec in done.items()
@@ -66,24 +86,108 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
 
 
 def _measure_all(device, model, todo, timing, store, context, seed, progress) -> dict:
+    """Measure `todo` on every server of the device's key at once: one worker, with its own
+    session, per server (a farm); one server is measured in this thread. Each result is recorded
+    as it comes, with the server that measured it."""
     from tqdm.auto import tqdm
 
-    results, cases = {}, {}
-    bar = tqdm(todo, desc="layers x implementations", disable=not progress, unit="run")
+    workers = _server_count(device)
+    work = Work(model, todo, seed, store, context)
+    with tqdm(total=len(todo), desc="layers x implementations", disable=not progress, unit="run") as bar:
+        if workers == 1:
+            _worker(work, device, timing, bar)
+        else:
+            _farm(work, device, timing, bar, workers)
+    return work.results
+
+
+def _server_count(device) -> int:
+    """How many servers measure at once: the local cluster's, else the key's free servers."""
+    if device.local is not None:
+        return max(1, device.local.servers)
+    try:
+        return max(1, device.server_count(free=True))
+    except Exception:  # noqa: BLE001 - the session request says what is wrong with the tracker
+        return 1
+
+
+class Work:
+    """The sweep's shared state: the queue of (layer, candidate), the cases, the results."""
+
+    def __init__(self, model, todo, seed, store, context):
+        self.model, self.seed, self.store, self.context = model, seed, store, context
+        self.pending = list(todo)
+        self.results: dict = {}
+        self.cases: dict = {}
+        self.stop = threading.Event()  # Ctrl-C, or a device that could not be revived
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            return None if self.stop.is_set() or not self.pending else self.pending.pop(0)
+
+    def case(self, layer) -> ConvCase:
+        with self._lock:  # one reference per layer (a PyTorch conv in float64), built once
+            if layer.name not in self.cases:
+                self.cases[layer.name] = ConvCase.from_model(self.model, layer, self.seed)
+            return self.cases[layer.name]
+
+    def keep(self, layer, candidate, result: Measurement, server: str | None) -> None:
+        record = {**_record(result, self.context, self.case(layer)), "server": server}
+        if self.store:
+            self.store.append(KIND, record)  # one locked write per record: workers never interleave lines
+        with self._lock:
+            self.results[(layer.name, candidate.impl)] = record
+
+
+def _worker(work: Work, device, timing: TimingConfig, bar, spare: bool = False) -> None:
+    """One session (one server) measuring items from the queue until it is empty.
+
+    A `spare` worker that gets no server (another client took it since it was counted free)
+    leaves the work to the others instead of stopping the sweep."""
     with SessionKeeper(device) as sessions:
-        for layer, candidate in bar:
-            bar.set_postfix_str(f"{layer.name} {candidate.impl}")
-            if layer.name not in cases:
-                cases[layer.name] = ConvCase.from_model(model, layer, seed)
-            result = _survive(candidate, cases[layer.name], sessions, device, timing)
-            record = _record(result, context, cases[layer.name])
-            if store:
-                store.append(KIND, record)
-            results[(layer.name, candidate.impl)] = record
-    return results
+        try:
+            sessions.get()
+        except DeviceError as err:
+            if not spare:
+                raise
+            log.warning("a farm worker got no server (%s); the others measure its share", short_reason(err))
+            return
+        while (item := work.take()) is not None:
+            layer, candidate = item
+            bar.set_postfix_str(f"{layer.name} {candidate.impl}", refresh=False)
+            result = measure_surviving(candidate, work.case(layer), sessions, device, timing)
+            work.keep(layer, candidate, result, sessions.server)
+            bar.update(1)
 
 
-def _survive(candidate, case: ConvCase, sessions: SessionKeeper, device, timing: TimingConfig) -> Measurement:
+def _farm(work: Work, device, timing: TimingConfig, bar, workers: int) -> None:
+    """A worker thread per server (RPC calls release the GIL); the first error stops them all."""
+    errors: list = []
+
+    def run(spare: bool):
+        try:
+            _worker(work, device, timing, bar, spare)
+        except BaseException as err:  # noqa: BLE001 - raised again in the calling thread
+            errors.append(err)
+            work.stop.set()
+
+    log.info("measuring on %d servers at once", workers)
+    threads = [threading.Thread(target=run, args=(i > 0,), name=f"farm-{i}", daemon=True) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)  # short joins: Ctrl-C reaches this thread
+    except BaseException:
+        work.stop.set()  # workers finish their measurement in hand; the cluster's end stops the rest
+        raise
+    if errors:
+        raise errors[0]
+
+
+def measure_surviving(candidate, case: ConvCase, sessions: SessionKeeper, device, timing: TimingConfig) -> Measurement:
     """measure() in a live session; a lost session is revived and the candidate tried again.
 
     A candidate whose session dies CRASH_LIMIT times (a kernel that kills its process, or
@@ -94,8 +198,9 @@ def _survive(candidate, case: ConvCase, sessions: SessionKeeper, device, timing:
     while len(reasons) < CRASH_LIMIT:
         hung: list = []
         try:
-            with hang_guard(device) as hung:
-                result = measure(candidate, case, sessions.get(), device, timing)
+            session = sessions.get()
+            with hang_guard(device, sessions.server) as hung:
+                result = measure(candidate, case, session, device, timing)
             if hung:
                 raise SessionLost("the guard ended the server")
             # A failure while the device died under it (an orphaned session process answering
@@ -108,6 +213,7 @@ def _survive(candidate, case: ConvCase, sessions: SessionKeeper, device, timing:
                            else short_reason(err.__cause__ or err))
         # Outside the except block, so the dead session's remote objects can be collected.
         log.warning("%s on %s: session lost (%s); reviving the device", candidate.impl, case.layer.name, reasons[-1])
+        session = None
         sessions.lost()
     return Measurement(case.layer.name, candidate.impl, "crashed", numerics_ok=False, tolerance=candidate.tolerance,
                        alias_of=candidate.alias_of, config=candidate.config,
@@ -133,5 +239,5 @@ def winners(records: list[dict]) -> pd.DataFrame:
 
 def json_rows(records: list[dict]) -> list[dict]:
     keys = ("layer", "impl", "status", "median_ms", "gflops", "numerics_ok", "max_abs_err", "rel_err",
-            "repeats_ms", "phases", "note", "alias_of")
+            "repeats_ms", "phases", "note", "alias_of", "server", "emulated")
     return [{k: r.get(k) for k in keys} for r in records]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .fusion import Fusion
 from .model import Layer, Model
 from .rpc import SessionLost, is_transport_failure, short_reason
 
@@ -35,7 +36,12 @@ class TimingConfig:
 
 @dataclass
 class ConvCase:
-    """One conv layer with its weights, a seeded input and the float64 reference output."""
+    """One conv layer with its weights, seeded inputs and the float64 reference output.
+
+    `fusion` is what the kernel computes around conv + bias: with a pool prologue `x` is the
+    pre-pool tensor; with an add, `skip` is the tensor added (at the upsampled size). A bare
+    `relu` is the same as `fusion=Fusion(relu=True)`.
+    """
 
     layer: Layer
     weight: np.ndarray
@@ -43,26 +49,57 @@ class ConvCase:
     x: np.ndarray
     reference: np.ndarray
     relu: bool = False
+    fusion: Fusion | None = None
+    skip: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.fusion = Fusion(relu=self.relu) if self.fusion is None else self.fusion
+        self.relu = self.fusion.relu
 
     @property
     def flops(self) -> int:
+        """The conv's direct-equivalent FLOPs (the fused elementwise ops are not counted)."""
         return self.layer.geometry.flops
 
     @classmethod
-    def from_model(cls, model: Model, layer: Layer, seed: int = 0, relu: bool = False) -> "ConvCase":
+    def from_model(cls, model: Model, layer: Layer, seed: int = 0, relu: bool = False,
+                   fusion: Fusion | None = None) -> "ConvCase":
+        fusion = Fusion(relu=relu) if fusion is None else fusion
         weight, bias = model.params[layer.name]
         index = [l.name for l in model.layers].index(layer.name)
-        x = np.random.default_rng([seed, index]).standard_normal(layer.input_shape).astype(np.float32)
-        return cls(layer, weight, bias, x, reference_conv(layer, x, weight, bias, relu), relu)
+        rng = np.random.default_rng([seed, index])
+        shape = (1, layer.in_channels, *fusion.pool_in) if fusion.pool else layer.input_shape
+        x = rng.standard_normal(shape).astype(np.float32)
+        skip = None
+        if fusion.add:  # drawn after x, so the unfused case's x is unchanged
+            _, k, oh, ow = layer.output_shape
+            skip = rng.standard_normal((1, k, oh * fusion.scale, ow * fusion.scale)).astype(np.float32)
+        return cls(layer, weight, bias, x, reference_conv(layer, x, weight, bias, fusion, skip), fusion=fusion,
+                   skip=skip)
+
+    @classmethod
+    def from_group(cls, model: Model, group, seed: int = 0) -> "ConvCase":
+        """The case of a conv group (fusion.ConvGroup): its conv with the ops it absorbs."""
+        return cls.from_model(model, group.conv, seed, fusion=group.fusion)
 
 
-def reference_conv(layer: Layer, x, weight, bias, relu: bool = False) -> np.ndarray:
+def reference_conv(layer: Layer, x, weight, bias, relu: bool | Fusion = False, skip=None) -> np.ndarray:
+    """PyTorch in float64: [maxpool [-> relu] ->] conv + bias [-> resize] [-> + skip] [-> relu]."""
     import torch
     import torch.nn.functional as F
 
-    out = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(weight).double(),
-                   torch.from_numpy(bias).double(), stride=layer.stride, padding=layer.pad)
-    if relu:
+    fusion = relu if isinstance(relu, Fusion) else Fusion(relu=bool(relu))
+    t = torch.from_numpy(x).double()
+    if fusion.pool:
+        t = F.max_pool2d(t, fusion.pool)  # floor mode: an odd row or column is dropped
+        t = torch.relu(t) if fusion.pool_relu else t
+    out = F.conv2d(t, torch.from_numpy(weight).double(), torch.from_numpy(bias).double(),
+                   stride=layer.stride, padding=layer.pad)
+    if fusion.scale > 1:
+        out = F.interpolate(out, scale_factor=fusion.scale, mode="nearest")
+    if fusion.add:
+        out = out + torch.from_numpy(skip).double()
+    if fusion.relu:
         out = torch.relu(out)
     return out.float().numpy()
 
@@ -123,7 +160,7 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
     """Check, then time: the protocol every implementation goes through."""
     result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=candidate.tolerance, note=candidate.note,
                          alias_of=candidate.alias_of, config=candidate.config)
-    reason = candidate.why_not_applicable(case.layer)
+    reason = candidate.why_not_applicable(case.layer) or _fusion_refusal(candidate, case)
     if reason:
         result.status, result.note = "not_applicable", reason
         return result
@@ -150,6 +187,13 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
     result.median_ms = float(np.median(result.repeats_ms))
     result.gflops = case.flops / (result.median_ms * 1e-3) / 1e9
     return result
+
+
+def _fusion_refusal(candidate, case) -> str | None:
+    """Why the candidate cannot compute the case's fusion (conv cases only), or None."""
+    fusion = getattr(case, "fusion", None)
+    check = getattr(candidate, "why_not_fusible", None)
+    return check(fusion) if fusion is not None and check is not None else None
 
 
 # ---------------------------------------------------------------- on the device

@@ -1,8 +1,19 @@
-"""The per-layer plan: which implementation runs each conv, and which following ops it absorbs.
+"""The per-layer plan: which implementation runs each conv (with which knobs), and which ops
+around it the conv's kernel absorbs.
 
 A plan names implementations by id (`nnpack:wt8x8:precompute`, `tvm:winograd_4`, ...); the
 kernel layer says whether each applies to its layer and what it can absorb, so a plan that
 asks for the impossible fails here with the layer's name and what would work instead.
+
+Fusion levels (`Plan.with_fusion`), the three builds of one plan the study compares:
+- `none`: every op its own kernel (conv + bias alone; ReLU, MaxPool, Resize, Add separate);
+- `2018`: the original study's groups: conv+bias+ReLU in the conv kernel, MaxPool+ReLU and
+  Resize+Add+ReLU as one hand-scheduled kernel each;
+- `folded`: beyond the study: the decoder's Resize+Add(skip)+ReLU folded into the epilogue of
+  the conv before it, the encoder's MaxPool+ReLU into the input stage of the conv after it,
+  wherever the conv's kernel can compute them.
+`elementwise` says how the ops no conv absorbs run: `hand` (the 2018 fused kernels),
+`relax` (TVM's FuseOps groups) or `separate` (one kernel per op).
 """
 
 from __future__ import annotations
@@ -14,13 +25,16 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import WorkbenchError
-from .fusion import fusible_chain, legal_fusions
+from .fusion import Fusion, fused_layers, fusible_chain, legal_fusions, prologue_chain, prologue_layers
 from .kernels.base import Candidate
 from .kernels.registry import UnknownImplementationError, all_candidates, find
 from .measure import usable
 from .model import Layer, Model
 
 DEFAULT_IMPL = "tvm:default"
+FUSION_LEVELS = ("none", "2018", "folded")
+ELEMENTWISE = ("hand", "relax", "separate")
+ELEMENTWISE_OF_LEVEL = {"none": "separate", "2018": "hand", "folded": "hand"}
 
 
 class PlanError(WorkbenchError, ValueError):
@@ -31,7 +45,31 @@ class PlanError(WorkbenchError, ValueError):
 class LayerPlan:
     layer: str
     impl: str
-    fuse: tuple[str, ...] = ()
+    fuse: tuple[str, ...] = ()  # the epilogue: ops after the conv its kernel computes
+    prologue: tuple[str, ...] = ()  # ops before the conv its input stage computes: ('maxpool', 'relu')
+    knobs: dict = field(default_factory=dict)  # the implementation's knobs (hand schedules); {} = its defaults
+
+
+def _level(fuse) -> str:
+    """A fusion level from a level name or the older bool (True: as much as the kernel can)."""
+    if fuse is True:
+        return "folded"
+    if fuse is False or fuse is None:
+        return "none"
+    if fuse not in FUSION_LEVELS:
+        raise PlanError(f"unknown fusion level {fuse!r}; use one of {list(FUSION_LEVELS)}")
+    return fuse
+
+
+def fusion_for(model: Model, conv: Layer, candidate: Candidate, level) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(epilogue, prologue) a conv on `candidate` gets at a fusion level."""
+    level = _level(level)
+    if level == "none":
+        return (), ()
+    epilogue = fusible_chain(model, conv, candidate.fusible)
+    if level == "2018":
+        return (("relu",) if epilogue == ("relu",) else ()), ()
+    return epilogue, prologue_chain(model, conv, candidate.prologue_fusible)
 
 
 def _find(impl: str, candidates: list[Candidate] | None, layer: str | None = None) -> Candidate:
@@ -48,12 +86,13 @@ class Plan:
     model: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    elementwise: str = "hand"  # how ops no conv absorbs run: one of ELEMENTWISE
 
     # -- construction
     @classmethod
-    def uniform(cls, model: Model, impl: str = DEFAULT_IMPL, fuse: bool = True,
+    def uniform(cls, model: Model, impl: str = DEFAULT_IMPL, fuse: bool | str = True,
                 overrides: dict[str, str] | None = None, candidates: list[Candidate] | None = None) -> "Plan":
-        """Every conv on `impl` (or overrides[layer]), each with its largest legal fusion if `fuse`.
+        """Every conv on `impl` (or overrides[layer]), fused at level `fuse` (True: as much as each kernel can).
 
         `candidates` are the implementations ids resolve to (default: the kernel layer's).
         """
@@ -62,14 +101,32 @@ class Plan:
         unknown = sorted(set(overrides) - {c.name for c in model.convs})
         if unknown:
             raise PlanError(f"overrides name unknown conv layer(s) {unknown}; convs: {[c.name for c in model.convs]}")
+        plan = cls(model.name, {conv.name: LayerPlan(conv.name, overrides.get(conv.name, impl)) for conv in model.convs})
+        return plan.with_fusion(model, fuse, candidates)
+
+    def with_fusion(self, model: Model, level: bool | str, candidates: list[Candidate] | None = None) -> "Plan":
+        """The same implementations and knobs, every conv fused as much as `level` allows."""
+        candidates = all_candidates() if candidates is None else candidates
+        level = _level(level)
         entries = {}
-        for conv in model.convs:
-            chosen = overrides.get(conv.name, impl)
-            fusible = _find(chosen, candidates, conv.name).fusible
-            entries[conv.name] = LayerPlan(conv.name, chosen, fusible_chain(model, conv, fusible) if fuse else ())
-        plan = cls(model.name, entries)
+        for name, entry in self.layers.items():
+            conv = model.layer(name) if name in {c.name for c in model.convs} else None
+            if conv is None:
+                raise PlanError(f"plan names layer {name!r}, which is not a conv of model {model.name!r}")
+            epilogue, prologue = fusion_for(model, conv, _find(entry.impl, candidates, name), level)
+            entries[name] = LayerPlan(name, entry.impl, epilogue, prologue, dict(entry.knobs))
+        plan = Plan(self.model, entries, list(self.notes), ELEMENTWISE_OF_LEVEL[level])
         plan.validate(model, candidates)
         return plan
+
+    def candidate(self, layer: str, candidates: list[Candidate] | None = None) -> Candidate:
+        """The candidate running `layer`, with the plan's knobs for it applied."""
+        entry = self.layers[layer]
+        found = _find(entry.impl, all_candidates() if candidates is None else candidates, layer)
+        return found.with_knobs(entry.knobs) if entry.knobs else found
+
+    def prologues(self) -> dict[str, tuple[str, ...]]:
+        return {name: tuple(entry.prologue) for name, entry in self.layers.items()}
 
     def impl(self, layer: str) -> str:
         return self.layers[layer].impl
@@ -89,13 +146,20 @@ class Plan:
         missing = [name for name in convs if name not in self.layers]
         if missing:
             raise PlanError(f"plan has no entry for conv(s) {missing}; give each an impl (e.g. {DEFAULT_IMPL!r})")
+        if self.elementwise not in ELEMENTWISE:
+            raise PlanError(f"plan's 'elementwise' is {self.elementwise!r}; use one of {list(ELEMENTWISE)}")
         for name, entry in self.layers.items():
             _check_entry(model, convs[name], entry, candidates)
 
     # -- JSON
     def to_dict(self) -> dict:
-        return {"model": self.model, "notes": self.notes,
-                "layers": [{"layer": e.layer, "impl": e.impl, "fuse": list(e.fuse)} for e in self.layers.values()]}
+        def row(e: LayerPlan) -> dict:
+            extra = {"prologue": list(e.prologue)} if e.prologue else {}
+            return {"layer": e.layer, "impl": e.impl, "fuse": list(e.fuse), **extra,
+                    **({"knobs": dict(e.knobs)} if e.knobs else {})}
+
+        return {"model": self.model, "notes": self.notes, "elementwise": self.elementwise,
+                "layers": [row(e) for e in self.layers.values()]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -115,7 +179,10 @@ class Plan:
         model, notes = data.get("model", ""), data.get("notes", [])
         if not isinstance(model, str) or not isinstance(notes, list):
             raise PlanError(f"not a plan: 'model' must be a string and 'notes' a list; expected {shape}")
-        return cls(model, entries, [str(n) for n in notes])
+        elementwise = data.get("elementwise", "relax")  # plans written before the 2018 kernels: TVM's groups
+        if elementwise not in ELEMENTWISE:
+            raise PlanError(f"the plan's 'elementwise' is {_preview(elementwise)}; use one of {list(ELEMENTWISE)}")
+        return cls(model, entries, [str(n) for n in notes], elementwise)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -146,35 +213,45 @@ class Plan:
         except PlanError as err:
             raise PlanError(f"{path}: {err}") from None
 
-    # -- DataFrame (fuse as "relu" / "resize+add+relu" / "")
+    # -- DataFrame (fuse and prologue as "relu" / "resize+add+relu" / "")
     def frame(self) -> pd.DataFrame:
-        rows = [{"layer": e.layer, "impl": e.impl, "fuse": "+".join(e.fuse)} for e in self.layers.values()]
-        return pd.DataFrame(rows, columns=["layer", "impl", "fuse"])
+        rows = [{"layer": e.layer, "impl": e.impl, "prologue": "+".join(e.prologue), "fuse": "+".join(e.fuse),
+                 "knobs": ", ".join(f"{k}={v}" for k, v in e.knobs.items())} for e in self.layers.values()]
+        return pd.DataFrame(rows, columns=["layer", "impl", "prologue", "fuse", "knobs"])
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, model: str = "") -> "Plan":
+    def from_frame(cls, frame: pd.DataFrame, model: str = "", elementwise: str = "hand") -> "Plan":
         entries = {}
         for row in frame.to_dict("records"):
-            fuse = row.get("fuse")
-            if isinstance(fuse, str):
-                fuse = tuple(f.strip() for f in fuse.split("+") if f.strip())
-            else:  # a list/tuple, or an empty cell (None/NaN) meaning no fusion
-                fuse = tuple(fuse) if isinstance(fuse, (list, tuple)) else ()
-            entries[row["layer"]] = LayerPlan(row["layer"], row["impl"], fuse)
-        return cls(model, entries)
+            knobs = row.get("knobs") if isinstance(row.get("knobs"), dict) else {}
+            entries[row["layer"]] = LayerPlan(row["layer"], row["impl"], _ops(row.get("fuse")),
+                                              _ops(row.get("prologue")), knobs)
+        return cls(model, entries, elementwise=elementwise)
+
+
+def _ops(cell) -> tuple[str, ...]:
+    """A frame cell of op names: "resize+add+relu", a list, or empty (None/NaN: no fusion)."""
+    if isinstance(cell, str):
+        return tuple(f.strip() for f in cell.split("+") if f.strip())
+    return tuple(cell) if isinstance(cell, (list, tuple)) else ()
 
 
 def _entry(row, index: int, shape: str) -> LayerPlan:
     """One plan row, its fields checked for type: a hand-edited plan fails here, not in the build."""
     if not isinstance(row, dict) or "layer" not in row or "impl" not in row:
         raise PlanError(f"plan entry {index} is {_preview(row)}; every entry needs 'layer' and 'impl': {shape}")
-    layer, impl, fuse = row["layer"], row["impl"], row.get("fuse") or []
+    layer, impl = row["layer"], row["impl"]
+    fuse, prologue, knobs = row.get("fuse") or [], row.get("prologue") or [], row.get("knobs") or {}
     if not isinstance(layer, str) or not isinstance(impl, str):
         raise PlanError(f"plan entry {index}: 'layer' and 'impl' must be strings, got {_preview(row)}")
-    if not isinstance(fuse, list) or not all(isinstance(op, str) for op in fuse):
-        raise PlanError(f"plan entry {index} ({layer!r}): 'fuse' must be a list of op names such as "
-                        f"['relu'], got {_preview(fuse)}")
-    return LayerPlan(layer, impl, tuple(fuse))
+    for key, ops, example in (("fuse", fuse, "['relu']"), ("prologue", prologue, "['maxpool', 'relu']")):
+        if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+            raise PlanError(f"plan entry {index} ({layer!r}): '{key}' must be a list of op names such as "
+                            f"{example}, got {_preview(ops)}")
+    if not isinstance(knobs, dict) or not all(isinstance(k, str) for k in knobs):
+        raise PlanError(f"plan entry {index} ({layer!r}): 'knobs' must be an object of knob values such as "
+                        f"{{'ow_bn': 8}}, got {_preview(knobs)}")
+    return LayerPlan(layer, impl, tuple(fuse), tuple(prologue), dict(knobs))
 
 
 def _preview(value) -> str:
@@ -196,31 +273,89 @@ def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[C
     if tuple(entry.fuse) not in legal:
         raise PlanError(f"layer {conv.name!r} with {entry.impl!r} cannot fuse {list(entry.fuse)}; "
                         f"legal fusions here: {[list(f) for f in legal]}")
+    chain = prologue_chain(model, conv, candidate.prologue_fusible)
+    if entry.prologue and tuple(entry.prologue) != chain:
+        legal_before = [[], list(chain)] if chain else [[]]
+        raise PlanError(f"layer {conv.name!r} with {entry.impl!r} cannot take {list(entry.prologue)} into its "
+                        f"input stage; legal prologues here: {legal_before}")
+    if entry.knobs:
+        try:
+            fusion = Fusion.of(tuple(prologue_layers(model, conv, tuple(entry.prologue))),
+                               tuple(fused_layers(model, conv, tuple(entry.fuse))))
+            candidate.with_knobs(entry.knobs).check_knobs(conv, fusion)
+        except WorkbenchError as err:
+            raise PlanError(f"layer {conv.name!r}: {err}") from None
 
 
-def choose_plan(model: Model, records: list[dict], fuse: bool = True,
+def choose_plan(model: Model, records: list[dict], fuse: bool | str = True,
                 candidates: list[Candidate] | None = None) -> Plan:
     """The fastest usable implementation per conv; `tvm:default` where nothing usable was measured.
 
     Usable: measured ok with its numerics checked (measure.usable), and applicable to the layer
     (a stale record for an impl that does not apply never wins). A fast but wrong kernel
-    therefore never wins.
+    therefore never wins. Convs are chosen by their isolated times (records without a
+    `fusion`) and fused as the original study did (ReLU into the conv; MaxPool+ReLU and
+    Resize+Add+ReLU as their own kernels); with `fuse` (True or "folded"), a block's pool or
+    resize+add is then folded into its conv wherever the per-block sweep measured that faster.
     """
     candidates = all_candidates() if candidates is None else candidates
     convs = {c.name: c for c in model.convs}
-    best: dict[str, dict] = {}
-    for rec in usable(records):
-        name = rec.get("layer")
-        if name not in convs or not _applies(rec["impl"], convs[name], candidates):
-            continue
-        if name not in best or rec["median_ms"] < best[name]["median_ms"]:
-            best[name] = rec
+    best = _fastest(records, convs, candidates, folded=False)
     overrides = {name: rec["impl"] for name, rec in best.items()}
-    plan = Plan.uniform(model, DEFAULT_IMPL, fuse=fuse, overrides=overrides, candidates=candidates)
+    level = _level(fuse)
+    plan = Plan.uniform(model, DEFAULT_IMPL, fuse="none" if level == "none" else "2018", overrides=overrides,
+                        candidates=candidates)
     fallback = [name for name in convs if name not in best]
     if fallback:
         plan.notes.append(f"no usable record, fell back to {DEFAULT_IMPL}: {', '.join(fallback)}")
-    return plan
+    return fold_where_faster(model, plan, records, candidates) if level == "folded" else plan
+
+
+def _fastest(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
+    """conv name -> its fastest usable record, among isolated (`folded` False) or folded-block records."""
+    best: dict[str, dict] = {}
+    for rec in usable(records):
+        name = rec.get("layer")
+        if name not in convs or bool(rec.get("fusion")) != folded or not _applies(rec["impl"], convs[name], candidates):
+            continue
+        if name not in best or rec["median_ms"] < best[name]["median_ms"]:
+            best[name] = rec
+    return best
+
+
+def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates: list[Candidate]) -> Plan:
+    """Fold a block into its conv where the folded kernel measured faster than the conv's chosen
+    kernel plus the separate elementwise kernels the fold would replace (both from records)."""
+    convs = {c.name: c for c in model.convs}
+    isolated = {name: rec for name, rec in _fastest(records, convs, candidates, folded=False).items()
+                if rec["impl"] == plan.impl(name)}
+    separate = {}  # last layer of an elementwise group -> its fastest separate kernel time
+    for rec in usable(records):
+        if rec.get("fusion") and rec.get("layer") not in convs:
+            separate[rec["layer"]] = min(rec["median_ms"], separate.get(rec["layer"], float("inf")))
+    entries = dict(plan.layers)
+    for name, rec in _fastest(records, convs, candidates, folded=True).items():
+        conv, prologue, epilogue = convs[name], tuple(rec.get("prologue", ())), tuple(rec.get("epilogue", ()))
+        absorbed = _absorbed_groups(model, conv, prologue, epilogue)
+        if name not in isolated or not absorbed or any(tail not in separate for tail in absorbed):
+            continue  # nothing measured to weigh the fold against: keep the 2018 way
+        apart = isolated[name]["median_ms"] + sum(separate[tail] for tail in absorbed)
+        if rec["median_ms"] < apart:
+            entries[name] = LayerPlan(name, rec["impl"], epilogue, prologue)
+            plan.notes.append(f"{name}: folded {rec['fusion']!r} into {rec['impl']} ({rec['median_ms']:.3f} ms "
+                              f"against {apart:.3f} ms for {plan.impl(name)} and the separate kernels)")
+    folded = Plan(plan.model, entries, plan.notes, plan.elementwise)
+    folded.validate(model, candidates)
+    return folded
+
+
+def _absorbed_groups(model: Model, conv: Layer, prologue: tuple[str, ...], epilogue: tuple[str, ...]) -> list[str]:
+    """Last layers of the elementwise groups (kernels/fused.py) a fold replaces: the pool, the resize+add."""
+    from .kernels.fused import elementwise_groups
+
+    taken = {m.name for m in prologue_layers(model, conv, prologue)}
+    taken |= {m.name for m in fused_layers(model, conv, epilogue) if m.op != "relu"}
+    return [group[-1].name for group in elementwise_groups(model) if any(m.name in taken for m in group)]
 
 
 def _applies(impl: str, layer: Layer, candidates: list[Candidate]) -> bool:

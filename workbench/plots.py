@@ -138,3 +138,14 @@ def tuning_curves(results, title: str = "MetaSchedule: best latency against tria
             fig.add_trace(go.Scatter(x=trials, y=best, mode="lines+markers", name=r["layer"]))
     fig.update_layout(title=title, xaxis_title="trial", yaxis_title="best ms so far", height=400)
     return fig
+
+
+def fusion_bars(figures: dict, title: str = "Fusion: one plan built three ways, end to end") -> go.Figure:
+    """Unfused, the 2018 groups, folded, the hybrid, and the convs' isolated times summed (ms)."""
+    names = [("unfused_ms", "unfused"), ("groups_2018_ms", "2018 groups"), ("folded_ms", "folded"),
+             ("hybrid_ms", "hybrid"), ("isolated_sum_ms", "convs alone, summed")]
+    shown = [(label, figures[key]) for key, label in names if figures.get(key) is not None]
+    fig = go.Figure(go.Bar(x=[label for label, _ in shown], y=[ms for _, ms in shown],
+                           text=[f"{ms:.2f}" for _, ms in shown], textposition="outside"))
+    fig.update_layout(title=title, yaxis_title="ms", template="plotly_white")
+    return fig

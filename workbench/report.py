@@ -15,7 +15,21 @@ h1 { border-bottom: 2px solid #ccc; } h2 { margin-top: 2em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
 td:first-child, th:first-child { text-align: left; } .note { color: #555; } pre { background: #f8f8f8; padding: 1em; }
+.device { color: #444; } .emulated { color: #a00; font-weight: bold; }
 """
+
+
+def device_line(device: dict | None) -> str:
+    """What measured the results, in one line: key, target, machine, and whether it was emulated."""
+    if not device:
+        return ""
+    target = device.get("target") or {}
+    triple = target.get("mtriple") or target.get("mcpu") or "host"
+    line = (f"device: key {device.get('key', '?')} at {device.get('tracker', '?')}, target {triple} "
+            f"({target.get('num-cores', '?')} threads), machine {device.get('machine') or '?'}")
+    if device.get("emulated"):
+        line += f"; EMULATED ({device.get('emulation') or 'qemu'}): these timings are not a board's speed"
+    return line
 
 
 @dataclass
@@ -24,7 +38,7 @@ class Section:
     parts: list = field(default_factory=list)  # str (paragraph), DataFrame, plotly Figure, dict (shown as JSON)
 
 
-def _render(part, first_figure: list) -> str:
+def _render(part, first_figure: list, device: dict | None = None) -> str:
     if isinstance(part, str):
         return f"<p>{html.escape(part)}</p>"
     if isinstance(part, pd.DataFrame):
@@ -32,20 +46,36 @@ def _render(part, first_figure: list) -> str:
     if isinstance(part, dict):
         return f"<pre>{html.escape(json.dumps(part, indent=1, default=str))}</pre>"
     if hasattr(part, "to_html"):  # a plotly figure: the library is embedded once, so the file works offline
+        if device:  # every figure says what measured it (a figure is often shown on its own)
+            part = _with_device(part, device)
         include = "inline" if not first_figure else False
         first_figure.append(True)
         return part.to_html(full_html=False, include_plotlyjs=include)
     raise TypeError(f"cannot render {type(part).__name__} in a report")
 
 
-def write_report(path: str | Path, title: str, sections: list[Section]) -> Path:
+def _with_device(fig, device: dict):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(fig)  # a copy: the caller's figure keeps its title
+    title = fig.layout.title.text or ""
+    fig.update_layout(title_text=f"{title}<br><sup>{html.escape(device_line(device))}</sup>",
+                      margin=dict(t=110))
+    return fig
+
+
+def write_report(path: str | Path, title: str, sections: list[Section], device: dict | None = None) -> Path:
+    """The report; `device` (Device.describe()) heads it and every figure, marked when emulated."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     first_figure: list = []
     body = [f"<h1>{html.escape(title)}</h1>"]
+    if device:
+        css = "device emulated" if device.get("emulated") else "device"
+        body.append(f"<p class='{css}'>{html.escape(device_line(device))}</p>")
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
-        body.extend(_render(part, first_figure) for part in section.parts)
+        body.extend(_render(part, first_figure, device) for part in section.parts)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     path.write_text(page)

@@ -272,10 +272,33 @@ class Device:
 
         return {"fcompile": tvm_compat.cross_compiler(self.cross_compiler)}
 
+    @property
+    def emulated(self) -> bool:
+        """Whether the device runs under emulation (its server says so): its timings are no board's speed."""
+        return bool(self.info.get("emulated"))
+
+    def server_count(self, free: bool = False) -> int:
+        """Servers of this key at the tracker (only those without a session, if `free`); bounded."""
+        import tvm.rpc
+
+        self._probe_tracker()
+        tracker = tvm.rpc.connect_tracker(self.tracker_host, self.tracker_port)
+        _bound_tracker(tracker, self.connect_timeout)
+        summary = tracker.summary()
+        if free:
+            queues = summary.get("queue_info", {})
+            queue = queues.get(self.key) or queues.get(key_digest(self.key)) or {}
+            return int(queue.get("free", 0))
+        names = {f"server:{self.key}", f"server:{key_digest(self.key)}"}
+        return sum(info.get("key") in names for info in summary.get("server_info", []))
+
     def describe(self) -> dict:
-        described = {"tracker": self.tracker, "key": self.shown_key, "target": self.target}
+        described = {"tracker": self.tracker, "key": self.shown_key, "target": self.target,
+                     "emulated": self.emulated}
         if self.info:  # what the measurements ran on, as the device itself reported it
             described.update(machine=self.info.get("machine"), cores=self.info.get("cores"))
+            if self.emulated:
+                described["emulation"] = self.info["emulated"]
         return described
 
 
@@ -350,26 +373,33 @@ def _bound_tracker(tracker, seconds: float) -> None:
 _RUNNER_LOST: list = []  # in a tuning runner's worker process: the device was lost in this batch
 
 
-def runner_session(device: Device, wait: float, _rpc_config=None):
+def runner_session(device: Device, wait: float, served_log: str | None = None, _rpc_config=None):
     """MetaSchedule's f_create_session: a bounded session request in the runner's worker.
 
     Once the device is found gone, the rest of the batch fails at once (a SessionLost the
-    tuning loop recognises) instead of waiting for it candidate by candidate.
+    tuning loop recognises) instead of waiting for it candidate by candidate. With `served_log`,
+    the server each session landed on is appended to that file (one line each), so a tuning
+    run can say which servers of a farm measured it.
     """
     if _RUNNER_LOST:
         raise SessionLost(f"skipped: the device was lost earlier in this batch ({_RUNNER_LOST[0]})")
     try:
-        return device.session(wait=wait)
+        session = device.session(wait=wait)
     except DeviceError as err:
         _RUNNER_LOST.append(str(err)[:200])
         raise SessionLost(f"the device is gone: {err}") from None
+    if served_log:
+        with open(served_log, "a") as log_file:  # one short line per append: workers never interleave
+            log_file.write(f"{server_of(session) or 'unknown'}\n")
+    return session
 
 
 @contextlib.contextmanager
-def hang_guard(device: Device):
+def hang_guard(device: Device, server: str | None = None):
     """Bound one measurement from this side: if it has not returned after device.call_timeout
-    seconds, the local cluster's servers are killed, so the blocked call fails and the caller
-    revives the device. Yields a list that is non-empty if the guard fired.
+    seconds, the local cluster's server `server` (host:port; every server if unknown) is killed,
+    so the blocked call fails and the caller revives the device. Yields a list that is non-empty
+    if the guard fired.
 
     A remote device's calls are bounded by its server's session_timeout only: a board that is
     frozen, not dead, holds the call until then.
@@ -383,7 +413,7 @@ def hang_guard(device: Device):
     def fire():
         fired.append(device.call_timeout)
         log.warning("no answer from the local RPC server within %.0fs; ending it", device.call_timeout)
-        cluster.kill_servers()
+        cluster.kill_servers(server)
 
     timer = threading.Timer(device.call_timeout, fire)
     timer.daemon = True
@@ -413,6 +443,7 @@ class SessionKeeper:
         self.device = device
         self._session = None
         self._opened = 0.0
+        self.server: str | None = None  # host:port of the server the session is on, as it reported it
 
     def get(self):
         age = time.monotonic() - self._opened
@@ -423,10 +454,12 @@ class SessionKeeper:
                 self.device.revive()
             self._session = self.device.session()
             self._opened = time.monotonic()
+            self.server = server_of(self._session)
         return self._session
 
     def drop(self) -> None:
         self._session = None
+        self.server = None
         gc.collect()  # remote objects of the old session hold it (and its server) until collected
 
     def lost(self) -> None:
@@ -439,6 +472,18 @@ class SessionKeeper:
 
     def __exit__(self, *exc) -> None:
         self.drop()
+
+
+def server_of(session) -> str | None:
+    """The server a session is on (host:port, as it reports itself); None for a server without the report."""
+    import json
+
+    from .targets import DEVICE_INFO
+
+    try:
+        return json.loads(str(session.get_function(DEVICE_INFO)())).get("server")
+    except Exception:  # noqa: BLE001 - a plain TVM server: records then say nothing of it
+        return None
 
 
 # ---------------------------------------------------------------- local cluster
@@ -511,6 +556,9 @@ class LocalCluster:
     The key is a fresh secret unless one is given (see the module's docstring); the tracker
     is `python -m workbench.tracker`, which does not disclose it. Should this process die
     without stopping the cluster (SIGKILL, a crash), the tracker and servers end themselves.
+
+    Several servers under the one key make a farm: a sweep or a tuning run measures on all of
+    them at once, each with `threads` threads (servers x threads should not exceed the cores).
     """
 
     def __init__(self, servers: int = 1, key: str | None = None, threads: int | None = None,
@@ -523,8 +571,11 @@ class LocalCluster:
         self.servers, self.key, self.threads, self.host = servers, key, threads, host
         self.start_timeout = start_timeout
         self.port: int | None = None
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # the tracker first, then the servers
+        self.server_ports: dict[int, int] = {}  # server pid -> its port
         self._reaper: GroupReaper | None = None
+        self._lock = threading.RLock()  # a farm's workers revive it from several threads
+        self._closed = False
 
     def __repr__(self) -> str:
         where = f"{self.host}:{self.port}" if self.port else "not started"
@@ -542,6 +593,7 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> None:
+        self._closed = False
         guard_popen_workers()  # MetaSchedule's workers in this process end with it, too
         self._reaper = GroupReaper()  # ends even a stopped process of the cluster should we die
         self.port = free_port(self.host)
@@ -557,24 +609,37 @@ class LocalCluster:
         port = free_port(self.host)
         args = ["-m", "workbench", "serve", "--tracker", f"{self.host}:{self.port}",
                 "--host", self.host, "--port", str(port), "--threads", str(self.threads)]
-        return _spawn(args, {**thread_env(self.threads), KEY_ENV: self.key})
+        proc = _spawn(args, {**thread_env(self.threads), KEY_ENV: self.key})
+        self.server_ports[proc.pid] = port
+        return proc
 
     def _add(self, proc: subprocess.Popen) -> None:
         self.procs.append(proc)
         self._reaper.watch(proc.pid)  # its own group: the pid is the group id
 
     def stop(self) -> None:
+        """Stop everything; a device of this cluster can no longer revive it (a farm's worker
+        thread still running after a Ctrl-C must not start a new cluster)."""
+        with self._lock:
+            self._closed = True
+            self._stop_processes()
+
+    def _stop_processes(self) -> None:
         for proc in reversed(self.procs):
             _stop_group(proc)
         self.procs.clear()
+        self.server_ports.clear()
         if self._reaper is not None:
             self._reaper.close()
             self._reaper = None
 
-    def kill_servers(self) -> None:
-        """End every server's process group at once (SIGKILL ends a stopped one too): a call
-        blocked on a server that stopped answering then fails, and revive() restarts them."""
-        for proc in self.procs[1:]:  # procs[0] is the tracker
+    def kill_servers(self, server: str | None = None) -> None:
+        """End the server at `server` (host:port), or every server if it is None or unknown, at once
+        (SIGKILL ends a stopped one too): a call blocked on a server that stopped answering then
+        fails, and revive() restarts what was ended."""
+        port = server.rpartition(":")[2] if server else ""
+        chosen = [p for p in self.procs[1:] if str(self.server_ports.get(p.pid)) == port]
+        for proc in chosen or self.procs[1:]:  # procs[0] is the tracker
             _signal_group(proc, signal.SIGKILL)
 
     @property
@@ -636,24 +701,48 @@ class LocalCluster:
 
     def revive(self) -> None:
         """Bring the cluster back after a server or session died: nothing if it serves again by
-        itself (a server re-registers after a crashed session), else a clean restart, whole.
+        itself (a server re-registers after a crashed session); the servers that died, if the
+        tracker lives (the farm's other servers keep their sessions); else a clean restart, whole.
         The tracker's port may change; devices of this cluster follow it in Device.revive."""
-        if self.port is not None and self.healthy():
-            return
-        log.warning("local RPC cluster lost a process; restarting it")
-        self.stop()
-        self.start()
+        with self._lock:
+            if self._closed:
+                raise DeviceError("the local cluster was stopped; open a new device or session")
+            if self.port is not None and self.healthy():
+                return
+            if self.procs and self.procs[0].poll() is None and self._tracker_answers() and self._restart_dead_servers():
+                return
+            log.warning("local RPC cluster lost a process; restarting it")
+            self._stop_processes()
+            self.start()
+
+    def _restart_dead_servers(self) -> bool:
+        """Replace the servers whose process ended; whether the cluster is whole again."""
+        dead = [p for p in self.procs[1:] if p.poll() is not None]
+        if not dead:
+            return False  # alive but not registered (stopped, wedged): only a restart helps
+        log.warning("local RPC cluster lost %d server(s); starting them again", len(dead))
+        for proc in dead:
+            _stop_group(proc)  # what is left of its group
+            self.procs.remove(proc)
+            self.server_ports.pop(proc.pid, None)
+            self._add(self._spawn_server())
+        try:
+            self._wait_for(lambda: self._live_servers() >= self.servers, f"{self.servers} server(s) to register")
+        except DeviceError:
+            return False
+        return True
 
 
 # ---------------------------------------------------------------- choosing a device
 
 def open_device(tracker: str | None = None, key: str | None = None, target: str | dict | None = None,
-                threads: int | None = None):
+                threads: int | None = None, servers: int = 1):
     """Context manager yielding a Device: the remote tracker if given, else a fresh local cluster.
 
     The target and thread count are checked before anything starts; the device then reports its
     machine, and a target it cannot run (or more threads than it has cores) is refused.
-    `threads` None means every core of the device.
+    `threads` None means every core of the device (of a local farm: the cores shared among its
+    `servers`). A remote farm is whatever servers registered the key.
 
     A remote device's key is `key`, else $WORKBENCH_RPC_KEY, else "workbench"; a local cluster's
     is always a fresh secret.
@@ -672,12 +761,29 @@ def open_device(tracker: str | None = None, key: str | None = None, target: str 
     @contextmanager
     def local():
         kwargs = _target_kwargs(target, None if threads is None else resolve_threads(threads))
-        kwargs["target"].setdefault("num-cores", resolve_threads(None))
+        kwargs["target"].setdefault("num-cores", farm_threads(servers))
         check_device(kwargs["target"], device_info(), "this machine (the local cluster)")
-        with LocalCluster(threads=kwargs["target"]["num-cores"]) as cluster:
+        check_farm(servers, kwargs["target"]["num-cores"])
+        with LocalCluster(servers=servers, threads=kwargs["target"]["num-cores"]) as cluster:
             yield cluster.device(**kwargs)
 
     return remote() if tracker else local()
+
+
+def farm_threads(servers: int) -> int:
+    """Threads per server of a local farm when none are given: the cores shared out (at least 1)."""
+    return max(1, resolve_threads(None) // max(1, servers))
+
+
+def check_farm(servers, threads: int) -> None:
+    """Refuse a local farm that is not a positive whole number of servers, or that oversubscribes the
+    cores: servers sharing a core would time each other."""
+    if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
+        raise DeviceError(f"--servers must be a positive integer, got {servers!r}")
+    cores = resolve_threads(None)
+    if servers * threads > cores:
+        raise DeviceError(f"{servers} servers x {threads} thread(s) need {servers * threads} cores, this machine has "
+                          f"{cores}; pass --threads {max(1, cores // servers)} or fewer --servers")
 
 
 def _target_kwargs(target, threads) -> dict:

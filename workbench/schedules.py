@@ -1,6 +1,8 @@
 """TensorIR convolution implementations for a CPU target, each a compute plus a schedule with knobs.
 
-Implementations (batch 1, float32, NCHW in and out, bias, optional fused ReLU):
+Implementations (batch 1, float32, NCHW in and out, bias, and a fused `Fusion` around the
+conv: a max-pool [+ReLU] computed by the padding stage from the pre-pool input, and a nearest
+resize [+ add of a skip] [+ ReLU] computed by the output stage):
 
 - ``direct_nchw``: direct convolution on NCHW, vectorised along the output width, register
   blocked over output channels x output width.
@@ -13,10 +15,11 @@ Implementations (batch 1, float32, NCHW in and out, bias, optional fused ReLU):
 
 Every main function has the same argument order (see ``arg_specs``)::
 
-    data   (1, C, H, W)         float32, NCHW
+    data   (1, C, H, W)         float32, NCHW (the pre-pool size with a pool prologue)
     weight pre-packed           float32, layout given by ``pack_weight`` (depends on knobs)
     bias   (K,)                 float32
-    output (1, K, OH, OW)       float32, NCHW
+    skip   (1, K, OH*s, OW*s)   float32, only when the epilogue fuses an add
+    output (1, K, OH*s, OW*s)   float32, NCHW (s: the epilogue's resize scale, else 1)
 
 so the measured time excludes weight packing, as it would in deployed inference.
 
@@ -40,6 +43,7 @@ from tvm import te
 
 from . import tvm_compat
 from .errors import WorkbenchError
+from .fusion import Fusion
 from .geometry import ConvGeometry, winograd_rule
 
 IMPLEMENTATIONS = ("direct_nchw", "direct_nchwc", "winograd_2", "winograd_4", "winograd_6")
@@ -49,7 +53,7 @@ PARALLEL_DIRECT = ("fused", "oc", "oh", "none")
 PARALLEL_WINOGRAD = ("fused", "eps", "none")
 PAD_DIRECT = ("separate", "compute_at", "inline")
 PAD_WINOGRAD = ("separate", "inline")
-EPILOGUE_DIRECT = ("tile", "row", "separate")
+EPILOGUE_DIRECT = ("tile", "row", "oc", "separate")
 EPILOGUE_WINOGRAD = ("fused", "separate")
 
 
@@ -58,24 +62,44 @@ EPILOGUE_WINOGRAD = ("fused", "separate")
 
 @dataclass(frozen=True)
 class ConvLayer:
-    """A conv to schedule: its geometry, a name for symbols and messages, and whether ReLU is fused.
+    """A conv to schedule: its geometry, a name for symbols and messages, and what is fused around it.
 
     The schedules handle square kernels padded equally on every side (the model's convs).
+    `geometry` is the conv's own (after any pool prologue); `fusion` says what the kernel
+    computes besides conv + bias (a pool before it, resize/add/ReLU after it).
     """
 
     name: str
     geometry: ConvGeometry
-    relu: bool = False
+    fusion: Fusion = Fusion()
 
     @classmethod
     def square(cls, name: str, in_channels: int, out_channels: int, height: int, width: int, kernel: int = 3,
-               stride: int = 1, pad: int = 1, relu: bool = False) -> "ConvLayer":
-        return cls(name, ConvGeometry.square(in_channels, out_channels, height, width, kernel, stride, pad), relu)
+               stride: int = 1, pad: int = 1, relu: bool = False, fusion: Fusion | None = None) -> "ConvLayer":
+        geometry = ConvGeometry.square(in_channels, out_channels, height, width, kernel, stride, pad)
+        return cls(name, geometry, fusion if fusion is not None else Fusion(relu=relu))
 
     @classmethod
-    def of(cls, layer, relu: bool = False) -> "ConvLayer":
-        """The schedules' view of a model conv layer."""
-        return cls(layer.name, layer.geometry, relu)
+    def of(cls, layer, relu_or_fusion: bool | Fusion = False) -> "ConvLayer":
+        """The schedules' view of a model conv layer (a bool means ReLU or nothing)."""
+        fusion = relu_or_fusion if isinstance(relu_or_fusion, Fusion) else Fusion(relu=bool(relu_or_fusion))
+        return cls(layer.name, layer.geometry, fusion)
+
+    @property
+    def relu(self) -> bool:
+        return self.fusion.relu
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """The data argument: the pre-pool tensor when a pool prologue is fused."""
+        h, w = self.fusion.pool_in if self.fusion.pool else (self.height, self.width)
+        return (1, self.in_channels, h, w)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        """The output argument: upsampled by the epilogue's scale."""
+        s = self.fusion.scale
+        return (1, self.out_channels, self.out_height * s, self.out_width * s)
 
     # The geometry, read through (the schedules use these names throughout).
     in_channels = property(lambda self: self.geometry.in_channels)
@@ -109,11 +133,29 @@ def winograd_m(impl: str) -> int:
 
 
 def applicable(impl: str, layer: ConvLayer) -> str | None:
-    """Why ``impl`` cannot run ``layer``, or None if it can."""
+    """Why ``impl`` cannot run ``layer`` (with its fusion), or None if it can."""
     _check_impl(impl)
     if not layer.geometry.is_square:
         return "the hand schedules handle square kernels padded equally on every side"
-    return winograd_rule(layer.geometry) if impl.startswith("winograd") else None
+    return fusion_problem(layer) or (winograd_rule(layer.geometry) if impl.startswith("winograd") else None)
+
+
+def fusion_problem(layer: ConvLayer) -> str | None:
+    """Why the schedules cannot compute ``layer.fusion`` around this conv, or None."""
+    f = layer.fusion
+    if not isinstance(f.scale, int) or f.scale < 1:
+        return f"the epilogue's resize scale must be a positive integer, got {f.scale!r}"
+    if f.pool_relu and not f.pool:
+        return "a prologue ReLU is fused only after a max-pool (pool_relu needs pool > 0)"
+    if not f.pool:
+        return None
+    if not isinstance(f.pool, int) or f.pool < 1 or f.pool_in is None or len(f.pool_in) != 2:
+        return f"a pool prologue needs a positive window and the pre-pool (height, width), got {f.pool!r}, {f.pool_in!r}"
+    pooled = (f.pool_in[0] // f.pool, f.pool_in[1] // f.pool)
+    if pooled != (layer.height, layer.width):
+        return (f"a {f.pool}x{f.pool} pool of {f.pool_in[0]}x{f.pool_in[1]} gives {pooled[0]}x{pooled[1]}, "
+                f"but the conv reads {layer.height}x{layer.width}")
+    return None
 
 
 def _require_applicable(impl: str, layer: ConvLayer) -> None:
@@ -209,7 +251,7 @@ def winograd_tiles(layer: ConvLayer, m: int) -> tuple[int, int]:
 def default_knobs(impl: str, layer: ConvLayer) -> Knobs:
     """Knobs tuned on this machine (2 cores, AVX-512), adjusted to divide the layer's sizes."""
     _require_applicable(impl, layer)
-    pad = "separate" if layer.pad else "inline"
+    pad = "separate" if layer.pad or (layer.fusion.pool and impl.startswith("winograd")) else "inline"
     if impl == "direct_nchw":
         ow_bn = _pick_block(layer.out_width, (16, 24, 32, 8, 12))
         vec = _pick_vec(ow_bn)
@@ -279,6 +321,11 @@ def validate_knobs(impl: str, layer: ConvLayer, knobs: Knobs) -> None:
     _check_choice("parallel", knobs.parallel, PARALLEL_WINOGRAD)
     _check_choice("pad", knobs.pad, PAD_WINOGRAD)
     _check_choice("epilogue", knobs.epilogue, EPILOGUE_WINOGRAD)
+    if layer.fusion.pool and knobs.pad == "inline":
+        # Inlined, the pool window is recomputed for every term of the alpha x alpha input
+        # transform, and LLVM takes about 25 s to compile one small layer (measured, m=4).
+        raise _knob_error("pad", knobs.pad, "a pool prologue is computed once per input pixel only by a "
+                          "separate padding stage in Winograd", ["separate"])
 
 
 def _resolve_knobs(impl: str, layer: ConvLayer, knobs: Knobs | None) -> Knobs:
@@ -302,14 +349,20 @@ def packed_weight_shape(impl: str, layer: ConvLayer, knobs: Knobs) -> tuple[int,
 
 
 def arg_specs(impl: str, layer: ConvLayer, knobs: Knobs | None = None) -> list[tuple[tuple[int, ...], str]]:
-    """(shape, dtype) of the main function's arguments, in order: data, weight, bias, output."""
+    """(shape, dtype) of the main function's arguments, in order: data, weight, bias, [skip], output.
+
+    With a pool prologue the data is the pre-pool tensor; with a resize epilogue the output
+    (and the skip, when an add is fused) is at the upsampled size.
+    """
     knobs = _resolve_knobs(impl, layer, knobs)
-    return [
-        ((1, layer.in_channels, layer.height, layer.width), "float32"),
+    specs = [
+        (layer.input_shape, "float32"),
         (packed_weight_shape(impl, layer, knobs), "float32"),
         ((layer.out_channels,), "float32"),
-        ((1, layer.out_channels, layer.out_height, layer.out_width), "float32"),
     ]
+    if layer.fusion.add:
+        specs.append((layer.output_shape, "float32"))
+    return specs + [(layer.output_shape, "float32")]
 
 
 def winograd_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -344,12 +397,16 @@ def pack_weight(impl: str, layer: ConvLayer, knobs: Knobs | None, weight: np.nda
 
 
 def _placeholders(impl: str, layer: ConvLayer, knobs: Knobs):
-    (d_shape, _), (w_shape, _), (b_shape, _), _ = arg_specs(impl, layer, knobs)
-    return (
-        te.placeholder(d_shape, name="data"),
-        te.placeholder(w_shape, name="weight"),
-        te.placeholder(b_shape, name="bias"),
-    )
+    """data, weight, bias and (only when an add is fused) skip."""
+    specs = arg_specs(impl, layer, knobs)
+    tensors = [te.placeholder(shape, name=name) for (shape, _), name in zip(specs, ("data", "weight", "bias"))]
+    skip = te.placeholder(specs[3][0], name="skip") if layer.fusion.add else None
+    return (*tensors, skip)
+
+
+def _args(data, weight, bias, skip, output) -> list:
+    """The main function's arguments in their one order: data, weight, bias, [skip], output."""
+    return [data, weight, bias] + ([skip] if skip is not None else []) + [output]
 
 
 def _epilogue(value, bias_value, relu: bool):
@@ -357,23 +414,60 @@ def _epilogue(value, bias_value, relu: bool):
     return te.max(value, tvm.tirx.const(0.0, "float32")) if relu else value
 
 
-def _padded(data, pad: int, out_shape, index: Callable):
-    """Zero-padded copy of ``data``; ``index`` maps output indices to (c, h, w) of data (unpadded)."""
-    _, _, height, width = data.shape
+def _output(layer: ConvLayer, conv_at: Callable, bias, skip):
+    """The `output` block: relu?(conv + bias [+ skip]) at the (upsampled) output size.
+
+    ``conv_at(n, k, h, w)`` reads the conv result at conv coordinates; a nearest resize by
+    ``scale`` reads it at (h // scale, w // scale), so the low-resolution value is never stored.
+    """
+    s, relu = layer.fusion.scale, layer.fusion.relu
+
+    def value(n, k, h, w):
+        v = conv_at(n, k, h // s, w // s) if s > 1 else conv_at(n, k, h, w)
+        if skip is None:
+            return _epilogue(v, bias[k], relu)
+        v = v + bias[k] + skip[n, k, h, w]
+        return te.max(v, tvm.tirx.const(0.0, "float32")) if relu else v
+
+    return te.compute(layer.output_shape, value, name="output")
+
+
+def _pooled(data, fusion: Fusion, c, h, w):
+    """data[c, h, w] of the conv's input: the pre-pool window's max (from 0 when ReLU follows).
+
+    Written as a max of loads, not a reduction, so the padding stage stays a plain block that
+    can be inlined or computed at a tile (relu(maxpool(x)) is a max-pool starting from 0).
+    """
+    if not fusion.pool:
+        return data[0, c, h, w]
+    p = fusion.pool
+    value = tvm.tirx.const(0.0, "float32") if fusion.pool_relu else None
+    for i in range(p):
+        for j in range(p):
+            load = data[0, c, h * p + i, w * p + j]
+            value = load if value is None else te.max(value, load)
+    return value
+
+
+def _padded(layer: ConvLayer, data, out_shape, index: Callable):
+    """Zero-padded conv input (pooled first when a pool is fused); ``index`` maps output indices
+    to (c, h, w) of the conv's unpadded input."""
+    pad, height, width = layer.pad, layer.height, layer.width
 
     def value(*idx):
         c, h, w = index(*idx)
         inside = te.all(h >= pad, h < height + pad, w >= pad, w < width + pad)
-        return te.if_then_else(inside, data[0, c, h - pad, w - pad], tvm.tirx.const(0.0, "float32"))
+        return te.if_then_else(inside, _pooled(data, layer.fusion, c, h - pad, w - pad),
+                               tvm.tirx.const(0.0, "float32"))
 
     return te.compute(out_shape, value, name="data_pad")
 
 
 def _compute_direct_nchw(layer: ConvLayer, knobs: DirectNCHWKnobs):
-    data, weight, bias = _placeholders("direct_nchw", layer, knobs)
+    data, weight, bias, skip = _placeholders("direct_nchw", layer, knobs)
     p, s, r = layer.pad, layer.stride, layer.kernel
     shape = (1, layer.in_channels, layer.height + 2 * p, layer.width + 2 * p)
-    data_pad = _padded(data, p, shape, lambda n, c, h, w: (c, h, w))
+    data_pad = _padded(layer, data, shape, lambda n, c, h, w: (c, h, w))
     ic = te.reduce_axis((0, layer.in_channels), name="ic")
     kh = te.reduce_axis((0, r), name="kh")
     kw = te.reduce_axis((0, r), name="kw")
@@ -385,17 +479,15 @@ def _compute_direct_nchw(layer: ConvLayer, knobs: DirectNCHWKnobs):
         ),
         name="conv",
     )
-    output = te.compute(
-        out_shape, lambda n, k, h, w: _epilogue(conv[n, k, h, w], bias[k], layer.relu), name="output"
-    )
-    return [data, weight, bias, output]
+    output = _output(layer, lambda n, k, h, w: conv[n, k, h, w], bias, skip)
+    return _args(data, weight, bias, skip, output)
 
 
 def _compute_direct_nchwc(layer: ConvLayer, knobs: DirectNCHWcKnobs):
-    data, weight, bias = _placeholders("direct_nchwc", layer, knobs)
+    data, weight, bias, skip = _placeholders("direct_nchwc", layer, knobs)
     p, s, r, ib, ob = layer.pad, layer.stride, layer.kernel, knobs.ic_bn, knobs.oc_bn
     shape = (1, layer.in_channels // ib, layer.height + 2 * p, layer.width + 2 * p, ib)
-    data_pad = _padded(data, p, shape, lambda n, cc, h, w, cb: (cc * ib + cb, h, w))
+    data_pad = _padded(layer, data, shape, lambda n, cc, h, w, cb: (cc * ib + cb, h, w))
     ic = te.reduce_axis((0, layer.in_channels), name="ic")
     kh = te.reduce_axis((0, r), name="kh")
     kw = te.reduce_axis((0, r), name="kw")
@@ -408,12 +500,8 @@ def _compute_direct_nchwc(layer: ConvLayer, knobs: DirectNCHWcKnobs):
         ),
         name="conv",
     )
-    output = te.compute(
-        (1, layer.out_channels, layer.out_height, layer.out_width),
-        lambda n, k, h, w: _epilogue(conv[n, k // ob, h, w, k % ob], bias[k], layer.relu),
-        name="output",
-    )
-    return [data, weight, bias, output]
+    output = _output(layer, lambda n, k, h, w: conv[n, k // ob, h, w, k % ob], bias, skip)
+    return _args(data, weight, bias, skip, output)
 
 
 def _combination(coeffs: np.ndarray, row, terms: list) -> tvm.tirx.PrimExpr:
@@ -437,7 +525,7 @@ def _combination(coeffs: np.ndarray, row, terms: list) -> tvm.tirx.PrimExpr:
 
 
 def _compute_winograd(impl: str, layer: ConvLayer, knobs: WinogradKnobs):
-    data, weight, bias = _placeholders(impl, layer, knobs)
+    data, weight, bias, skip = _placeholders(impl, layer, knobs)
     m = winograd_m(impl)
     alpha, ib, ob = m + 2, knobs.ic_bn, knobs.oc_bn
     a_mat, b_mat, _ = winograd_matrices(m)
@@ -445,7 +533,7 @@ def _compute_winograd(impl: str, layer: ConvLayer, knobs: WinogradKnobs):
     tiles, c, k = nh * nw, layer.in_channels, layer.out_channels
     # Padded to whole tiles: rows/cols past the output only feed discarded outputs.
     shape = (1, c // ib, nh * m + 2, nw * m + 2, ib)
-    data_pad = _padded(data, layer.pad, shape, lambda n, cc, h, w, cb: (cc * ib + cb, h, w))
+    data_pad = _padded(layer, data, shape, lambda n, cc, h, w, cb: (cc * ib + cb, h, w))
     # Input transform V = B^T d B, separable: first along h (rows of a tile row), then along w.
     data_t1 = te.compute(
         (c // ib, nh, alpha, nw * m + 2, ib),
@@ -486,14 +574,8 @@ def _compute_winograd(impl: str, layer: ConvLayer, knobs: WinogradKnobs):
         ),
         name="inverse",
     )
-    output = te.compute(
-        (1, k, layer.out_height, layer.out_width),
-        lambda n, ko, h, w: _epilogue(
-            inverse[ko // ob, h // m, w // m, h % m, w % m, ko % ob], bias[ko], layer.relu
-        ),
-        name="output",
-    )
-    return [data, weight, bias, output]
+    output = _output(layer, lambda n, ko, h, w: inverse[ko // ob, h // m, w // m, h % m, w % m, ko % ob], bias, skip)
+    return _args(data, weight, bias, skip, output)
 
 
 def conv_prim_func(impl: str, layer: ConvLayer, knobs: Knobs | None = None) -> tvm.tirx.PrimFunc:
@@ -556,7 +638,8 @@ def weight_prim_func(impl: str, layer: ConvLayer, knobs: Knobs | None = None) ->
 def _outer_loops(sch, parallel: str, order: tuple):
     """Order the outer loops ``order`` = (n, kc, oh) for the ``parallel`` knob and mark it.
 
-    Returns (the parallel loop or None, the loop directly above the register tile).
+    Returns (the parallel loop or None, the loop directly above the register tile, the
+    output-channel block loop: the fused loop when the three are fused).
     """
     n, kc, oh = order
     if parallel == "oh":
@@ -564,14 +647,14 @@ def _outer_loops(sch, parallel: str, order: tuple):
     if parallel == "fused":
         fused = sch.fuse(n, kc, oh)
         sch.parallel(fused)
-        return fused, fused
+        return fused, fused, fused
     if parallel == "oc":
         sch.parallel(kc)
-        return kc, oh
+        return kc, oh, kc
     if parallel == "oh":
         sch.parallel(oh)
-        return oh, kc
-    return None, oh
+        return oh, kc, kc
+    return None, oh, kc
 
 
 def _place_pad(sch, knobs, par_loop, inner_loop, vectorize: bool) -> None:
@@ -603,17 +686,30 @@ def _vectorize_innermost(sch, loop, lanes: int = 16) -> None:
         sch.vectorize(sch.split(loop, [None, vec])[1])
 
 
-def _place_epilogue(sch, knobs, tile_loop, row_loop) -> None:
-    """Bias (+ReLU, +unpack) at the register tile, per row of tiles, or as its own loop nest."""
+def _place_epilogue(sch, knobs, tile_loop, row_loop, oc_loop) -> None:
+    """Bias (+ReLU, +unpack) at the register tile (a column tile of a row), per row of tiles,
+    per output-channel block, or as its own loop nest.
+
+    With a resize epilogue the output block reads conv[h // s, w // s]; reverse_compute_at
+    inverts that read (0.27, verified): at a tile it computes the s x s upsampled copies of
+    the tile's pixels, so the low-resolution result never leaves the cache.
+    """
     out = sch.get_sblock("output")
     if knobs.epilogue == "tile":
         sch.reverse_compute_at(out, tile_loop)
     elif knobs.epilogue == "row":
         sch.reverse_compute_at(out, row_loop)
+    elif knobs.epilogue == "oc":
+        sch.reverse_compute_at(out, oc_loop)
     else:
         loops = sch.get_loops(out)
         sch.parallel(sch.fuse(*loops[:2]))
     _vectorize_innermost(sch, sch.get_loops(out)[-1])  # along the NCHW output width
+
+
+def _epilogue_label(layer: ConvLayer) -> str:
+    """What the output stage adds after the bias, for step names: '+ReLU', '+resize+add+relu'."""
+    return "".join(f"+{op}" for op in layer.fusion.epilogue_ops).replace("+relu", "+ReLU")
 
 
 def _schedule_direct_nchw(sch, layer: ConvLayer, knobs: DirectNCHWKnobs) -> Iterator[str]:
@@ -626,7 +722,7 @@ def _schedule_direct_nchw(sch, layer: ConvLayer, knobs: DirectNCHWKnobs) -> Iter
     inner = (kh, kb, kw) if knobs.unroll_kw else (kh, kw, kb)
     sch.reorder(n, kc, oh, owo, ic, *inner, owv_o, owv)
     yield "register tile: oc_bn output channels x ow_bn pixels, reduction outside"
-    par, row = _outer_loops(sch, knobs.parallel, (n, kc, oh))
+    par, row, oc = _outer_loops(sch, knobs.parallel, (n, kc, oh))
     yield f"parallel: {knobs.parallel}"
     sch.vectorize(owv)
     sch.unroll(owv_o)
@@ -634,8 +730,8 @@ def _schedule_direct_nchw(sch, layer: ConvLayer, knobs: DirectNCHWKnobs) -> Iter
     if knobs.unroll_kw:
         sch.unroll(kw)
     yield "vectorize the width, unroll the register tile"
-    _place_epilogue(sch, knobs, owo, row)
-    yield f"epilogue (bias{'+ReLU' if layer.relu else ''}): {knobs.epilogue}"
+    _place_epilogue(sch, knobs, owo, row, oc)
+    yield f"epilogue (bias{_epilogue_label(layer)}): {knobs.epilogue}"
     _place_pad(sch, knobs, par, row, vectorize=False)
     yield f"padding: {knobs.pad}"
     sch.decompose_reduction(conv, ic)
@@ -653,7 +749,7 @@ def _schedule_direct_nchwc(sch, layer: ConvLayer, knobs: DirectNCHWcKnobs) -> It
     else:
         sch.reorder(n, kc, oh, owo, ico, kh, kw, ici, owi, kbo, kbv)
     yield "register tile: ow_bn pixels x oc_bn channels, reduction outside (conv2d_NCHWc recipe)"
-    par, row = _outer_loops(sch, knobs.parallel, (n, kc, oh))
+    par, row, oc = _outer_loops(sch, knobs.parallel, (n, kc, oh))
     yield f"parallel: {knobs.parallel}"
     sch.vectorize(kbv)
     sch.unroll(kbo)
@@ -661,8 +757,8 @@ def _schedule_direct_nchwc(sch, layer: ConvLayer, knobs: DirectNCHWcKnobs) -> It
     if knobs.unroll_kw:
         sch.unroll(kw)
     yield "vectorize output channels, unroll the register tile"
-    _place_epilogue(sch, knobs, owo, row)
-    yield f"epilogue (unpack to NCHW + bias{'+ReLU' if layer.relu else ''}): {knobs.epilogue}"
+    _place_epilogue(sch, knobs, owo, row, oc)
+    yield f"epilogue (unpack to NCHW + bias{_epilogue_label(layer)}): {knobs.epilogue}"
     _place_pad(sch, knobs, par, row, vectorize=True)
     yield f"padding + NCHW[{knobs.ic_bn}]c re-layout: {knobs.pad}"
     sch.decompose_reduction(conv, ico)
@@ -765,7 +861,7 @@ def _schedule_winograd(sch, layer: ConvLayer, knobs: WinogradKnobs, impl: str) -
     _schedule_winograd_gemm(sch, knobs)
     yield f"batched GEMM: {knobs.tile_bn} tiles x {knobs.oc_bn} channels register tile, parallel {knobs.parallel}"
     _schedule_winograd_output(sch, layer, knobs, m, nw)
-    yield f"output transform A^T M A + bias{'+ReLU' if layer.relu else ''}: epilogue {knobs.epilogue}"
+    yield f"output transform A^T M A + bias{_epilogue_label(layer)}: epilogue {knobs.epilogue}"
 
 
 def _schedule_steps(impl: str, sch, layer: ConvLayer, knobs: Knobs) -> Iterator[str]:
@@ -858,7 +954,7 @@ class BuiltConv:
         remote = session.load_module(os.path.basename(path))
         dev = session.cpu()
         args = [tvm.runtime.tensor(a, dev) for a in (x, built.pack_weight(w), b)]
-        args.append(tvm.runtime.empty(built.arg_shapes[3][0], "float32", dev))
+        args.append(tvm.runtime.empty(built.arg_shapes[-1][0], "float32", dev))  # after the skip, if any
         seconds = remote.time_evaluator(built.func_name, dev, number=10, repeat=5,
                                         min_repeat_ms=20)(*args).results
     """
@@ -888,12 +984,19 @@ class BuiltConv:
         return packed, bias_t
 
     def output_tensor(self) -> tvm.runtime.Tensor:
-        return tvm.runtime.empty(self.arg_shapes[3][0], "float32", self.device)
+        return tvm.runtime.empty(self.arg_shapes[-1][0], "float32", self.device)
 
-    def run(self, x: np.ndarray, prepared: tuple) -> np.ndarray:
+    def _skip(self, skip: np.ndarray | None) -> list:
+        if not self.layer.fusion.add:
+            return []
+        if skip is None:
+            raise KnobError(f"layer {self.layer.name!r} fuses an add: pass its skip tensor of shape {self.arg_shapes[3][0]}")
+        return [tvm.runtime.tensor(np.ascontiguousarray(skip, dtype=np.float32), self.device)]
+
+    def run(self, x: np.ndarray, prepared: tuple, skip: np.ndarray | None = None) -> np.ndarray:
         data = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device)
         out = self.output_tensor()
-        self.module[self.func_name](data, *prepared, out)
+        self.module[self.func_name](data, *prepared, *self._skip(skip), out)
         return out.numpy()
 
     def time(self, prepared: tuple, number: int = 10, repeat: int = 5, min_repeat_ms: int = 0) -> list[float]:
@@ -901,10 +1004,11 @@ class BuiltConv:
         data = tvm.runtime.empty(self.arg_shapes[0][0], "float32", self.device)
         data.copyfrom(np.random.default_rng(0).standard_normal(self.arg_shapes[0][0], dtype=np.float32))
         out = self.output_tensor()
+        skip = self._skip(np.zeros(self.arg_shapes[3][0], "float32")) if self.layer.fusion.add else []
         timer = self.module.time_evaluator(
             self.func_name, self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
         )
-        return list(timer(data, *prepared, out).results)
+        return list(timer(data, *prepared, *skip, out).results)
 
 
 def build(

@@ -14,6 +14,7 @@ import socket
 import time
 
 from .lifeline import guard_popen_workers, watch_parent
+from .targets import SERVER_ENV
 from .rpc import DEFAULT_KEY, KEY_ENV, LOOPBACK, DeviceError, parse_tracker, probe_tracker, thread_env
 from .threads import resolve_threads
 
@@ -118,6 +119,10 @@ def listen(host: str, port: int, tracker_addr, key: str, threads: int) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Which server of the key this is, for records made on a farm (device_info reports it; the
+    # session processes forked from here inherit it).
+    shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    os.environ[SERVER_ENV] = f"{shown}:{port}"
     sock.listen(1)
     # A daemon thread: the process ends with its parent (the popen worker's loop sees EOF).
     thread = threading.Thread(target=_keep_listening, args=(sock, port, key, tracker_addr), daemon=True)

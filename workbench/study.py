@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from . import baselines, compare, hybrid, intensity, plots, tuning
+from . import baselines, blocks, compare, hybrid, intensity, plots, tuning
 from .build import build_hybrid, compile_hybrid
 from .ceilings import measure_ceilings
 from .kernels.base import Candidate
@@ -70,6 +70,11 @@ class LayerResults:
 
     tuning: list = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)  # folded blocks and the separate kernels (blocks.py)
+
+    @property
+    def all(self) -> list[dict]:
+        return self.records + self.blocks
 
 
 def measure_layers(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> LayerResults:
@@ -82,22 +87,78 @@ def measure_layers(model: Model, device, work: WorkDir, config: StudyConfig, pro
     for result in tune_results:
         work.records.append("tuning", result.to_dict(), **context)
     log.info("every implementation of every conv, over RPC")
-    records = compare.compare(model, device, candidates=study_candidates(model, device, work, config),
-                              timing=config.timing, store=work.records, progress=progress)
-    return LayerResults(tune_results, records)
+    candidates = study_candidates(model, device, work, config)
+    records = compare.compare(model, device, candidates=candidates, timing=config.timing, store=work.records,
+                              progress=progress)
+    log.info("blocks: folded into their convs, and the separate fused kernels")
+    folded = blocks.measure_blocks(model, device, records, candidates, config.timing, work.records,
+                                   progress=progress)
+    return LayerResults(tune_results, records, folded)
 
 
-def choose_plans(model: Model, records: list[dict]) -> dict[str, Plan]:
-    """The hybrid (best of everything) and pure TVM (best TVM implementation) plans."""
+# The hybrid plan built at each fusion level (plan.FUSION_LEVELS), timed end to end beside it.
+FUSION_BUILDS = {"unfused": "none", "groups_2018": "2018", "folded": "folded"}
+
+
+def choose_plans(model: Model, records: list[dict], fusion_builds: bool = False) -> dict[str, Plan]:
+    """The hybrid (best of everything, folded where measured faster) and pure TVM plans; with
+    `fusion_builds`, also the hybrid's implementations at each fusion level (FUSION_BUILDS)."""
     tvm_records = [r for r in records if r["impl"].startswith("tvm:")]
-    return {"hybrid": choose_plan(model, records), "tvm_only": choose_plan(model, tvm_records)}
+    plans = {"hybrid": choose_plan(model, records), "tvm_only": choose_plan(model, tvm_records)}
+    if fusion_builds:
+        plans.update({name: plans["hybrid"].with_fusion(model, level) for name, level in FUSION_BUILDS.items()})
+    return plans
 
 
 def build_models(model: Model, plans: dict[str, Plan], work: WorkDir, target: dict) -> dict:
-    """Each plan compiled for the target, with the work dir's tuned kernels; {name: executable}."""
+    """Each plan compiled for the target, with the work dir's tuned kernels; {name: executable}.
+
+    Plans equal to one already built share its executable (the folded build is often the hybrid)."""
     candidates = all_candidates(tuning_dir=work.tuning)
-    return {name: compile_hybrid(build_hybrid(model, plan, target, candidates), target)
-            for name, plan in plans.items()}
+    built, by_plan = {}, {}
+    for name, plan in plans.items():
+        key = json.dumps({k: v for k, v in plan.to_dict().items() if k != "notes"}, sort_keys=True)
+        if key not in by_plan:
+            by_plan[key] = compile_hybrid(build_hybrid(model, plan, target, candidates), target)
+        built[name] = by_plan[key]
+    return built
+
+
+def isolated_sum_ms(plan: Plan, records: list[dict]) -> float | None:
+    """The plan's convs' isolated times summed (each conv alone, with its plan's implementation)."""
+    times = {}
+    for rec in usable(records):
+        if not rec.get("fusion") and rec.get("layer") in plan.layers and rec["impl"] == plan.impl(rec["layer"]):
+            times[rec["layer"]] = min(rec["median_ms"], times.get(rec["layer"], float("inf")))
+    return sum(times.values()) if len(times) == len(plan.layers) else None
+
+
+def fusion_figures(end_to_end: list[dict], plan: Plan, records: list[dict]) -> dict:
+    """study --json's "fusion": the hybrid plan unfused, with the 2018 groups and folded (one run),
+    and its convs' isolated times summed; ratios below 1.0 mean fusion paid."""
+    by_name = {r["name"]: r["median_ms"] for r in end_to_end}
+    figures = {f"{name}_ms": by_name.get(name) for name in FUSION_BUILDS}
+    figures["hybrid_ms"] = by_name.get("hybrid")
+    figures["isolated_sum_ms"] = isolated_sum_ms(plan, records)
+    if figures["unfused_ms"] and figures["hybrid_ms"]:
+        figures["hybrid_vs_unfused"] = figures["hybrid_ms"] / figures["unfused_ms"]
+    if figures["isolated_sum_ms"] and figures["hybrid_ms"]:
+        figures["hybrid_vs_isolated_sum"] = figures["hybrid_ms"] / figures["isolated_sum_ms"]
+    return figures
+
+
+def fusion_effect(model: Model, device, plan: Plan, records: list[dict], work: WorkDir | None = None,
+                  timing: TimingConfig | None = None, threads: int | None = None) -> dict:
+    """One plan built unfused, with the 2018 groups and folded, timed end to end in one run (over
+    RPC, checked against PyTorch first), beside its convs' isolated times summed."""
+    threads = threads or int(device.target.get("num-cores") or 1)
+    timing = timing or TimingConfig(number=1, repeat=10, min_repeat_ms=100)
+    plans = {"hybrid": plan, **{name: plan.with_fusion(model, level) for name, level in FUSION_BUILDS.items()}}
+    candidates = all_candidates(tuning_dir=work.tuning if work else None)
+    executables = {name: compile_hybrid(build_hybrid(model, p, device.target, candidates), device.target)
+                   for name, p in plans.items()}
+    results = baselines.measure_baselines(model, device, threads, timing, names=[], extra=executables)
+    return fusion_figures(results, plan, records)
 
 
 def compare_end_to_end(model: Model, device, executables: dict, config: StudyConfig, threads: int,
@@ -126,8 +187,9 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     log.info("[3-4/6] tuning and every implementation of every conv")
     measured = measure_layers(model, device, work, config, progress)
 
-    log.info("[5/6] hybrid and pure-TVM plans, built and compared end to end with the peers")
-    chosen = choose_plans(model, measured.records)
+    log.info("[5/6] hybrid and pure-TVM plans (and the hybrid at each fusion level), built and compared "
+             "end to end with the peers")
+    chosen = choose_plans(model, measured.all, fusion_builds=True)
     chosen["hybrid"].save(work.hybrid / "plan.json")
     executables = build_models(model, chosen, work, device.target)
     x = sample_input(model)
@@ -136,9 +198,11 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
 
     log.info("[6/6] report")
     summary = _summary(model, end_to_end, chosen["hybrid"], config, threads, time.time() - started)
+    summary["fusion"] = fusion_figures(end_to_end, chosen["hybrid"], measured.records)
+    summary.update(device=device.describe(), emulated=device.describe()["emulated"])  # never a board's speed if true
     write_report(work.report, f"UNet study: {model.name}",
                  _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
-                           in_model, summary))
+                           in_model, summary, measured.blocks), device=device.describe())
     (work.root / "study.json").write_text(json.dumps(summary, indent=1, default=str))
     log.info("report: %s", work.report)
     return summary
@@ -147,7 +211,7 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
 def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
     by_name = {r["name"]: r for r in end_to_end}
     hybrid_ms = by_name["hybrid"]["median_ms"]
-    base = {name: r["median_ms"] for name, r in by_name.items() if name != "hybrid"}
+    base = {name: r["median_ms"] for name, r in by_name.items() if name != "hybrid" and name not in FUSION_BUILDS}
     return {
         "model": model.name,
         "hybrid_ms": hybrid_ms,
@@ -155,13 +219,36 @@ def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
         "baselines": base,
         "ratios": {key: hybrid_ms / ms for key, ms in base.items()},  # below 1.0: the hybrid is faster
         "plan": {name: entry.impl for name, entry in plan.layers.items()},
+        "plan_fusion": {name: " > ".join(p for p in ("+".join(e.prologue), "conv", "+".join(e.fuse)) if p)
+                        for name, e in plan.layers.items()},
         "threads": threads,
         "budget": config.describe(),
         "seconds": seconds,
     }
 
 
-def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, in_model, summary) -> list[Section]:
+def _fusion_section(summary: dict, block_records: list[dict], plan: Plan) -> Section:
+    figures = summary.get("fusion", {})
+    blocks_frame = compare.table(block_records)
+    if len(blocks_frame) and "fusion" in pd.DataFrame(block_records):
+        blocks_frame.insert(2, "fusion", [r.get("fusion", "") for r in block_records])
+    return Section("Fusion", [
+        "The same hybrid plan built three ways and timed in one run: every op its own kernel (unfused); the "
+        "original study's groups (conv+bias+ReLU, MaxPool+ReLU and Resize+Add+ReLU as one kernel each); and "
+        "folded (Resize+Add+ReLU into the conv before it, MaxPool+ReLU into the conv after it, wherever the "
+        "conv's kernel can). The hybrid folds a block only where the per-block sweep measured it faster. "
+        "isolated_sum_ms is the plan's convs timed alone, summed: what the whole model would cost with "
+        "nothing between the convs.",
+        plots.fusion_bars(figures),
+        figures,
+        "Per block: each fold measured (checked against the PyTorch reference of the whole block first), "
+        "and the separate kernels it replaces.",
+        blocks_frame,
+        plan.frame()])
+
+
+def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, in_model, summary,
+              block_records=()) -> list[Section]:
     frame = pd.DataFrame(records)
     good = pd.DataFrame(usable(records))
     best_per_library = good.loc[good.groupby(["layer", good.impl.str.split(":").str[0]]).gflops.idxmax()]
@@ -186,6 +273,7 @@ def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, 
             "Per-call times inside the hybrid (VM instrument) beside the isolated per-layer measurements. Inside the "
             "model, caches hold other layers' data and the elementwise ops run between convs, so the two differ.",
             in_model.merge(isolated, on="layer", how="left") if "layer" in in_model else in_model]),
+        _fusion_section(summary, list(block_records), plan),
         Section("The plan", [plan.frame()]),
         Section("Environment", [{**environment(), "device": records[0]["device"] if records else {},
                                  "threads": summary["threads"], "budget": summary["budget"],

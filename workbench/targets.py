@@ -212,9 +212,19 @@ def target_family(target: dict) -> str:
     return family(str(triple).split("-")[0])
 
 
+EMULATED_ENV = "WORKBENCH_EMULATED"  # set by board.py for the emulated server: how it is emulated
+SERVER_ENV = "WORKBENCH_SERVER"  # set by server.listen: which server of a key answered (host:port)
+
+
 def device_info() -> dict:
-    """This machine as a device reports itself: architecture and cores (an RPC server calls it)."""
-    return {"machine": platform.machine(), "cores": os.cpu_count() or 1, "system": platform.system()}
+    """This machine as a device reports itself: architecture and cores (an RPC server calls it),
+    whether it is emulated (its timings are then no board's speed), and which server it is."""
+    info = {"machine": platform.machine(), "cores": os.cpu_count() or 1, "system": platform.system()}
+    if os.environ.get(EMULATED_ENV):
+        info["emulated"] = os.environ[EMULATED_ENV]
+    if os.environ.get(SERVER_ENV):
+        info["server"] = os.environ[SERVER_ENV]
+    return info
 
 
 def device_info_json() -> str:

@@ -47,6 +47,7 @@ class TuneResult:
     trials_per_minute: float  # new trials per minute of this call (0 if none)
     best_ms: float | None
     history: list[tuple[int, float]] = field(default_factory=list)  # (trial index, best ms so far)
+    servers: dict[str, int] = field(default_factory=dict)  # server (host:port) -> sessions it measured in this call
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,7 +195,7 @@ def make_builder(config: TuningConfig):
     raise ValueError(f"unknown builder {config.builder!r}; use 'in-process' or 'pool'")
 
 
-def make_runner(device, config: TuningConfig):
+def make_runner(device, config: TuningConfig, served_log: Path | None = None):
     """Measure on the device through its tracker, exactly like every other workbench timing.
 
     Sessions come from rpc.runner_session: MetaSchedule's own request waits forever for a
@@ -207,8 +208,20 @@ def make_runner(device, config: TuningConfig):
     evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=config.repeat,
                                           min_repeat_ms=config.min_repeat_ms, enable_cpu_cache_flush=False)
     worker_device = dataclasses.replace(device.plain(), session_timeout=config.session_timeout_sec)
-    create = functools.partial(runner_session, worker_device, config.request_wait_sec)
-    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=1, f_create_session=create)
+    create = functools.partial(runner_session, worker_device, config.request_wait_sec,
+                               str(served_log) if served_log else None)
+    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=runner_workers(device),
+                               f_create_session=create)
+
+
+def runner_workers(device) -> int:
+    """One runner worker per free server of the key (a farm measures a batch's candidates at once)."""
+    if device.local is not None:
+        return max(1, device.local.servers)
+    try:
+        return max(1, device.server_count(free=True))
+    except Exception:  # noqa: BLE001 - the runner's own session request reports an unreachable tracker
+        return 1
 
 
 def _make_device_guard(database, device, lost: list):
@@ -316,6 +329,7 @@ def tune_layer(layer: Layer, device, trials: int, work_dir, relu: bool = False, 
     """Tune default_conv_func(layer, relu) on the device until the database holds `trials` records."""
     started = time.perf_counter()
     database = open_database(work_dir, device.target)
+    served = _served_log(database_dir(work_dir, device.target), layer.name)
     mod = workload(layer, relu)
     previous = records_of(database, mod)
     done = len(previous)
@@ -324,7 +338,7 @@ def tune_layer(layer: Layer, device, trials: int, work_dir, relu: bool = False, 
     while todo:
         try:
             _search(mod, layer.name, device, database, database_dir(work_dir, device.target), todo, previous,
-                    progress, config)
+                    progress, config, served)
             break
         except SessionLost as err:  # every record measured so far is in the database already
             revivals += 1
@@ -343,14 +357,34 @@ def tune_layer(layer: Layer, device, trials: int, work_dir, relu: bool = False, 
     new = max(0, len(records) - done)
     history = best_history(database, mod, database_dir(work_dir, device.target))
     best = min((ms for ms in map(record_ms, records) if ms is not None), default=None)
-    result = TuneResult(layer.name, len(records), new, seconds, new / seconds * 60 if new else 0.0, best, history)
+    result = TuneResult(layer.name, len(records), new, seconds, new / seconds * 60 if new else 0.0, best, history,
+                        _servers_in(served))
     log.info("tuned %s: %d new trials (%d total) in %.1f s, %.1f trials/min, best %s ms",
              layer.name, new, len(records), seconds, result.trials_per_minute, result.best_ms)
     return result
 
 
+def _served_log(directory: Path, name: str) -> Path:
+    """A fresh file where this call's runner workers note each session's server (farm runs)."""
+    path = (Path(directory) / "logs" / f"{symbol(name)}.servers").resolve()  # a node name is not a path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    return path
+
+
+def _servers_in(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                counts[line.strip()] = counts.get(line.strip(), 0) + 1
+    except OSError:
+        pass
+    return counts
+
+
 def _search(mod, name: str, device, database, logs: Path, todo: int, previous: list, progress: bool,
-            config: TuningConfig) -> None:
+            config: TuningConfig, served: Path | None = None) -> None:
     from tqdm.auto import tqdm
     from tvm.s_tir import meta_schedule as ms
 
@@ -366,7 +400,7 @@ def _search(mod, name: str, device, database, logs: Path, todo: int, previous: l
                                  logger=_task_logger(logs, name)).clone()
         cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads, tree_method="auto")
         _warm_start(cost_model, context, previous)
-        runner, lost = make_runner(device, config), []
+        runner, lost = make_runner(device, config, served), []
         try:
             with _interrupts_deferred():
                 try:
@@ -462,7 +496,7 @@ def _best_ms(database, layer: Layer) -> float:
 def _result_for(layer: Layer, result: TuneResult) -> TuneResult:
     """The task's result under this layer's name (layers of one shape share the task)."""
     return TuneResult(layer.name, result.trials, result.new_trials, result.seconds, result.trials_per_minute,
-                      result.best_ms, result.history)
+                      result.best_ms, result.history, result.servers)
 
 
 def has_database(work_dir, target: dict) -> bool:

@@ -6,6 +6,10 @@
   a ``call_tir`` in the hybrid).
 - ``nnpack``, ``default``, ``hand``, ``tuned``: NNPACK's algorithms x strategies, TVM's untuned
   conv, the hand-written TensorIR schedules with knobs, and MetaSchedule's best schedules.
+  Kernels declare the ops around a conv they compute (``fusible``, ``prologue_fusible``);
+  ``default`` and ``hand`` take a pool before and resize+add+ReLU after the conv.
+- ``fused``: the original study's fused elementwise groups (MaxPool+ReLU, Resize+Add+ReLU)
+  as kernels with knobs, measured with a ``GroupCase`` and emitted into a Relax build.
 - ``registry``: the candidates of a study, and the one for an implementation id.
 
 A new kind of kernel is one module here and one line in ``registry``.

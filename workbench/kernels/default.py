@@ -1,20 +1,27 @@
 """TVM's untuned conv (`tvm:default`): topi's NCHW compute, what Relax legalises a conv2d into.
 
-It is also the one TVM kernel that absorbs the decoder's ResizeNearest -> Add(skip) [-> ReLU]:
-the upsample is an index division in its epilogue, so the low-resolution conv output is read
-directly instead of being materialised at full resolution.
+It also absorbs the ops around a conv as plain TE stages: the encoder's MaxPool [-> ReLU]
+before it (computed from the pre-pool tensor) and the decoder's ResizeNearest -> Add(skip)
+[-> ReLU] after it (the upsample is an index division in its epilogue, so the low-resolution
+conv output is read directly instead of being materialised at full resolution).
 """
 
 from __future__ import annotations
 
-from ..names import symbol
-from .tvm_kernel import TVMCandidate, final_kernel
+from ..fusion import Fusion
+from .tvm_kernel import TVMCandidate
 
 
-def default_conv_func(layer, relu: bool = False):
-    """PrimFunc (data, weight OIHW, bias, out): topi.nn.conv2d_nchw + bias (+ ReLU)."""
+def default_conv_func(layer, relu: bool | Fusion = False):
+    """PrimFunc (data, weight OIHW, bias, [skip], out): topi.nn.conv2d_nchw + bias (+ the fusion).
+
+    With a bool (ReLU or not) the compute is exactly the one MetaSchedule tunes (tuning.workload).
+    """
     from tvm import te, topi
 
+    if isinstance(relu, Fusion) and (relu.prologue_ops or relu.scale > 1 or relu.add):
+        return fused_default_func(layer, relu)
+    relu = relu.relu if isinstance(relu, Fusion) else relu
     data, weight, bias, conv = _conv(layer)
     out = te.compute(conv.shape, lambda n, k, y, x: conv[n, k, y, x] + bias[k], name="bias_add")
     if relu:
@@ -24,28 +31,55 @@ def default_conv_func(layer, relu: bool = False):
 
 def fused_conv_func(layer, scale: int, relu: bool):
     """PrimFunc (data, weight, bias, skip, out): conv + bias, nearest upsample by `scale`, + skip (+ ReLU)."""
+    return fused_default_func(layer, Fusion(scale=scale, add=True, relu=relu))
+
+
+def fused_default_func(layer, fusion: Fusion):
+    """PrimFunc (data, weight, bias, [skip], out) computing `fusion` around topi's conv + bias."""
     from tvm import te
 
-    data, weight, bias, conv = _conv(layer)
+    g = layer.geometry
+    data_shape = (1, g.in_channels, *fusion.pool_in) if fusion.pool else g.input_shape
+    data = te.placeholder(data_shape, "float32", name="data")
+    data, weight, bias, conv = _conv(layer, data, _pool(data, fusion, g.input_shape) if fusion.pool else data)
     _, k, oh, ow = (int(d) for d in conv.shape)
-    skip = te.placeholder((1, k, oh * scale, ow * scale), "float32", name="skip")
+    s = fusion.scale
+    skip = te.placeholder((1, k, oh * s, ow * s), "float32", name="skip") if fusion.add else None
 
     def epilogue(n, o, y, x):
-        value = conv[n, o, y // scale, x // scale] + bias[o] + skip[n, o, y, x]
-        return te.max(value, te.const(0, "float32")) if relu else value
+        value = conv[n, o, y // s, x // s] + bias[o]
+        value = value + skip[n, o, y, x] if skip is not None else value
+        return te.max(value, te.const(0, "float32")) if fusion.relu else value
 
-    out = te.compute(skip.shape, epilogue, name="conv_resize_add")
-    return te.create_prim_func([data, weight, bias, skip, out])
+    out = te.compute((1, k, oh * s, ow * s), epilogue, name="conv_epilogue")
+    return te.create_prim_func([data, weight, bias] + ([skip] if skip is not None else []) + [out])
 
 
-def _conv(layer):
+def _pool(data, fusion: Fusion, shape):
+    """relu?(maxpool(data)) as the max of the window's loads (from 0 when ReLU follows)."""
+    from tvm import te
+
+    p = fusion.pool
+
+    def value(n, c, h, w):
+        out = te.const(0, "float32") if fusion.pool_relu else None
+        for i in range(p):
+            for j in range(p):
+                load = data[n, c, h * p + i, w * p + j]
+                out = load if out is None else te.max(out, load)
+        return out
+
+    return te.compute(shape, value, name="pool")
+
+
+def _conv(layer, data=None, conv_input=None):
     from tvm import te, topi
 
     g = layer.geometry
-    data = te.placeholder(g.input_shape, "float32", name="data")
+    data = te.placeholder(g.input_shape, "float32", name="data") if data is None else data
     weight = te.placeholder(g.weight_shape, "float32", name="weight")
     bias = te.placeholder((g.out_channels,), "float32", name="bias")
-    conv = topi.nn.conv2d_nchw(data, weight, g.stride, g.symmetric_pad, 1)
+    conv = topi.nn.conv2d_nchw(data if conv_input is None else conv_input, weight, g.stride, g.symmetric_pad, 1)
     return data, weight, bias, conv
 
 
@@ -53,19 +87,7 @@ class DefaultCandidate(TVMCandidate):
     impl = "tvm:default"
     note = "unscheduled topi conv2d_nchw"
     fusible = ("relu", "resize", "add")
+    prologue_fusible = ("maxpool", "relu")
 
-    def prim_func(self, layer, relu, weight, target):
-        return default_conv_func(layer, relu), weight
-
-    def emit(self, bb, group, values, weight, bias, target):
-        if group.add is None:
-            return super().emit(bb, group, values, weight, bias, target)
-        from tvm import relax
-
-        conv = group.conv
-        func = fused_conv_func(conv, group.resize.scale if group.resize else 1, group.relu)
-        name = symbol(f"conv_{conv.name}") + "_" + "_".join(m.op for m in group.members)
-        gv = bb.add_func(final_kernel(func, name), name)
-        args = [values[conv.inputs[0]], relax.const(weight), relax.const(bias), values[group.skip]]
-        out_type = relax.TensorType(group.add.output_shape, "float32")
-        return bb.emit(relax.call_tir(gv, args, out_type), symbol(group.tail.name))
+    def prim_func(self, layer, fusion, weight, target):
+        return default_conv_func(layer, fusion), weight

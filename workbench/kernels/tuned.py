@@ -37,10 +37,13 @@ class TunedCandidate(TVMCandidate):
                     f"(python -m workbench tune --layers {layer.name} --trials N with this --work-dir)")
         return None
 
-    def prim_func(self, layer, relu, weight, target):
+    def prim_func(self, layer, fusion, weight, target):
         from .. import tuning
 
-        func = tuning.best_prim_func(layer, target, self.tuning_dir, relu) if self.tuning_dir else None
+        refusal = self.why_not_fusible(fusion)
+        if refusal:
+            raise NotTunedError(refusal)
+        func = tuning.best_prim_func(layer, target, self.tuning_dir, fusion.relu) if self.tuning_dir else None
         if func is None:
             where = tuning.database_dir(self.tuning_dir, target) if self.tuning_dir else "(no tuning folder given)"
             raise NotTunedError(

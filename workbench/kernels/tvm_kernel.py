@@ -1,4 +1,4 @@
-"""What every TVM conv kernel shares: a PrimFunc (data, weight as the kernel wants it, bias, out).
+"""What every TVM conv kernel shares: a PrimFunc (data, weight as the kernel wants it, bias, [skip], out).
 
 Measured, it is compiled for the device's target, uploaded over RPC and timed with TVM's time
 evaluator; in a hybrid model it is a `call_tir` of the same PrimFunc with the weight embedded.
@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .. import tvm_compat
+from ..fusion import Fusion
 from ..names import symbol
 from .base import Candidate, Running
 
@@ -28,40 +29,50 @@ def final_kernel(func, name: str):
 
 
 class TVMCandidate(Candidate):
-    """A TVM kernel given by `prim_func(layer, relu, weight, target) -> (PrimFunc, weight to pass)`."""
+    """A TVM kernel given by `prim_func(layer, fusion, weight, target) -> (PrimFunc, weight to pass)`.
 
-    def prim_func(self, layer, relu: bool, weight: np.ndarray, target: dict):
+    The PrimFunc's arguments are (data, weight, bias, [skip when fusion.add], output): data is
+    the pre-pool tensor when a pool prologue is fused, output the upsampled one after a resize.
+    """
+
+    def prim_func(self, layer, fusion: Fusion, weight: np.ndarray, target: dict):
         raise NotImplementedError
 
     def setup(self, session, case, device) -> Running:
         import tvm
 
-        func, weight = self.prim_func(case.layer, case.relu, case.weight, device.target)
+        func, weight = self.prim_func(case.layer, case.fusion, case.weight, device.target)
         module = tvm.tirx.build(func.with_attr("global_symbol", FUNC_NAME), target=device.tvm_target())
-        return TVMRunning(session, case, device, module, FUNC_NAME, weight)
+        inputs = [case.x, weight, case.bias] + ([case.skip] if case.fusion.add else [])
+        return TVMRunning(session, device, module, FUNC_NAME, inputs, case.reference.shape)
 
     def emit(self, bb, group, values, weight, bias, target):
         from tvm import relax
 
-        conv = group.conv
-        func, packed = self.prim_func(conv, group.relu, weight, target)
-        name = symbol(f"conv_{conv.name}")
+        conv, fusion = group.conv, group.fusion
+        func, packed = self.prim_func(conv, fusion, weight, target)
+        ops = (*fusion.prologue_ops, *fusion.epilogue_ops)
+        name = symbol(f"conv_{conv.name}") + ("" if ops in ((), ("relu",)) else "_" + "_".join(ops))
         gv = bb.add_func(final_kernel(func, name), name)
-        args = [values[conv.inputs[0]], relax.const(packed), relax.const(bias)]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType(conv.output_shape, "float32")),
+        args = [values[group.source], relax.const(packed), relax.const(bias)]
+        if fusion.add:
+            args.append(values[group.skip])
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType(group.tail.output_shape, "float32")),
                        symbol(group.tail.name))
 
 
 class TVMRunning(Running):
-    def __init__(self, session, case, device, module, func_name: str, weight: np.ndarray):
+    """A compiled PrimFunc uploaded to the device, called with `inputs` then a fresh output."""
+
+    def __init__(self, session, device, module, func_name: str, inputs: list, out_shape: tuple):
         import tvm
 
         from ..rpc import upload
 
         self.remote = upload(session, module, "kernel.so", device.export_kwargs())
         self.dev, self.func_name = session.cpu(0), func_name
-        self.out = tvm.runtime.empty(case.layer.output_shape, "float32", self.dev)
-        self.args = [tvm.runtime.tensor(a, self.dev) for a in (case.x, weight, case.bias)] + [self.out]
+        self.out = tvm.runtime.empty(tuple(out_shape), "float32", self.dev)
+        self.args = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in inputs] + [self.out]
 
     def run_once(self) -> np.ndarray:
         self.remote[self.func_name](*self.args)
@@ -74,20 +85,23 @@ class TVMRunning(Running):
 
 
 class FactoryCandidate(TVMCandidate):
-    """A TVM kernel from a function: (layer, relu, weight) -> PrimFunc, or (PrimFunc, weight to pass).
+    """A TVM kernel from a function: (layer, relu or fusion, weight) -> PrimFunc, or (PrimFunc, weight to pass).
 
-    For kernels written in a notebook or a test; `fusible` says which following ops it computes
-    (a ReLU epilogue when `relu` is True).
+    For kernels written in a notebook or a test; `fusible` and `prologue_fusible` say which
+    ops around the conv it computes. A factory declaring at most a ReLU gets `relu` (a bool);
+    one declaring more gets the whole `Fusion`.
     """
 
     def __init__(self, impl: str, factory: Callable, tolerance: float = 1e-4, note: str = "",
-                 fusible: tuple[str, ...] = ("relu",), applies: Callable | None = None):
+                 fusible: tuple[str, ...] = ("relu",), applies: Callable | None = None,
+                 prologue_fusible: tuple[str, ...] = ()):
         self.impl, self.factory, self.tolerance, self.note = impl, factory, tolerance, note
-        self.fusible, self._applies = fusible, applies
+        self.fusible, self.prologue_fusible, self._applies = fusible, prologue_fusible, applies
 
     def why_not_applicable(self, layer):
         return self._applies(layer) if self._applies else None
 
-    def prim_func(self, layer, relu, weight, target):
-        made = self.factory(layer, relu, weight)
+    def prim_func(self, layer, fusion, weight, target):
+        relu_only = set(self.fusible) <= {"relu"} and not self.prologue_fusible
+        made = self.factory(layer, fusion.relu if relu_only else fusion, weight)
         return made if isinstance(made, tuple) else (made, weight)
