@@ -67,10 +67,13 @@ class JupyterLab:
         for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR",
                      "JUPYTERLAB_WORKSPACES_DIR"):
             env[name] = str(private / name.lower())
-        # No "Jupyter news?" toast: it is a network fetch, and it covers widgets the test clicks.
-        news = private / "jupyterlab_settings_dir" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-        news.parent.mkdir(parents=True, exist_ok=True)
-        news.write_text(json.dumps({"fetchNews": "false"}))
+        # No "Jupyter news?" toast (a network fetch, and it covers widgets the test clicks); every cell
+        # rendered, so a widget's text is there to read wherever it is on the page.
+        settings = private / "jupyterlab_settings_dir" / "@jupyterlab"
+        for path, value in (("apputils-extension/notification", {"fetchNews": "false"}),
+                            ("notebook-extension/tracker", {"windowingMode": "none"})):
+            (settings / path).parent.mkdir(parents=True, exist_ok=True)
+            (settings / f"{path}.jupyterlab-settings").write_text(json.dumps(value))
         return env
 
     def start(self):
@@ -95,7 +98,8 @@ class JupyterLab:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited ({self.proc.returncode}); log: {self.log_path}\n{self.log_tail()}")
+                raise RuntimeError(f"JupyterLab exited ({self.proc.returncode}); log: {self.log_path}\n"
+                                   f"{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.request("api/status"), timeout=2) as reply:
                     if reply.status == 200:
@@ -103,7 +107,8 @@ class JupyterLab:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)  # polling the server, not waiting on the page
-        raise TimeoutError(f"JupyterLab did not answer in {self.start_timeout} s; log: {self.log_path}\n{self.log_tail()}")
+        raise TimeoutError(f"JupyterLab did not answer in {self.start_timeout} s; log: {self.log_path}\n"
+                           f"{self.log_tail()}")
 
     def request(self, path: str, method: str = "GET") -> urllib.request.Request:
         return urllib.request.Request(f"http://127.0.0.1:{self.port}/{path}", method=method,
@@ -181,10 +186,10 @@ def _describe(proc: psutil.Process) -> str:
 def parameterize(source: Path, target: Path, parameters: dict):
     """Copy a notebook with papermill's injected-parameters cell after its `parameters` cell."""
     import nbformat
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    notebook = nbformat.read(source, as_version=4)
-    notebook = parameterize_notebook(notebook, parameters)
+    notebook = parameterize_notebook(load_notebook_node(str(source)), parameters)  # papermill's own reader and cell
     nbformat.write(notebook, target)
 
 
@@ -227,9 +232,12 @@ def open_notebook(page, lab: JupyterLab, name: str, timeout_ms: int = 90_000):
     page.wait_for_function(_NOTEBOOK_READY, timeout=timeout_ms, polling=250)
 
 
-_START_RUN_ALL = """() => {
+_START_RUN = """([command, stopBefore]) => {
   window.__wbRunAll = null;
-  window.jupyterapp.commands.execute('notebook:run-all-cells')
+  const notebook = window.jupyterapp.shell.currentWidget.content;
+  if (stopBefore !== null)
+    notebook.activeCellIndex = notebook.widgets.findIndex(c => c.model.sharedModel.getSource().includes(stopBefore));
+  window.jupyterapp.commands.execute(command)
     .then(ok => { window.__wbRunAll = ok ? 'ok' : 'failed'; }, err => { window.__wbRunAll = 'error: ' + err; });
 }"""
 
@@ -244,9 +252,11 @@ _CELL_ERRORS = """() => {
 }"""
 
 
-def run_all_cells(page, timeout_ms: int) -> list[str]:
-    """Run every cell from the Lab's own command; the errors the cells raised (empty if none)."""
-    page.evaluate(_START_RUN_ALL)
+def run_all_cells(page, timeout_ms: int, stop_before: str | None = None) -> list[str]:
+    """Run every cell (or every cell above the first whose source holds `stop_before`) with the Lab's own
+    command; the errors the cells raised (empty if none)."""
+    command = "notebook:run-all-cells" if stop_before is None else "notebook:run-all-above"
+    page.evaluate(_START_RUN, [command, stop_before])
     page.wait_for_function("() => window.__wbRunAll !== null", timeout=timeout_ms, polling=250)
     errors = page.evaluate(_CELL_ERRORS)
     outcome = page.evaluate("() => window.__wbRunAll")
@@ -268,14 +278,36 @@ def chart_size(locator) -> tuple[int, int] | None:
 
 
 def wait_text_changes(page, locator, before: str, timeout_ms: int) -> str:
-    """Wait until the element's visible text is no longer `before`; its new text."""
-    page.wait_for_function("([el, before]) => el.innerText !== before", arg=[locator.element_handle(), before],
+    """Wait until the element's text is no longer `before`; its new text."""
+    page.wait_for_function("([el, before]) => el.textContent !== before", arg=[locator.element_handle(), before],
                            timeout=timeout_ms, polling=200)
-    return locator.inner_text()
+    return locator.text_content()
 
 
 def wait_chart_grows(page, locator, before: tuple[int, int], timeout_ms: int) -> tuple[int, int]:
     """Wait until the chart draws more traces or points than `before`; its new size."""
-    grown = "([root, before]) => { const s = (" + CHART_SIZE + ")(root); return !!s && (s[0] > before[0] || s[1] > before[1]); }"
+    grown = ("([root, before]) => { const s = (" + CHART_SIZE + ")(root);"
+             " return !!s && (s[0] > before[0] || s[1] > before[1]); }")
     page.wait_for_function(grown, arg=[locator.element_handle(), list(before)], timeout=timeout_ms, polling=200)
     return chart_size(locator)
+
+
+_KNOB_NAME = """el => [...el.classList].find(c => c.startsWith('wb-knob-')).slice('wb-knob-'.length)"""
+
+
+def change_knob(page, control, timeout_ms: int) -> tuple[str, str]:
+    """Move a knob control (a Dropdown's select, or a slider by keyboard) to another value: (name, value)."""
+    name = control.evaluate(_KNOB_NAME)
+    select = control.locator("select")
+    if select.count():
+        current = select.input_value()
+        values = select.locator("option").evaluate_all("options => options.map(o => o.value)")
+        choice = next(v for v in values if v != current)
+        select.select_option(value=choice)
+        return name, select.locator(f"option[value='{choice}']").text_content()
+    handle, readout = control.locator(".noUi-handle"), control.locator(".widget-readout")
+    before = readout.text_content()
+    at_end = handle.get_attribute("aria-valuenow") == handle.get_attribute("aria-valuemax")
+    handle.focus()
+    handle.press("ArrowLeft" if at_end else "ArrowRight")
+    return name, wait_text_changes(page, readout, before, timeout_ms)
