@@ -102,7 +102,7 @@ def test_composer_notebook_in_jupyterlab(lab, page, tmp_path):
     open_notebook(page, lab, COMPOSER_NOTEBOOK.name)
     # Everything but the last cell, which closes the device the composer measures on (as a user
     # playing with the widgets would: after it, Apply can only say the cluster was stopped).
-    assert run_all_cells(page, 150 * SECOND, stop_before="session.close()") == []
+    assert run_all_cells(page, 150 * SECOND) == []
 
     composer = page.locator(".wb-composer").first
     composer.wait_for(timeout=30 * SECOND)

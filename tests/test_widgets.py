@@ -37,6 +37,8 @@ def test_composer_widget_applies_variants_and_keeps_working_after_an_error(small
     assert "epilogue=separate" in ui.time.value and "<span" in ui.diff.value
     assert len(ui.chart.data[0].x) == 2  # both variants on the live chart, numerics ok
 
+    ui.knobs["vec"].value, ui.knobs["ow_bn"].value = 16, 24  # a tile 16 lanes do not divide takes vec down
+    assert ui.knobs["vec"].value == 8
     ui.knobs["ow_bn"].value, ui.knobs["vec"].value = 3, 16  # 16 lanes do not divide a 3-pixel tile
     ui.apply.click()
     assert ui.status.value.startswith("error: knob vec=16") and "\n" not in ui.status.value

@@ -147,14 +147,19 @@ def fusion_figures(end_to_end: list[dict], plan: Plan, records: list[dict]) -> d
     return figures
 
 
-def fusion_effect(model: Model, device, plan: Plan, records: list[dict], work: WorkDir | None = None,
+def fusion_effect(model: Model, device, plan: Plan, records: list[dict] = (), work: WorkDir | None = None,
                   timing: TimingConfig | None = None, threads: int | None = None) -> dict:
     """One plan built unfused, with the 2018 groups and folded, timed end to end in one run (over
-    RPC, checked against PyTorch first), beside its convs' isolated times summed."""
+    RPC, checked against PyTorch first), beside its convs' isolated times summed (from `records`;
+    a conv they lack is measured alone first, through the protocol)."""
     threads = threads or int(device.target.get("num-cores") or 1)
     timing = timing or TimingConfig(number=1, repeat=10, min_repeat_ms=100)
-    plans = {"hybrid": plan, **{name: plan.with_fusion(model, level) for name, level in FUSION_BUILDS.items()}}
     candidates = all_candidates(tuning_dir=work.tuning if work else None)
+    records = list(records)
+    if isolated_sum_ms(plan, records) is None:
+        records += [compare.measure_one(model, device, conv.name, plan.candidate(conv.name, candidates), timing)
+                    for conv in model.convs]
+    plans = {"hybrid": plan, **{name: plan.with_fusion(model, level) for name, level in FUSION_BUILDS.items()}}
     executables = {name: compile_hybrid(build_hybrid(model, p, device.target, candidates), device.target)
                    for name, p in plans.items()}
     results = baselines.measure_baselines(model, device, threads, timing, names=[], extra=executables)

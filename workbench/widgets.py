@@ -197,7 +197,17 @@ class ComposerWidget(w.VBox):
         choices = comp.knob_choices(self.impl.value, layer)
         self.knobs = {f.name: knob_control(f.name, choices[f.name], getattr(defaults, f.name))
                       for f in dataclasses.fields(defaults)}
+        tile = self.knobs.get("ow_bn" if self.impl.value == "direct_nchw" else "oc_bn")
+        if tile is not None and "vec" in self.knobs:
+            tile.observe(guarded(self.status, lambda _: self._vec_follows(tile)), names="value")
         self.knob_box.children = list(self.knobs.values())
+
+    def _vec_follows(self, tile: w.ValueWidget) -> None:
+        """The vector lanes must divide the tile they vectorise: a smaller tile takes vec down with it."""
+        vec = self.knobs["vec"]
+        if tile.value % vec.value:
+            lanes = [v for v in vec.options if isinstance(v, int) and tile.value % v == 0 and v <= vec.value]
+            vec.value = max(lanes) if lanes else 1
 
     def _show_result(self, result: comp.Result | None):
         self.result = result
