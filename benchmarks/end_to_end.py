@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from workbench import study
+from workbench import compare, study
 from workbench.measure import TimingConfig
 from workbench.model import reference_unet, sample_input
 from workbench.records import WorkDir
@@ -43,10 +43,14 @@ def main() -> None:
         plans = study.choose_plans(model, measured.all, fusion_builds=True)
         executables = study.build_models(model, plans, work, device.target)
         results = study.compare_end_to_end(model, device, executables, config, args.threads, x=sample_input(model))
+        # The plan's convs alone, timed in this run too: the sum the whole model is weighed against.
+        candidates = study.study_candidates(model, device, work, config)
+        isolated = [compare.measure_one(model, device, conv.name, plans["hybrid"].candidate(conv.name, candidates),
+                                        config.timing) for conv in model.convs]
     by_name = {r["name"]: r for r in results}
     hybrid_ms = by_name["hybrid"]["median_ms"]
     ratios = {name: hybrid_ms / r["median_ms"] for name, r in by_name.items() if name != "hybrid"}
-    fusion = study.fusion_figures(results, plans["hybrid"], measured.records)
+    fusion = study.fusion_figures(results, plans["hybrid"], isolated)
     json.dump({
         "hybrid_ms": hybrid_ms,
         "numerics_ok": all(r["numerics_ok"] for r in results),
