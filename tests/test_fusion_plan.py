@@ -76,6 +76,11 @@ def test_plan_files_keep_prologue_knobs_and_elementwise(small_model, tmp_path):
     again = Plan.load(plan.save(tmp_path / "plan.json"))
     assert again.layers == plan.layers and again.elementwise == plan.elementwise
     assert again.candidate("enc1_conv1").knobs(small_model.layer("enc1_conv1")).epilogue == "row"
+    edited = Plan.from_frame(plan.frame(), plan.model)  # knobs as "vec=8, epilogue=row" in the frame
+    assert edited.layers == plan.layers and edited.elementwise == plan.elementwise
+    bad = dict(plan.layers, enc1_conv1=LayerPlan("enc1_conv1", "tvm:direct_nchw", ("relu",), (), {"unroll_kw": "no"}))
+    with pytest.raises(PlanError, match="unroll_kw.*true or false"):
+        Plan(plan.model, bad).validate(small_model)
     old = {k: v for k, v in plan.to_dict().items() if k != "elementwise"}
     assert Plan.from_dict(old).elementwise == "relax"  # plans from before the hand kernels keep TVM's groups
 
@@ -221,3 +226,29 @@ def test_a_composed_variant_lands_in_the_exported_hybrid(small_model, tmp_path):
     x = sample_input(small_model)
     loaded = load_hybrid(out, threads=2)
     assert hybrid.check_output(loaded(x), reference_output(small_model, x))["numerics_ok"]
+
+
+def test_two_conv_branches_into_one_add_fold_it_once(tmp_path):
+    from workbench import hybrid
+    from workbench.build import build_hybrid, compile_hybrid
+    from workbench.model import add_layer, reference_output, resize_layer, sample_input
+    from workbench.rpc import host_target
+
+    pool = pool_layer("pool", "input", (1, 4, 16, 16))
+    low = conv_layer("low", "pool", pool.output_shape, 4)
+    up = resize_layer("up", "low", low.output_shape)
+    lateral = conv_layer("lateral", "input", (1, 4, 16, 16), 4, kernel=1, pad=0)
+    merge = add_layer("merge", "lateral", "up", up.output_shape)
+    relu = unary_layer("merge_relu", "relu", "merge", merge.output_shape)
+    head = conv_layer("head", "merge_relu", relu.output_shape, 2)
+    layers = [pool, low, up, lateral, merge, relu, head]
+    model = Model("fpn", layers, random_params(layers), (1, 4, 16, 16))
+    plan = Plan.uniform(model, "tvm:default")
+    assert plan.layers["low"].fuse == ("resize", "add", "relu") and plan.layers["lateral"].fuse == ()
+    both = dict(plan.layers, lateral=LayerPlan("lateral", "tvm:default", ("add", "relu")))
+    with pytest.raises(PlanError, match=r"'lateral'.*cannot fuse \['add', 'relu'\]"):  # the resize side took it
+        Plan(plan.model, both).validate(model)
+    x = sample_input(model)
+    result = hybrid.run_local(compile_hybrid(build_hybrid(model, plan, host_target(2))), x,
+                              reference=reference_output(model, x), threads=2)
+    assert result["numerics_ok"], result["rel_err"]

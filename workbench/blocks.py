@@ -75,11 +75,13 @@ def measure_blocks(model: Model, device, records: list[dict], candidates: list[C
     variants = block_variants(model, records, candidates)
     groups = separate_groups(model, variants)
     threads = int(device.target.get("num-cores") or 1)
+    emulated = bool(getattr(device, "emulated", False))  # never a board's speed, never reused for one
     context = {"model": model.name, "model_fingerprint": model.fingerprint, "device": device.describe(),
-               "threads": threads}
+               "threads": threads, "emulated": emulated}
     where = {"model": model.name, "model_fingerprint": model.fingerprint, "threads": threads,
              "device.target": device.target}
     done = store.latest(KIND, ("layer", "impl", "fusion"), where) if store and resume else {}
+    done = {key: rec for key, rec in done.items() if bool(rec.get("emulated")) == emulated}
     jobs = [(conv.name, candidate, fusion.label, lambda conv=conv, fusion=fusion: ConvCase.from_model(
         model, conv, seed, fusion=fusion), fusion) for conv, candidate, fusion in variants]
     for group in groups:

@@ -97,11 +97,37 @@ def fusible_chain(model: Model, conv: Layer, fusible: tuple[str, ...]) -> tuple[
         current, nxt = nxt.name, _sole_consumer(model, users, nxt.name)
     if nxt is None or nxt.op != "add" or nxt.inputs.count(current) != 1:
         return ()  # a resize alone is not worth a custom epilogue
+    if not _claims_add(model, users, nxt, current):
+        return ()
     chain.append("add")
     after = _sole_consumer(model, users, nxt.name)
     if after is not None and after.op == "relu" and "relu" in fusible:
         chain.append("relu")
     return tuple(chain)
+
+
+def _reaches_from_conv(model: Model, users: dict, name: str) -> bool:
+    """Whether `name` is a conv's output (or its resize) whose only reader chain could fold into an add."""
+    if name == model.input_name:
+        return False
+    layer = model.layer(name)
+    if layer.op == "resize" and layer.inputs[0] != model.input_name:
+        if users.get(layer.inputs[0]) != [layer.name]:
+            return False
+        layer = model.layer(layer.inputs[0])
+    return layer.op == "conv"
+
+
+def _claims_add(model: Model, users: dict, add: Layer, mine: str) -> bool:
+    """One conv takes an Add: when its other input could also fold it (two conv branches), the
+    resize side wins, else the first input; the other stays a value the kernel reads as its skip."""
+    other = next(s for s in add.inputs if s != mine)
+    if not _reaches_from_conv(model, users, other) or users.get(other) != [add.name]:
+        return True
+    resized = [model.layer(s).op == "resize" if s != model.input_name else False for s in (mine, other)]
+    if resized[0] != resized[1]:
+        return resized[0]
+    return add.inputs.index(mine) == 0
 
 
 def prologue_chain(model: Model, conv: Layer, fusible: tuple[str, ...] = PROLOGUE_OPS) -> tuple[str, ...]:

@@ -217,16 +217,33 @@ class Plan:
     def frame(self) -> pd.DataFrame:
         rows = [{"layer": e.layer, "impl": e.impl, "prologue": "+".join(e.prologue), "fuse": "+".join(e.fuse),
                  "knobs": ", ".join(f"{k}={v}" for k, v in e.knobs.items())} for e in self.layers.values()]
-        return pd.DataFrame(rows, columns=["layer", "impl", "prologue", "fuse", "knobs"])
+        frame = pd.DataFrame(rows, columns=["layer", "impl", "prologue", "fuse", "knobs"])
+        frame.attrs["elementwise"] = self.elementwise
+        return frame
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, model: str = "", elementwise: str = "hand") -> "Plan":
+    def from_frame(cls, frame: pd.DataFrame, model: str = "", elementwise: str | None = None) -> "Plan":
+        """A plan from a frame like `frame()` gives (edited); knobs as "ow_bn=8, epilogue=row" or a dict."""
         entries = {}
         for row in frame.to_dict("records"):
-            knobs = row.get("knobs") if isinstance(row.get("knobs"), dict) else {}
             entries[row["layer"]] = LayerPlan(row["layer"], row["impl"], _ops(row.get("fuse")),
-                                              _ops(row.get("prologue")), knobs)
-        return cls(model, entries, elementwise=elementwise)
+                                              _ops(row.get("prologue")), _knobs(row.get("knobs"), row["layer"]))
+        return cls(model, entries, elementwise=elementwise or frame.attrs.get("elementwise", "hand"))
+
+
+def _knobs(cell, layer: str) -> dict:
+    """A frame cell of knobs: a dict, "name=value, ..." (ints and True/False read as such), or empty."""
+    if isinstance(cell, dict):
+        return dict(cell)
+    if not isinstance(cell, str) or not cell.strip():
+        return {}
+    knobs = {}
+    for part in cell.split(","):
+        name, sep, value = (p.strip() for p in part.partition("="))
+        if not sep or not name:
+            raise PlanError(f"layer {layer!r}: knobs {cell!r} are not 'name=value, ...' (e.g. 'ow_bn=8, epilogue=row')")
+        knobs[name] = int(value) if value.lstrip("-").isdigit() else {"True": True, "False": False}.get(value, value)
+    return knobs
 
 
 def _ops(cell) -> tuple[str, ...]:
@@ -333,7 +350,7 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
     for rec in usable(records):
         if rec.get("fusion") and rec.get("layer") not in convs:
             separate[rec["layer"]] = min(rec["median_ms"], separate.get(rec["layer"], float("inf")))
-    entries = dict(plan.layers)
+    entries, notes = dict(plan.layers), list(plan.notes)
     for name, rec in _fastest(records, convs, candidates, folded=True).items():
         conv, prologue, epilogue = convs[name], tuple(rec.get("prologue", ())), tuple(rec.get("epilogue", ()))
         absorbed = _absorbed_groups(model, conv, prologue, epilogue)
@@ -342,9 +359,9 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
         apart = isolated[name]["median_ms"] + sum(separate[tail] for tail in absorbed)
         if rec["median_ms"] < apart:
             entries[name] = LayerPlan(name, rec["impl"], epilogue, prologue)
-            plan.notes.append(f"{name}: folded {rec['fusion']!r} into {rec['impl']} ({rec['median_ms']:.3f} ms "
+            notes.append(f"{name}: folded {rec['fusion']!r} into {rec['impl']} ({rec['median_ms']:.3f} ms "
                               f"against {apart:.3f} ms for {plan.impl(name)} and the separate kernels)")
-    folded = Plan(plan.model, entries, plan.notes, plan.elementwise)
+    folded = Plan(plan.model, entries, notes, plan.elementwise)
     folded.validate(model, candidates)
     return folded
 
@@ -354,8 +371,9 @@ def _absorbed_groups(model: Model, conv: Layer, prologue: tuple[str, ...], epilo
     from .kernels.fused import elementwise_groups
 
     taken = {m.name for m in prologue_layers(model, conv, prologue)}
-    taken |= {m.name for m in fused_layers(model, conv, epilogue) if m.op != "relu"}
-    return [group[-1].name for group in elementwise_groups(model) if any(m.name in taken for m in group)]
+    taken |= {m.name for m in fused_layers(model, conv, epilogue)}
+    # Only a group the fold takes whole is replaced: a ReLU left behind still runs.
+    return [group[-1].name for group in elementwise_groups(model) if all(m.name in taken for m in group)]
 
 
 def _applies(impl: str, layer: Layer, candidates: list[Candidate]) -> bool:

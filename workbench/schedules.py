@@ -302,6 +302,10 @@ def validate_knobs(impl: str, layer: ConvLayer, knobs: Knobs) -> None:
     expected = knobs_class(impl)
     if not isinstance(knobs, expected):
         raise KnobError(f"{impl} takes {expected.__name__}, got {type(knobs).__name__}")
+    for knob in dataclasses.fields(knobs):  # a bool knob given as "false" would be truthy
+        value = getattr(knobs, knob.name)
+        if isinstance(knob.default, bool) and not isinstance(value, bool):
+            raise _knob_error(knob.name, value, "must be true or false", [False, True])
     _check_divides("oc_bn", knobs.oc_bn, layer.out_channels, "out_channels")
     if impl == "direct_nchw":
         _check_divides("ow_bn", knobs.ow_bn, layer.out_width, "out_width")

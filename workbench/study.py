@@ -110,11 +110,11 @@ def choose_plans(model: Model, records: list[dict], fusion_builds: bool = False)
     return plans
 
 
-def build_models(model: Model, plans: dict[str, Plan], work: WorkDir, target: dict) -> dict:
+def build_models(model: Model, plans: dict[str, Plan], work: WorkDir | None, target: dict) -> dict:
     """Each plan compiled for the target, with the work dir's tuned kernels; {name: executable}.
 
     Plans equal to one already built share its executable (the folded build is often the hybrid)."""
-    candidates = all_candidates(tuning_dir=work.tuning)
+    candidates = all_candidates(tuning_dir=work.tuning if work else None)
     built, by_plan = {}, {}
     for name, plan in plans.items():
         key = json.dumps({k: v for k, v in plan.to_dict().items() if k != "notes"}, sort_keys=True)
@@ -124,22 +124,34 @@ def build_models(model: Model, plans: dict[str, Plan], work: WorkDir, target: di
     return built
 
 
-def isolated_sum_ms(plan: Plan, records: list[dict]) -> float | None:
-    """The plan's convs' isolated times summed (each conv alone, with its plan's implementation)."""
+def isolated_times(plan: Plan, records: list[dict], candidates: list[Candidate] | None = None) -> dict[str, float]:
+    """conv -> its fastest usable time alone with the plan's implementation (and knobs, when given)."""
+    configs = {name: plan.candidate(name, candidates).config for name in plan.layers} if candidates else {}
     times = {}
     for rec in usable(records):
-        if not rec.get("fusion") and rec.get("layer") in plan.layers and rec["impl"] == plan.impl(rec["layer"]):
-            times[rec["layer"]] = min(rec["median_ms"], times.get(rec["layer"], float("inf")))
+        name = rec.get("layer")
+        if rec.get("fusion") or name not in plan.layers or rec["impl"] != plan.impl(name):
+            continue
+        if name in configs and rec.get("config", "") != configs[name]:
+            continue
+        times[name] = min(rec["median_ms"], times.get(name, float("inf")))
+    return times
+
+
+def isolated_sum_ms(plan: Plan, records: list[dict], candidates: list[Candidate] | None = None) -> float | None:
+    """The plan's convs' isolated times summed (each conv alone, with its plan's implementation)."""
+    times = isolated_times(plan, records, candidates)
     return sum(times.values()) if len(times) == len(plan.layers) else None
 
 
-def fusion_figures(end_to_end: list[dict], plan: Plan, records: list[dict]) -> dict:
+def fusion_figures(end_to_end: list[dict], plan: Plan, records: list[dict],
+                   candidates: list[Candidate] | None = None) -> dict:
     """study --json's "fusion": the hybrid plan unfused, with the 2018 groups and folded (one run),
     and its convs' isolated times summed; ratios below 1.0 mean fusion paid."""
     by_name = {r["name"]: r["median_ms"] for r in end_to_end}
     figures = {f"{name}_ms": by_name.get(name) for name in FUSION_BUILDS}
     figures["hybrid_ms"] = by_name.get("hybrid")
-    figures["isolated_sum_ms"] = isolated_sum_ms(plan, records)
+    figures["isolated_sum_ms"] = isolated_sum_ms(plan, records, candidates)
     if figures["unfused_ms"] and figures["hybrid_ms"]:
         figures["hybrid_vs_unfused"] = figures["hybrid_ms"] / figures["unfused_ms"]
     if figures["isolated_sum_ms"] and figures["hybrid_ms"]:
@@ -156,14 +168,13 @@ def fusion_effect(model: Model, device, plan: Plan, records: list[dict] = (), wo
     timing = timing or TimingConfig(number=1, repeat=10, min_repeat_ms=100)
     candidates = all_candidates(tuning_dir=work.tuning if work else None)
     records = list(records)
-    if isolated_sum_ms(plan, records) is None:
-        records += [compare.measure_one(model, device, conv.name, plan.candidate(conv.name, candidates), timing)
-                    for conv in model.convs]
+    timed = isolated_times(plan, records, candidates)
+    records += [compare.measure_one(model, device, conv.name, plan.candidate(conv.name, candidates), timing)
+                for conv in model.convs if conv.name not in timed]
     plans = {"hybrid": plan, **{name: plan.with_fusion(model, level) for name, level in FUSION_BUILDS.items()}}
-    executables = {name: compile_hybrid(build_hybrid(model, p, device.target, candidates), device.target)
-                   for name, p in plans.items()}
+    executables = build_models(model, plans, work, device.target)
     results = baselines.measure_baselines(model, device, threads, timing, names=[], extra=executables)
-    return fusion_figures(results, plan, records)
+    return fusion_figures(results, plan, records, candidates)
 
 
 def compare_end_to_end(model: Model, device, executables: dict, config: StudyConfig, threads: int,
