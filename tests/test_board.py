@@ -228,3 +228,26 @@ def test_missing_qemu_is_named_with_how_to_get_it(monkeypatch, tmp_path):
     assert why and "qemu-aarch64-static is not installed" in why and "apt-get install qemu-user-static" in why
     with pytest.raises(board.BoardError, match="make system-deps"):
         board.ensure_binfmt()
+
+
+def test_a_set_up_step_past_its_time_ends_with_its_helpers(tmp_path):
+    marker = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {marker}; wait"
+    started = time.monotonic()
+    with pytest.raises(board.BoardError, match="did not finish within 1 s; fetching"):
+        board._run(["sh", "-c", script], 1, "fetching")
+    assert time.monotonic() - started < 10
+    child = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while _pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(child)  # the step's own helper (apt's or pip's, say) was ended too
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone for our purpose
+        return stat.read().split()[2] != "Z"

@@ -122,18 +122,24 @@ def ensure_binfmt(arch: str = "aarch64") -> None:
 def _run(argv: list[str], timeout: float, failure: str, env: dict | None = None) -> str:
     """Run a set-up command to its end (bounded); its last line of error output joins `failure`."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                              start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
     except FileNotFoundError:
         raise BoardError(f"{argv[0]} not found; {failure}") from None
     except OSError as err:  # ENOEXEC: an aarch64 program the kernel has no binfmt entry for
         raise BoardError(f"cannot run {argv[0]} ({err.strerror}); {failure}") from None
-    except subprocess.TimeoutExpired:
-        raise BoardError(f"{' '.join(argv[:3])} ... did not finish within {timeout:.0f} s; {failure}") from None
-    if done.returncode:
-        lines = [l for l in (done.stderr or done.stdout).strip().splitlines() if l.strip()] or ["no output"]
-        raise BoardError(f"{failure} ({argv[0]} exited {done.returncode}: {lines[-1].strip()[:300]})")
-    return done.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as err:  # a timeout or Ctrl-C: end its whole group (apt's and pip's helpers too)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(err, subprocess.TimeoutExpired):
+            raise BoardError(f"{' '.join(argv[:3])} ... did not finish within {timeout:.0f} s; {failure}") from None
+        raise
+    if proc.returncode:
+        lines = [l for l in (stderr or stdout).strip().splitlines() if l.strip()] or ["no output"]
+        raise BoardError(f"{failure} ({argv[0]} exited {proc.returncode}: {lines[-1].strip()[:300]})")
+    return stdout
 
 
 # ---------------------------------------------------------------- the board's files

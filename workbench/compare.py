@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pandas as pd
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 KIND = "conv_measurement"
 CRASH_LIMIT = 2  # sessions a candidate may lose before it is recorded `crashed`
+STOP_WAIT_S = 30.0  # how long an interrupted farm waits for its workers' measurements in hand
 PHASES = ("input_transform", "kernel_transform", "output_transform", "block_multiplication", "total")
 
 
@@ -182,6 +184,9 @@ def _farm(work: Work, device, timing: TimingConfig, bar, workers: int) -> None:
                 thread.join(0.5)  # short joins: Ctrl-C reaches this thread
     except BaseException:
         work.stop.set()  # workers finish their measurement in hand; the cluster's end stops the rest
+        deadline = time.monotonic() + STOP_WAIT_S  # bounded: records land before the work dir is released
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         raise
     if errors:
         raise errors[0]

@@ -634,12 +634,16 @@ class LocalCluster:
             self._reaper = None
 
     def kill_servers(self, server: str | None = None) -> None:
-        """End the server at `server` (host:port), or every server if it is None or unknown, at once
-        (SIGKILL ends a stopped one too): a call blocked on a server that stopped answering then
-        fails, and revive() restarts what was ended."""
-        port = server.rpartition(":")[2] if server else ""
-        chosen = [p for p in self.procs[1:] if str(self.server_ports.get(p.pid)) == port]
-        for proc in chosen or self.procs[1:]:  # procs[0] is the tracker
+        """End the server at `server` (host:port), or every server if it is None, at once (SIGKILL
+        ends a stopped one too): a call blocked on a server that stopped answering then fails, and
+        revive() restarts what was ended. A server no longer in the cluster (another worker's
+        restart replaced it) is already gone: nothing else is ended."""
+        with self._lock:
+            servers = self.procs[1:]  # procs[0] is the tracker
+            if server:
+                port = server.rpartition(":")[2]
+                servers = [p for p in servers if str(self.server_ports.get(p.pid)) == port]
+        for proc in servers:
             _signal_group(proc, signal.SIGKILL)
 
     @property
