@@ -17,7 +17,7 @@ from workbench.kernels.registry import library_candidates
 from workbench.measure import TimingConfig
 from workbench.records import RecordStore
 from workbench.rpc import DeviceError, LocalCluster, check_farm
-from workbench.tuning import TuningConfig, open_database, records_of, runner_workers, tune_layer, workload
+from workbench.tuning import TuningConfig, open_database, records_of, tune_layer, workload
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = TimingConfig.quick()
@@ -107,7 +107,7 @@ def test_a_farm_that_oversubscribes_the_cores_is_refused():
 def test_tuning_runs_on_every_server_of_the_farm(small_model, farm, single, tmp_path):
     layer = small_model.convs[0]
     config = TuningConfig(trials_per_batch=4, population_size=16, genetic_num_iters=1)
-    assert runner_workers(farm) == 2 and runner_workers(single) == 1
+    assert farm.parallel_servers() == 2 and single.parallel_servers() == 1
     result = tune_layer(layer, farm, 8, tmp_path / "farm", progress=False, config=config)
     assert result.trials == 8 and result.new_trials == 8
     assert len(result.servers) == 2 and sum(result.servers.values()) >= 8  # a session per candidate, on both

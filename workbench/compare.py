@@ -93,7 +93,7 @@ def _measure_all(device, model, todo, timing, store, context, seed, progress) ->
     as it comes, with the server that measured it."""
     from tqdm.auto import tqdm
 
-    workers = _server_count(device)
+    workers = device.parallel_servers()
     work = Work(model, todo, seed, store, context)
     with tqdm(total=len(todo), desc="layers x implementations", disable=not progress, unit="run") as bar:
         if workers == 1:
@@ -101,16 +101,6 @@ def _measure_all(device, model, todo, timing, store, context, seed, progress) ->
         else:
             _farm(work, device, timing, bar, workers)
     return work.results
-
-
-def _server_count(device) -> int:
-    """How many servers measure at once: the local cluster's, else the key's free servers."""
-    if device.local is not None:
-        return max(1, device.local.servers)
-    try:
-        return max(1, device.server_count(free=True))
-    except Exception:  # noqa: BLE001 - the session request says what is wrong with the tracker
-        return 1
 
 
 class Work:

@@ -20,6 +20,11 @@ OUTPUT = "<output>"
 PROLOGUE_OPS = ("maxpool", "relu")
 
 
+def chain_label(prologue: tuple[str, ...], epilogue: tuple[str, ...]) -> str:
+    """A conv with what it fuses, for people: 'maxpool+relu > conv > relu', 'conv'."""
+    return " > ".join(p for p in ("+".join(prologue), "conv", "+".join(epilogue)) if p)
+
+
 @dataclass(frozen=True)
 class Fusion:
     """What a conv kernel computes besides conv + bias.
@@ -58,8 +63,7 @@ class Fusion:
     @property
     def label(self) -> str:
         """e.g. 'maxpool+relu > conv > relu', 'conv > resize+add+relu', 'conv'."""
-        parts = ["+".join(self.prologue_ops), "conv", "+".join(self.epilogue_ops)]
-        return " > ".join(p for p in parts if p)
+        return chain_label(self.prologue_ops, self.epilogue_ops)
 
 
 def consumers(model: Model) -> dict[str, list[str]]:

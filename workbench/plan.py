@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import WorkbenchError
-from .fusion import Fusion, fused_layers, fusible_chain, legal_fusions, prologue_chain, prologue_layers
+from .fusion import Fusion, chain_label, fused_layers, fusible_chain, legal_fusions, prologue_chain, prologue_layers
 from .kernels.base import Candidate
 from .kernels.registry import UnknownImplementationError, all_candidates, find
 from .measure import usable
@@ -48,6 +48,11 @@ class LayerPlan:
     fuse: tuple[str, ...] = ()  # the epilogue: ops after the conv its kernel computes
     prologue: tuple[str, ...] = ()  # ops before the conv its input stage computes: ('maxpool', 'relu')
     knobs: dict = field(default_factory=dict)  # the implementation's knobs (hand schedules); {} = its defaults
+
+    @property
+    def label(self) -> str:
+        """e.g. 'maxpool+relu > conv > relu'."""
+        return chain_label(self.prologue, self.fuse)
 
 
 def _level(fuse) -> str:
@@ -105,7 +110,8 @@ class Plan:
         return plan.with_fusion(model, fuse, candidates)
 
     def with_fusion(self, model: Model, level: bool | str, candidates: list[Candidate] | None = None) -> "Plan":
-        """The same implementations and knobs, every conv fused as much as `level` allows."""
+        """The same implementations and knobs, every conv fused as much as `level` allows, and the ops
+        no conv absorbs run as the level says (`none`: separate; `2018`, `folded`: the hand kernels)."""
         candidates = all_candidates() if candidates is None else candidates
         level = _level(level)
         entries = {}
@@ -267,7 +273,7 @@ def _entry(row, index: int, shape: str) -> LayerPlan:
                             f"{example}, got {_preview(ops)}")
     if not isinstance(knobs, dict) or not all(isinstance(k, str) for k in knobs):
         raise PlanError(f"plan entry {index} ({layer!r}): 'knobs' must be an object of knob values such as "
-                        f"{{'ow_bn': 8}}, got {_preview(knobs)}")
+                        f"{{'epilogue': 'row'}}, got {_preview(knobs)}")
     return LayerPlan(layer, impl, tuple(fuse), tuple(prologue), dict(knobs))
 
 

@@ -292,6 +292,15 @@ class Device:
         names = {f"server:{self.key}", f"server:{key_digest(self.key)}"}
         return sum(info.get("key") in names for info in summary.get("server_info", []))
 
+    def parallel_servers(self) -> int:
+        """How many servers can measure at once: the local cluster's, else the key's free servers (at least 1)."""
+        if self.local is not None:
+            return max(1, self.local.servers)
+        try:
+            return max(1, self.server_count(free=True))
+        except Exception:  # noqa: BLE001 - the session request that follows says what is wrong with the tracker
+            return 1
+
     def describe(self) -> dict:
         described = {"tracker": self.tracker, "key": self.shown_key, "target": self.target,
                      "emulated": self.emulated}

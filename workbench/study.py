@@ -235,8 +235,7 @@ def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
         "baselines": base,
         "ratios": {key: hybrid_ms / ms for key, ms in base.items()},  # below 1.0: the hybrid is faster
         "plan": {name: entry.impl for name, entry in plan.layers.items()},
-        "plan_fusion": {name: " > ".join(p for p in ("+".join(e.prologue), "conv", "+".join(e.fuse)) if p)
-                        for name, e in plan.layers.items()},
+        "plan_fusion": {name: entry.label for name, entry in plan.layers.items()},
         "threads": threads,
         "budget": config.describe(),
         "seconds": seconds,
@@ -259,8 +258,7 @@ def _fusion_section(summary: dict, block_records: list[dict], plan: Plan) -> Sec
         figures,
         "Per block: each fold measured (checked against the PyTorch reference of the whole block first), "
         "and the separate kernels it replaces.",
-        blocks_frame,
-        plan.frame()])
+        blocks_frame])
 
 
 def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, in_model, summary,

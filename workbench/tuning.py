@@ -210,18 +210,8 @@ def make_runner(device, config: TuningConfig, served_log: Path | None = None):
     worker_device = dataclasses.replace(device.plain(), session_timeout=config.session_timeout_sec)
     create = functools.partial(runner_session, worker_device, config.request_wait_sec,
                                str(served_log) if served_log else None)
-    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=runner_workers(device),
+    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=device.parallel_servers(),
                                f_create_session=create)
-
-
-def runner_workers(device) -> int:
-    """One runner worker per free server of the key (a farm measures a batch's candidates at once)."""
-    if device.local is not None:
-        return max(1, device.local.servers)
-    try:
-        return max(1, device.server_count(free=True))
-    except Exception:  # noqa: BLE001 - the runner's own session request reports an unreachable tracker
-        return 1
 
 
 def _make_device_guard(database, device, lost: list):

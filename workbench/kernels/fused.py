@@ -235,7 +235,7 @@ def _why_not(layers: tuple[Layer, ...]) -> str | None:
     if first.op == "maxpool" and (first.kernel != first.stride or first.pad):
         return "the fused pool kernel takes a non-overlapping, unpadded window (kernel = stride, pad 0)"
     if first.op == "resize" and first.scale < 1:
-        return f"resize scale {first.scale} is not a positive integer"
+        return f"resize scale {first.scale} is below 1"
     return None
 
 

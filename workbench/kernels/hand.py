@@ -45,7 +45,7 @@ class HandSchedule(TVMCandidate):
         return sch.mod["main"], schedules.pack_weight(self.schedule, conv, knobs, weight)
 
     def with_knobs(self, knobs: dict) -> "HandSchedule":
-        """The schedule with `knobs` over its defaults for each layer (e.g. {'ow_bn': 8, 'epilogue': 'row'})."""
+        """The schedule with `knobs` over its defaults for each layer (e.g. {'epilogue': 'row', 'pad': 'inline'})."""
         fields = {f.name for f in dataclasses.fields(schedules.knobs_class(self.schedule))}
         unknown = sorted(set(knobs) - fields)
         if unknown:
