@@ -17,6 +17,7 @@ from workbench.kernels.registry import library_candidates
 from workbench.measure import TimingConfig
 from workbench.records import RecordStore
 from workbench.rpc import DeviceError, LocalCluster, check_farm
+from workbench.threads import resolve_threads
 from workbench.tuning import TuningConfig, open_database, records_of, tune_layer, workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,9 @@ def test_a_farm_that_oversubscribes_the_cores_is_refused():
         check_farm(2, os.cpu_count())
     with pytest.raises(DeviceError, match="positive"):
         check_farm(0, 1)
+    cores = resolve_threads(None)
+    with pytest.raises(DeviceError, match=f"pass at most --servers {cores}$"):
+        check_farm(cores + 1, 1)
     done = subprocess.run([sys.executable, "-m", "workbench", "compare", "--servers", "2", "--tracker", "127.0.0.1:9",
                            "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--servers" in done.stderr

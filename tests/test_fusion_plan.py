@@ -252,3 +252,17 @@ def test_two_conv_branches_into_one_add_fold_it_once(tmp_path):
     result = hybrid.run_local(compile_hybrid(build_hybrid(model, plan, host_target(2))), x,
                               reference=reference_output(model, x), threads=2)
     assert result["numerics_ok"], result["rel_err"]
+
+
+def test_one_compiled_model_under_two_names_is_timed_once(small_model, device, levels):
+    from workbench.baselines import measure_baselines
+    from workbench.measure import TimingConfig
+
+    built, x, _ = levels
+    quick = TimingConfig(number=1, repeat=2, min_repeat_ms=5)
+    results = measure_baselines(small_model, device, 2, quick, names=[], x=x,
+                                extra={"hybrid": built["2018"], "groups_2018": built["2018"], "unfused": built["none"]})
+    by_name = {r["name"]: r for r in results}
+    assert by_name["groups_2018"]["median_ms"] == by_name["hybrid"]["median_ms"]
+    assert by_name["groups_2018"]["note"] == "the same executable as hybrid"
+    assert by_name["unfused"]["numerics_ok"] and by_name["unfused"]["median_ms"] != by_name["hybrid"]["median_ms"]

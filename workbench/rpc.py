@@ -794,9 +794,12 @@ def check_farm(servers, threads: int) -> None:
     if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
         raise DeviceError(f"--servers must be a positive integer, got {servers!r}")
     cores = resolve_threads(None)
+    if servers > cores:
+        raise DeviceError(f"{servers} servers need at least {servers} cores, this machine has {cores}; "
+                          f"pass at most --servers {cores}")
     if servers * threads > cores:
         raise DeviceError(f"{servers} servers x {threads} thread(s) need {servers * threads} cores, this machine has "
-                          f"{cores}; pass --threads {max(1, cores // servers)} or fewer --servers")
+                          f"{cores}; pass --threads {cores // servers} or fewer --servers")
 
 
 def _target_kwargs(target, threads) -> dict:
