@@ -54,13 +54,20 @@ def block_variants(model: Model, records: list[dict], candidates: list[Candidate
     return variants
 
 
+def absorbed_groups(model: Model, conv: Layer, prologue: tuple[str, ...], epilogue: tuple[str, ...]) -> list[str]:
+    """Last layers of the elementwise groups (kernels/fused.py) a fold replaces: the pool, the resize+add."""
+    taken = {m.name for m in prologue_layers(model, conv, prologue)}
+    taken |= {m.name for m in fused_layers(model, conv, epilogue)}
+    # Only a group the fold takes whole is replaced: a ReLU left behind still runs.
+    return [group[-1].name for group in fused.elementwise_groups(model) if all(m.name in taken for m in group)]
+
+
 def separate_groups(model: Model, variants: list[tuple[Layer, Candidate, Fusion]]) -> list[tuple[Layer, ...]]:
     """The elementwise groups the measured folds would absorb: what they are weighed against."""
     wanted = set()
-    for conv, candidate, _ in variants:
-        wanted |= {m.name for m in prologue_layers(model, conv, prologue_chain(model, conv, candidate.prologue_fusible))}
-        wanted |= {m.name for m in fused_layers(model, conv, fusible_chain(model, conv, candidate.fusible))}
-    return [group for group in fused.elementwise_groups(model) if any(m.name in wanted for m in group)]
+    for conv, _, fusion in variants:
+        wanted |= set(absorbed_groups(model, conv, fusion.prologue_ops, fusion.epilogue_ops))
+    return [group for group in fused.elementwise_groups(model) if group[-1].name in wanted]
 
 
 def measure_blocks(model: Model, device, records: list[dict], candidates: list[Candidate],

@@ -314,6 +314,7 @@ class Composer:
         return min(good, key=lambda r: r.median_ms) if good else None
 
     def _run(self, variant: Variant) -> Result:
+        from .kernels.hand import HandSchedule
         from .kernels.tvm_kernel import FactoryCandidate
 
         layer = self.blocks[variant.block].conv
@@ -321,7 +322,7 @@ class Composer:
         sch = schedules.schedule(variant.impl, schedules.new_schedule(variant.impl, conv, variant.knobs), conv,
                                  variant.knobs)
         packed = schedules.pack_weight(variant.impl, conv, variant.knobs, self.model.params[layer.name][0])
-        tolerance = 1e-3 if variant.impl.startswith("winograd") else 1e-4
+        tolerance = HandSchedule(variant.impl).tolerance  # Winograd's looser bound, as everywhere
         candidate = FactoryCandidate(f"tvm:{variant.impl}", lambda *_: (sch.mod["main"], packed),
                                      tolerance=tolerance, fusible=ALL_EPILOGUE,
                                      prologue_fusible=PROLOGUE_OPS)

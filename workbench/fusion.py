@@ -77,7 +77,7 @@ def consumers(model: Model) -> dict[str, list[str]]:
     return users
 
 
-def _sole_consumer(model: Model, users: dict, name: str) -> Layer | None:
+def sole_consumer(model: Model, users: dict, name: str) -> Layer | None:
     """The one layer reading `name`, or None when several read it (or it is the output)."""
     readers = users.get(name, [])
     if len(readers) != 1 or readers[0] == OUTPUT:
@@ -88,7 +88,7 @@ def _sole_consumer(model: Model, users: dict, name: str) -> Layer | None:
 def fusible_chain(model: Model, conv: Layer, fusible: tuple[str, ...]) -> tuple[str, ...]:
     """The longest run of following ops a kernel that can absorb `fusible` takes into the conv."""
     users = consumers(model)
-    nxt = _sole_consumer(model, users, conv.name)
+    nxt = sole_consumer(model, users, conv.name)
     if nxt is None:
         return ()
     if nxt.op == "relu":
@@ -98,13 +98,13 @@ def fusible_chain(model: Model, conv: Layer, fusible: tuple[str, ...]) -> tuple[
     chain, current = [], conv.name
     if nxt.op == "resize":
         chain.append("resize")
-        current, nxt = nxt.name, _sole_consumer(model, users, nxt.name)
+        current, nxt = nxt.name, sole_consumer(model, users, nxt.name)
     if nxt is None or nxt.op != "add" or nxt.inputs.count(current) != 1:
         return ()  # a resize alone is not worth a custom epilogue
     if not _claims_add(model, users, nxt, current):
         return ()
     chain.append("add")
-    after = _sole_consumer(model, users, nxt.name)
+    after = sole_consumer(model, users, nxt.name)
     if after is not None and after.op == "relu" and "relu" in fusible:
         chain.append("relu")
     return tuple(chain)
@@ -183,7 +183,7 @@ def fused_layers(model: Model, conv: Layer, fuse: tuple[str, ...]) -> list[Layer
     """The layers a fusion absorbs, in order (following the sole-consumer chain)."""
     users, members, current = consumers(model), [], conv.name
     for _ in fuse:
-        layer = _sole_consumer(model, users, current)
+        layer = sole_consumer(model, users, current)
         members.append(layer)
         current = layer.name
     return members

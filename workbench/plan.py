@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .blocks import absorbed_groups
 from .errors import WorkbenchError
 from .fusion import Fusion, chain_label, fused_layers, fusible_chain, legal_fusions, prologue_chain, prologue_layers
 from .kernels.base import Candidate
@@ -359,7 +360,7 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
     entries, notes = dict(plan.layers), list(plan.notes)
     for name, rec in _fastest(records, convs, candidates, folded=True).items():
         conv, prologue, epilogue = convs[name], tuple(rec.get("prologue", ())), tuple(rec.get("epilogue", ()))
-        absorbed = _absorbed_groups(model, conv, prologue, epilogue)
+        absorbed = absorbed_groups(model, conv, prologue, epilogue)
         if name not in isolated or not absorbed or any(tail not in separate for tail in absorbed):
             continue  # nothing measured to weigh the fold against: keep the 2018 way
         apart = isolated[name]["median_ms"] + sum(separate[tail] for tail in absorbed)
@@ -370,16 +371,6 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
     folded = Plan(plan.model, entries, notes, plan.elementwise)
     folded.validate(model, candidates)
     return folded
-
-
-def _absorbed_groups(model: Model, conv: Layer, prologue: tuple[str, ...], epilogue: tuple[str, ...]) -> list[str]:
-    """Last layers of the elementwise groups (kernels/fused.py) a fold replaces: the pool, the resize+add."""
-    from .kernels.fused import elementwise_groups
-
-    taken = {m.name for m in prologue_layers(model, conv, prologue)}
-    taken |= {m.name for m in fused_layers(model, conv, epilogue)}
-    # Only a group the fold takes whole is replaced: a ReLU left behind still runs.
-    return [group[-1].name for group in elementwise_groups(model) if all(m.name in taken for m in group)]
 
 
 def _applies(impl: str, layer: Layer, candidates: list[Candidate]) -> bool:

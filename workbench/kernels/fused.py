@@ -54,7 +54,7 @@ def group_kind(layers: tuple[Layer, ...]) -> str:
 def elementwise_groups(model: Model) -> list[tuple[Layer, ...]]:
     """Every MaxPool [+ its sole reader, a ReLU] and every Resize -> Add [-> ReLU] chain the kernels
     compute, in model order (an overlapping or padded pool stays a plain op)."""
-    from ..fusion import consumers
+    from ..fusion import consumers, sole_consumer
 
     users, groups = consumers(model), []
     for layer in model.layers:
@@ -62,21 +62,16 @@ def elementwise_groups(model: Model) -> list[tuple[Layer, ...]]:
             continue
         chain = [layer]
         if layer.op == "resize":
-            nxt = _sole_reader(model, users, layer.name)
+            nxt = sole_consumer(model, users, layer.name)
             if nxt is None or nxt.op != "add":
                 continue
             chain.append(nxt)
-        after = _sole_reader(model, users, chain[-1].name)
+        after = sole_consumer(model, users, chain[-1].name)
         if after is not None and after.op == "relu":
             chain.append(after)
         if _why_not(tuple(chain)) is None:
             groups.append(tuple(chain))
     return groups
-
-
-def _sole_reader(model: Model, users: dict, name: str) -> Layer | None:
-    readers = users.get(name, [])
-    return model.layer(readers[0]) if len(readers) == 1 and readers[0] in {l.name for l in model.layers} else None
 
 
 def skip_input(layers: tuple[Layer, ...]) -> str:
