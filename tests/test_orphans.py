@@ -150,7 +150,8 @@ def test_a_stopped_server_is_ended_too_when_the_command_is_killed(tmp_path, mode
 
 def test_a_command_killed_while_tuning_leaves_no_popen_worker(tmp_path, model_file, small_model):
     layer = small_model.convs[0].name
-    proc = _start(tmp_path, "tune", "--model", model_file, "--layers", layer, "--trials", "8", "--threads", "1")
+    proc = _start(tmp_path, "tune", "--space", "metaschedule", "--model", model_file, "--layers", layer, "--trials", "8",
+                  "--threads", "1")
     try:
         main = psutil.Process(proc.pid)
         groups, ports = _wait(lambda: _running_cluster(main), 90, "the command's local cluster to run", proc)

@@ -188,7 +188,8 @@ def cmd_compare(args) -> None:
     with work.lock("compare"), open_device(args.tracker, args.key, args.target, args.threads, args.servers) as device:
         # NNPACK and TVM's default, the hand schedules, and tvm:tuned where the work dir has tuning records.
         tuned = tuning.tuned_layers(model, device.target, work.tuning)
-        candidates = all_candidates(int(device.target.get("num-cores") or 1), work.tuning, tuned)
+        candidates = all_candidates(int(device.target.get("num-cores") or 1), work.tuning, tuned,
+                                    target=device.target, emulated=device.emulated)
         records = compare(model, device, layers, candidates=candidates, timing=timing, store=work.records,
                           resume=not args.fresh, progress=not args.json)
     _emit(args, json_rows(records), lambda: f"{device_line(device.describe())}\n{table(records).to_string(index=False)}")
@@ -204,19 +205,40 @@ def cmd_tune(args) -> None:
     layers = _layer_names(args.layers)
     model.select_convs(layers)
     work = WorkDir.at(args.work_dir)
+    spaces = ("hand", "metaschedule") if args.space == "all" else (args.space,)
     with work.lock("tune"), open_device(args.tracker, args.key, args.target, args.threads, args.servers) as device:
-        if args.whole_model:
-            results = tuning.tune_model(model, device, args.trials, work.tuning, layers=layers, progress=not args.json)
-        else:
-            results = tuning.tune_layers(model, device, args.trials, work.tuning, layers=layers,
-                                         progress=not args.json)
+        results = []
+        for space in spaces:
+            results += _tune(space, model, device, args.trials, work.tuning, layers, args.whole_model,
+                             progress=not args.json)
         for result in results:
             work.records.append("tuning", result.to_dict(), model=model.name, device=device.describe(),
                                 emulated=device.emulated)
     rows = [{**r.to_dict(), "emulated": device.emulated} for r in results]
     _emit(args, rows, lambda: "\n".join([device_line(device.describe())] + [
-        f"{r['layer']}: {r['trials']} trials ({r['new_trials']} new, {r['trials_per_minute']:.1f}/min), "
-        f"best {r['best_ms']} ms" for r in rows]))
+        f"{r['layer']} [{r['space']}]: {r['trials']} trials ({r['new_trials']} new, {r['trials_per_minute']:.1f}/min), "
+        f"best {_ms(r['best_ms'])}{_point(r['best'])}" for r in rows]))
+
+
+def _tune(space: str, model, device, trials: int, tuning_dir, layers, whole_model: bool, progress: bool) -> list:
+    """One search space's tuning: the knob tuner ("hand") or MetaSchedule's."""
+    from . import knob_tuning, tuning
+
+    if space == "hand":
+        return knob_tuning.tune_knobs(model, device, trials, tuning_dir, layers=layers, whole_model=whole_model,
+                                      progress=progress)
+    if whole_model:
+        return tuning.tune_model(model, device, trials, tuning_dir, layers=layers, progress=progress)
+    return tuning.tune_layers(model, device, trials, tuning_dir, layers=layers, progress=progress)
+
+
+def _ms(value) -> str:
+    return "none" if value is None else f"{value:.4g} ms"
+
+
+def _point(best: dict) -> str:
+    knobs = ", ".join(f"{k}={v}" for k, v in (best.get("knobs") or {}).items())
+    return f" with {best['impl']}" + (f" ({knobs})" if knobs else "") if best else ""
 
 
 def cmd_study(args) -> None:
@@ -230,6 +252,8 @@ def cmd_study(args) -> None:
         config.trials = args.trials
     if args.tune:
         config.tune = args.tune
+    if args.space:
+        config.space = args.space
     work = WorkDir.at(args.work_dir)
     with work.lock("study"), open_device(args.tracker, args.key, args.target, args.threads, args.servers) as device:
         summary = run_study(model, device, work, config, progress=not args.json)
@@ -259,7 +283,7 @@ def cmd_export(args) -> None:
     # tvm:tuned applies only where this target has tuning records: a plan asking for more fails
     # validation, before a build starts (and without creating an empty database).
     tuned = tuning.tuned_layers(model, target, work.tuning)
-    candidates = all_candidates(args.threads, tuning_dir=work.tuning, tuned_layers=tuned)
+    candidates = all_candidates(args.threads, tuning_dir=work.tuning, tuned_layers=tuned, target=target)
     plan.validate(model, candidates)
     out = export_hybrid(model, plan, args.out, target, args.threads, candidates, force=args.force)
     _emit(args, {"out": str(out), "plan": {n: e.impl for n, e in plan.layers.items()}}, lambda: f"exported to {out}")
@@ -302,19 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(p, farm=True)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("tune", help="MetaSchedule auto-tuning of convs over RPC (resumes from its database)")
+    p = sub.add_parser("tune", help="auto-tuning of convs over RPC: the hand schedules' knobs (XGBoost-guided, with "
+                       "NNPACK's choices) and/or MetaSchedule; resumes from its database")
     _common(p, "--model", "--layers", "--work-dir", "--json")
-    p.add_argument("--trials", type=int, required=True, help="trials per layer (records already there count)")
+    p.add_argument("--trials", type=int, required=True,
+                   help="trials per conv shape (records already there count); with --whole-model, one budget")
+    p.add_argument("--space", choices=("hand", "metaschedule", "all"), default="hand",
+                   help="what is searched: the hand schedules' knobs and NNPACK's algorithms (default), "
+                        "MetaSchedule's generic space, or both (each with --trials)")
     p.add_argument("--whole-model", action="store_true",
-                   help="--trials is one budget for all convs, spent where it pays (every conv gets a batch first)")
+                   help="--trials is one budget for all convs, spent where it pays (every conv gets a start first)")
     _device_args(p, farm=True)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("study", help="the whole study: ceilings, tuning, per-layer comparison, hybrid, peers, report")
     _common(p, "--model", "--work-dir", "--json")
     p.add_argument("--quick", action="store_true", help="a small budget (for CI)")
-    p.add_argument("--trials", type=int, help="MetaSchedule trials per tuned layer")
-    p.add_argument("--tune", choices=("edges", "all", "none"), help="which convs MetaSchedule tunes")
+    p.add_argument("--trials", type=int, help="one tuning budget over the tuned convs, per search space "
+                   "(default 240; --quick 12)")
+    p.add_argument("--tune", choices=("all", "edges", "none"), help="which convs are tuned (default: all)")
+    p.add_argument("--space", choices=("hand", "metaschedule", "all"),
+                   help="what tuning searches: the hand schedules' knobs and NNPACK's choices (default), "
+                        "MetaSchedule's space, or both")
     _device_args(p, farm=True)
     p.set_defaults(func=cmd_study)
 

@@ -93,14 +93,19 @@ def _measure_all(device, model, todo, timing, store, context, seed, progress) ->
     as it comes, with the server that measured it."""
     from tqdm.auto import tqdm
 
-    workers = device.parallel_servers()
     work = Work(model, todo, seed, store, context)
     with tqdm(total=len(todo), desc="layers x implementations", disable=not progress, unit="run") as bar:
-        if workers == 1:
-            _worker(work, device, timing, bar)
-        else:
-            _farm(work, device, timing, bar, workers)
+        measure_work(work, device, timing, bar)
     return work.results
+
+
+def measure_work(work: "Work", device, timing: TimingConfig, bar) -> None:
+    """Measure a Work queue on the device: in this thread on one server, on every server at once on a farm."""
+    workers = device.parallel_servers()
+    if workers == 1:
+        _worker(work, device, timing, bar)
+    else:
+        _farm(work, device, timing, bar, workers)
 
 
 class Work:

@@ -158,7 +158,8 @@ def usable(records: list[dict]) -> list[dict]:
 
 def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) -> Measurement:
     """Check, then time: the protocol every implementation goes through."""
-    result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=candidate.tolerance, note=candidate.note,
+    tolerance = candidate.tolerance_for(case.layer)
+    result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=tolerance, note=candidate.note,
                          alias_of=candidate.alias_of, config=candidate.config)
     reason = candidate.why_not_applicable(case.layer) or _fusion_refusal(candidate, case)
     if reason:
@@ -166,14 +167,14 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
         return result
     try:
         running = candidate.setup(session, case, device)
-        ok, result.max_abs_err, result.rel_err = check_numerics(running.run_once(), case.reference, candidate.tolerance)
+        ok, result.max_abs_err, result.rel_err = check_numerics(running.run_once(), case.reference, tolerance)
         result.numerics_ok = ok
         result.phases = running.phases()
         if not ok:
             # Timed anyway so the record shows what a wrong kernel would have "won"; it never wins.
             result.status = "wrong"
             result.note = (f"output differs from the reference: max abs err {result.max_abs_err:.3g}, "
-                           f"relative {result.rel_err:.3g} > {candidate.tolerance:g}")
+                           f"relative {result.rel_err:.3g} > {tolerance:g}")
         seconds = running.time(timing)
     except Exception as err:  # one failing implementation must not stop the study
         if is_transport_failure(err, session):  # the session died: not this candidate's result

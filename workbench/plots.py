@@ -128,14 +128,19 @@ def end_to_end_bars(results: pd.DataFrame, title: str = "End to end: median late
     return fig
 
 
-def tuning_curves(results, title: str = "MetaSchedule: best latency against trials") -> go.Figure:
-    """Best time so far against trial index, one line per tuned layer (TuneResult objects or dicts)."""
-    fig = go.Figure()
+def tuning_curves(results, title: str = "Tuning: best latency against trials") -> go.Figure:
+    """Best time so far against trial index, one line per tuned layer and search space (TuneResult
+    objects or dicts); convs of one shape share a line (the knob tuner tunes each shape once)."""
+    fig, drawn = go.Figure(), set()
     for result in results:
         r = result if isinstance(result, dict) else result.to_dict()
-        if r.get("history"):
+        space = r.get("space", "metaschedule")
+        key = (space, tuple(map(tuple, r.get("history") or ())))
+        if r.get("history") and key not in drawn:
+            drawn.add(key)
             trials, best = zip(*r["history"])
-            fig.add_trace(go.Scatter(x=trials, y=best, mode="lines+markers", name=r["layer"]))
+            name = r["layer"] if space == "metaschedule" else f"{r['layer']} (knobs)"
+            fig.add_trace(go.Scatter(x=trials, y=best, mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title="trial", yaxis_title="best ms so far", height=400)
     return fig
 
@@ -148,4 +153,14 @@ def fusion_bars(figures: dict, title: str = "Fusion: one plan built three ways, 
     fig = go.Figure(go.Bar(x=[label for label, _ in shown], y=[ms for _, ms in shown],
                            text=[f"{ms:.2f}" for _, ms in shown], textposition="outside"))
     fig.update_layout(title=title, yaxis_title="ms", template="plotly_white")
+    return fig
+
+
+def model_estimate(history: list[tuple[int, float]], title: str = "Knob tuning: the convs' estimated time") -> go.Figure:
+    """The whole model's convs at their best point so far (ms) against the trials spent."""
+    fig = go.Figure()
+    if history:
+        trials, ms = zip(*history)
+        fig.add_trace(go.Scatter(x=trials, y=ms, mode="lines+markers", name="sum of the convs' best"))
+    fig.update_layout(title=title, xaxis_title="trials (all convs)", yaxis_title="ms", height=350)
     return fig

@@ -282,6 +282,32 @@ def default_knobs(impl: str, layer: ConvLayer) -> Knobs:
     )
 
 
+VECTOR_WIDTHS = (1, 2, 4, 8, 16)
+BLOCK_LIMIT = 64  # register and cache blocks beyond this never paid on the CPUs measured
+
+
+def knob_space(impl: str, layer: ConvLayer) -> dict[str, tuple]:
+    """Every value each knob of `impl` may take on `layer`, knob by knob (the knob tuner's space).
+
+    A combination can still be invalid (a vector wider than its tile): validate_knobs rejects it
+    before anything is built.
+    """
+    _require_applicable(impl, layer)
+    blocks = lambda n, limit=BLOCK_LIMIT: tuple(d for d in divisors(n) if d <= limit)  # noqa: E731
+    space: dict[str, tuple] = {"oc_bn": blocks(layer.out_channels), "vec": VECTOR_WIDTHS}
+    if impl == "direct_nchw":
+        space.update(ow_bn=blocks(layer.out_width), unroll_kw=(False, True), parallel=PARALLEL_DIRECT,
+                     pad=PAD_DIRECT, epilogue=EPILOGUE_DIRECT)
+    elif impl == "direct_nchwc":
+        space.update(ic_bn=blocks(layer.in_channels), ow_bn=blocks(layer.out_width, 32), unroll_kw=(False, True),
+                     parallel=PARALLEL_DIRECT, pad=PAD_DIRECT, epilogue=EPILOGUE_DIRECT)
+    else:
+        nh, nw = winograd_tiles(layer, winograd_m(impl))
+        space.update(ic_bn=blocks(layer.in_channels), tile_bn=blocks(nh * nw, 32), parallel=PARALLEL_WINOGRAD,
+                     pad=PAD_WINOGRAD, epilogue=EPILOGUE_WINOGRAD)
+    return space
+
+
 def _knob_error(knob: str, value, why: str, valid) -> KnobError:
     return KnobError(f"knob {knob}={value!r}: {why}; valid values: {valid}")
 

@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from . import baselines, blocks, compare, hybrid, intensity, plots, tuning
+from . import baselines, blocks, compare, hybrid, intensity, knob_tuning, plots, tuning
 from .build import build_hybrid, compile_hybrid
 from .ceilings import measure_ceilings
 from .kernels.base import Candidate
 from .kernels.registry import all_candidates
+from .knob_tuning import KnobTuningConfig
+from .tuning import TuningConfig
 from .measure import TimingConfig, usable
 from .model import Model, sample_input
 from .plan import Plan, choose_plan
@@ -29,23 +31,32 @@ log = logging.getLogger(__name__)
 E2E_KIND = "end_to_end"
 
 
+SPACES = ("hand", "metaschedule", "all")
+
+
 @dataclass
 class StudyConfig:
-    """The budget. Defaults finish within about 30 minutes on 2 cores for the reference UNet."""
+    """The budget. Defaults finish within about 15 minutes on 2 cores for the reference UNet."""
 
-    trials: int = 48  # MetaSchedule trials per tuned layer
-    tune: str = "edges"  # which convs MetaSchedule tunes: "edges" (first and last two), "all", "none"
+    trials: int = 240  # one tuning budget for the tuned convs, per search space (spent where it pays)
+    tune: str = "all"  # which convs are tuned: "all", "edges" (first and last two), "none"
+    space: str = "hand"  # the hand schedules' knobs and NNPACK's choices, MetaSchedule's space, or both
     timing: TimingConfig = field(default_factory=TimingConfig)
     end_to_end_timing: TimingConfig = field(default_factory=lambda: TimingConfig(number=1, repeat=10, min_repeat_ms=100))
+    seed: int = 0  # of the tuners' searches (inputs are seeded per layer in measure.ConvCase)
     quick: bool = False
 
     @classmethod
     def quick_run(cls) -> "StudyConfig":
-        return cls(trials=4, tune="edges", timing=TimingConfig.quick(),
+        return cls(trials=12, tune="edges", timing=TimingConfig.quick(),
                    end_to_end_timing=TimingConfig(number=1, repeat=3, min_repeat_ms=10), quick=True)
 
     def describe(self) -> dict:
         return asdict(self)
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return ("hand", "metaschedule") if self.space == "all" else (self.space,)
 
 
 def tuned_layers(model: Model, config: StudyConfig) -> list[str]:
@@ -57,9 +68,29 @@ def tuned_layers(model: Model, config: StudyConfig) -> list[str]:
 
 
 def study_candidates(model: Model, device, work: WorkDir, config: StudyConfig) -> list[Candidate]:
-    """Every implementation the study measures: NNPACK, TVM's default, the hand and the tuned schedules."""
+    """Every implementation the study measures: NNPACK, TVM's default, the hand schedules, and the
+    tuners' best (MetaSchedule's where it tuned, the knob tuner's where its database has a trial)."""
     threads = int(device.target.get("num-cores") or 1)
-    return all_candidates(threads, work.tuning, tuned_layers(model, config), config.trials)
+    by_metaschedule = tuned_layers(model, config) if "metaschedule" in config.spaces else []
+    return all_candidates(threads, work.tuning, by_metaschedule, config.trials, target=device.target,
+                          emulated=bool(getattr(device, "emulated", False)))
+
+
+def tune(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> list:
+    """The tuning budget spent over the tuned convs, in each search space (resumes from the databases)."""
+    layers = tuned_layers(model, config)
+    if not layers:
+        return []
+    results = []
+    if "hand" in config.spaces:
+        log.info("knob tuning: %d trials over %d convs", config.trials, len(layers))
+        results += knob_tuning.tune_knobs(model, device, config.trials, work.tuning, layers=layers,
+                                          progress=progress, config=KnobTuningConfig(seed=config.seed))
+    if "metaschedule" in config.spaces:
+        log.info("MetaSchedule: %d trials over %d convs", config.trials, len(layers))
+        results += tuning.tune_model(model, device, config.trials, work.tuning, layers=layers, progress=progress,
+                                     config=TuningConfig(seed=config.seed))
+    return results
 
 
 # ---------------------------------------------------------------- the stages
@@ -80,10 +111,7 @@ class LayerResults:
 def measure_layers(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> LayerResults:
     """Tune what the budget says (resuming), then measure every implementation of every conv."""
     context = {"model": model.name, "device": device.describe()}
-    tuned = tuned_layers(model, config)
-    log.info("MetaSchedule: %d trials on each of %s", config.trials, tuned or "no layer")
-    tune_results = tuning.tune_layers(model, device, config.trials, work.tuning, layers=tuned,
-                                      progress=progress) if tuned else []
+    tune_results = tune(model, device, work, config, progress)
     for result in tune_results:
         work.records.append("tuning", result.to_dict(), **context)
     log.info("every implementation of every conv, over RPC")
@@ -166,7 +194,8 @@ def fusion_effect(model: Model, device, plan: Plan, records: list[dict] = (), wo
     a conv they lack is measured alone first, through the protocol)."""
     threads = threads or int(device.target.get("num-cores") or 1)
     timing = timing or TimingConfig(number=1, repeat=10, min_repeat_ms=100)
-    candidates = all_candidates(tuning_dir=work.tuning if work else None)
+    candidates = all_candidates(tuning_dir=work.tuning if work else None, target=device.target,
+                                emulated=bool(getattr(device, "emulated", False)))
     records = list(records)
     timed = isolated_times(plan, records, candidates)
     records += [compare.measure_one(model, device, conv.name, plan.candidate(conv.name, candidates), timing)
@@ -215,6 +244,7 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     log.info("[6/6] report")
     summary = _summary(model, end_to_end, chosen["hybrid"], config, threads, time.time() - started)
     summary["fusion"] = fusion_figures(end_to_end, chosen["hybrid"], measured.records)
+    summary["tuning"] = tuning_summary(model, device, work, config, measured.tuning)
     summary.update(device=device.describe(), emulated=device.describe()["emulated"])  # never a board's speed if true
     write_report(work.report, f"UNet study: {model.name}",
                  _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
@@ -240,6 +270,43 @@ def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
         "budget": config.describe(),
         "seconds": seconds,
     }
+
+
+def tuning_summary(model: Model, device, work: WorkDir, config: StudyConfig, results: list) -> dict:
+    """study --json's "tuning": the budget, the throughput, the knob tuner's whole-model estimate as
+    it fell, and each tuned conv's best point."""
+    rows = [r if isinstance(r, dict) else r.to_dict() for r in results]
+    summary = {"space": config.space, "trials": config.trials, "tuned_convs": len(tuned_layers(model, config))}
+    for space in config.spaces:
+        mine = [r for r in rows if r.get("space", "metaschedule") == space]
+        new = sum(r["new_trials"] for r in mine)
+        seconds = max((r["seconds"] for r in mine), default=0.0) if space == "hand" else \
+            sum(r["seconds"] for r in mine)
+        summary[space] = {"new_trials": new, "seconds": seconds,
+                          "trials_per_minute": new / seconds * 60 if new and seconds else None,
+                          "best": {r["layer"]: {"best_ms": r["best_ms"], **(r.get("best") or {})} for r in mine}}
+    if "hand" in config.spaces:
+        summary["hand"]["estimate_history"] = knob_tuning.estimate_history(
+            model, work.tuning, device.target, tuned_layers(model, config), bool(getattr(device, "emulated", False)),
+            int(device.target.get("num-cores") or 1))
+    return summary
+
+
+def _tuning_section(summary: dict, tune_results: list) -> Section:
+    if not tune_results:
+        return Section("Tuning", ["No layer was tuned at this budget."])
+    parts = [f"Budget: {summary.get('trials')} trials over {summary.get('tuned_convs')} convs, per search space "
+             f"({summary.get('space')}). The knob tuner searches the hand schedules' knobs and NNPACK's algorithms, "
+             "guided by an XGBoost cost model; every trial is checked against the PyTorch reference before it is "
+             "timed."]
+    hand = summary.get("hand")
+    if hand:
+        parts += [plots.model_estimate(hand.get("estimate_history") or []),
+                  pd.DataFrame([{"layer": layer, **best} for layer, best in hand["best"].items()])]
+    parts.append(plots.tuning_curves(tune_results))
+    parts.append({space: {k: v for k, v in summary[space].items() if k in ("new_trials", "seconds", "trials_per_minute")}
+                  for space in ("hand", "metaschedule") if space in summary})
+    return Section("Tuning", parts)
 
 
 def _fusion_section(summary: dict, block_records: list[dict], plan: Plan) -> Section:
@@ -281,8 +348,7 @@ def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, 
                                                title=model.name),
             layers[["name", "op", "input_shape", "output_shape", "flops", "bytes", "intensity"]]]),
         Section("Per-layer winners", [plots.implementation_bars(frame), winners]),
-        Section("MetaSchedule tuning", [plots.tuning_curves(tune_results)] if tune_results else
-                ["No layer was tuned at this budget."]),
+        _tuning_section(summary.get("tuning", {}), tune_results),
         Section("Inside the whole model", [
             "Per-call times inside the hybrid (VM instrument) beside the isolated per-layer measurements. Inside the "
             "model, caches hold other layers' data and the elementwise ops run between convs, so the two differ.",

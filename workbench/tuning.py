@@ -48,6 +48,8 @@ class TuneResult:
     best_ms: float | None
     history: list[tuple[int, float]] = field(default_factory=list)  # (trial index, best ms so far)
     servers: dict[str, int] = field(default_factory=dict)  # server (host:port) -> sessions it measured in this call
+    space: str = "metaschedule"  # or "hand": the knob tuner (knob_tuning.py)
+    best: dict = field(default_factory=dict)  # the knob tuner's best point: {"impl", "knobs"}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -66,6 +66,10 @@ class Candidate:
         """A sentence saying why this implementation cannot run the layer, or None."""
         return None
 
+    def tolerance_for(self, layer: "Layer") -> float:
+        """The numerics tolerance on this layer (a candidate choosing its algorithm per layer varies it)."""
+        return self.tolerance
+
     def knobs(self, layer: "Layer") -> Any:
         """The knobs this implementation uses on the layer (None: it has none)."""
         return None

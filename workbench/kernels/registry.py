@@ -24,12 +24,15 @@ def library_candidates(threads: int = 1) -> list[Candidate]:
 
 
 def all_candidates(threads: int = 1, tuning_dir: str | Path | None = None, tuned_layers: list[str] | None = None,
-                   trials: int | None = None) -> list[Candidate]:
-    """NNPACK's algorithms x strategies, TVM's default, every hand schedule, and the tuned schedules."""
-    from .hand import hand_candidates
+                   trials: int | None = None, target: dict | None = None, emulated: bool = False) -> list[Candidate]:
+    """NNPACK's algorithms x strategies, TVM's default, every hand schedule, and the tuned schedules:
+    MetaSchedule's (`tvm:tuned`) and the knob tuner's (`tvm:hand_tuned`; with the `target`, only
+    where its database has a trial of the conv's shape)."""
+    from .hand import HandTunedCandidate, hand_candidates
     from .tuned import TunedCandidate
 
-    return library_candidates(threads) + hand_candidates() + [TunedCandidate(tuning_dir, tuned_layers, trials)]
+    return library_candidates(threads) + hand_candidates() + [TunedCandidate(tuning_dir, tuned_layers, trials),
+                                                              HandTunedCandidate(tuning_dir, target, emulated)]
 
 
 def find(impl: str, candidates: list[Candidate] | None = None) -> Candidate:

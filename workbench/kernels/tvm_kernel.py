@@ -39,10 +39,18 @@ class TVMCandidate(Candidate):
         raise NotImplementedError
 
     def setup(self, session, case, device) -> Running:
+        return self.running(session, case, device, self.compile(case, device))
+
+    def compile(self, case, device) -> tuple:
+        """(module, weight to pass): the host's part of setup, which a tuner runs ahead in a thread."""
         import tvm
 
         func, weight = self.prim_func(case.layer, case.fusion, case.weight, device.target)
-        module = tvm.tirx.build(func.with_attr("global_symbol", FUNC_NAME), target=device.tvm_target())
+        return tvm.tirx.build(func.with_attr("global_symbol", FUNC_NAME), target=device.tvm_target()), weight
+
+    def running(self, session, case, device, compiled: tuple) -> Running:
+        """The compiled kernel uploaded to the device with the case's inputs."""
+        module, weight = compiled
         inputs = [case.x, weight, case.bias] + ([case.skip] if case.fusion.add else [])
         return TVMRunning(session, device, module, FUNC_NAME, inputs, case.reference.shape)
 

@@ -1,0 +1,714 @@
+"""The knob tuner: an XGBoost-guided search over the hand schedules' knobs, with NNPACK's
+algorithm and strategy as one more choice (the AutoTVM recipe).
+
+For each distinct conv workload the space is every applicable hand schedule with every valid
+combination of its knobs (schedules.knob_space, checked by schedules.validate_knobs before
+anything is built), plus every NNPACK algorithm x strategy that applies. A search round:
+1. score a pool of candidate points (random valid points of every schedule, the neighbours of
+   the best measured ones, the NNPACK choices) with the cost model, an XGBoost regressor on the
+   points' features (schedule, knobs, what they imply: accumulators, parallel tasks per
+   thread) and the workload's (sizes, FLOPs), trained on every trial of this target;
+2. take a batch: the best predicted, and a few at random (the model is not trusted blindly);
+3. build it while the previous batch is measured, then measure it over RPC through the one
+   protocol (numerics against the PyTorch reference first, then time; on every server of a
+   farm at once), keep every trial in the per-target database, and refit.
+
+One budget serves the whole model: every workload first gets its starting points (each
+schedule's default knobs and NNPACK's Winograd), then each batch goes to the workload with the
+largest expected gain in whole-model time: its best time x the convs that share it x the
+improvement the model predicts there. The database (`<tuning dir>/<target>/knobs.jsonl`) makes
+a re-run resume: trials already there count toward the budget and are never measured again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import nnpack, schedules
+from .compare import Work, measure_work
+from .fusion import Fusion
+from .kernels.base import Candidate, Running
+from .kernels.hand import HandSchedule
+from .kernels.nnpack import NNPACKCandidate
+from .kernels.tvm_kernel import TVMCandidate
+from .geometry import ConvGeometry
+from .measure import ConvCase, Measurement, TimingConfig
+from .model import Layer, Model
+from .records import RecordStore
+from .tuning import TuneResult, database_dir
+
+log = logging.getLogger(__name__)
+
+KIND = "knob_trial"
+DATABASE_FILE = "knobs.jsonl"
+FIRST_NNPACK = ("wt8x8:precompute", "implicit_gemm:precompute", "direct:compute")  # NNPACK's starting point
+
+
+@dataclass(frozen=True)
+class KnobTuningConfig:
+    """How the knob tuner searches; the defaults suit a 2-core host."""
+
+    batch: int = 8  # points built and measured per round
+    explore: float = 0.25  # share of each batch drawn at random from the pool
+    samples: int = 200  # random valid points of each schedule scored per round
+    min_fit: int = 8  # trials on the target before the cost model is trusted
+    timing: TimingConfig = field(default_factory=lambda: TimingConfig(number=1, repeat=3, min_repeat_ms=20))
+    build_timeout_s: float = 120.0  # one build; past it the point is recorded failed
+    seed: int = 0
+    nnpack: bool = True  # NNPACK's algorithm x strategy as points of the space
+    overlap: bool = True  # build the next batch while this one is measured
+
+
+# ---------------------------------------------------------------- points of the space
+
+@dataclass(frozen=True)
+class Point:
+    """One choice for a conv: a hand schedule with its knobs, or an NNPACK algorithm:strategy."""
+
+    impl: str  # "tvm:winograd_4", "nnpack:wt8x8:precompute"
+    knobs: tuple = ()  # sorted (name, value) pairs; () for NNPACK
+
+    @classmethod
+    def hand(cls, schedule: str, knobs) -> "Point":
+        values = dataclasses.asdict(knobs) if dataclasses.is_dataclass(knobs) else dict(knobs)
+        return cls(f"tvm:{schedule}", tuple(sorted(values.items())))
+
+    @property
+    def key(self) -> str:
+        return self.impl + (json.dumps(dict(self.knobs), sort_keys=True) if self.knobs else "")
+
+    @property
+    def is_nnpack(self) -> bool:
+        return self.impl.startswith("nnpack:")
+
+    @property
+    def schedule(self) -> str:
+        return self.impl.split(":", 1)[1]
+
+    def knob_dict(self) -> dict:
+        return dict(self.knobs)
+
+    def candidate(self, threads: int) -> Candidate:
+        if self.is_nnpack:
+            _, algorithm, strategy = self.impl.split(":")
+            return NNPACKCandidate(algorithm, strategy, threads)
+        return HandSchedule(self.schedule, fixed=self.knob_dict())
+
+    def label(self) -> str:
+        knobs = ", ".join(f"{k}={v}" for k, v in self.knobs)
+        return f"{self.impl} ({knobs})" if knobs else self.impl
+
+
+def workload_key(layer: Layer) -> str:
+    """The conv's geometry as text: layers of one shape share their trials."""
+    g = layer.geometry
+    return (f"conv {g.in_channels}->{g.out_channels} {g.height}x{g.width} k{g.kernel_h}x{g.kernel_w} "
+            f"s{g.stride} p{','.join(map(str, g.pad))}")
+
+
+class KnobSpace:
+    """The points of one conv: its applicable hand schedules' knobs, and NNPACK's choices."""
+
+    def __init__(self, layer: Layer, threads: int, with_nnpack: bool = True):
+        self.layer, self.threads = layer, threads
+        self.conv = schedules.ConvLayer.of(layer)
+        self.schedules = [s for s in schedules.IMPLEMENTATIONS if schedules.applicable(s, self.conv) is None]
+        self.ranges = {s: schedules.knob_space(s, self.conv) for s in self.schedules}
+        self.nnpack = [Point(c.impl) for c in _nnpack_choices(layer, threads)] if with_nnpack else []
+
+    def default(self, schedule: str) -> Point:
+        return Point.hand(schedule, schedules.default_knobs(schedule, self.conv))
+
+    def starting_points(self) -> list[Point]:
+        """Each schedule's default knobs (the hand-tuned start), then NNPACK's likeliest choice."""
+        points = [self.default(s) for s in self.schedules]
+        nnpack_first = next((p for pref in FIRST_NNPACK for p in self.nnpack if p.impl == f"nnpack:{pref}"),
+                            self.nnpack[0] if self.nnpack else None)
+        return points + ([nnpack_first] if nnpack_first else [])
+
+    def valid(self, point: Point) -> bool:
+        if point.is_nnpack:
+            return point in self.nnpack
+        knobs_type = schedules.knobs_class(point.schedule)
+        try:
+            schedules.validate_knobs(point.schedule, self.conv, knobs_type(**point.knob_dict()))
+        except (schedules.KnobError, TypeError):
+            return False
+        return True
+
+    def sample(self, rng: np.random.Generator, per_schedule: int) -> list[Point]:
+        """Random valid points of every schedule (invalid draws are dropped, not built)."""
+        points = []
+        for schedule, ranges in self.ranges.items():
+            for _ in range(per_schedule):
+                knobs = {name: values[rng.integers(len(values))] for name, values in ranges.items()}
+                point = Point.hand(schedule, {k: _plain(v) for k, v in knobs.items()})
+                if self.valid(point):
+                    points.append(point)
+        return points
+
+    def neighbours(self, point: Point) -> list[Point]:
+        """The valid points one step away along one knob (the next smaller or larger value)."""
+        if point.is_nnpack:
+            return []
+        ranges, knobs, found = self.ranges[point.schedule], point.knob_dict(), []
+        for name, values in ranges.items():
+            if knobs.get(name) not in values:
+                continue
+            at = values.index(knobs[name])
+            for step in (-1, 1):
+                if 0 <= at + step < len(values):
+                    moved = Point.hand(point.schedule, {**knobs, name: _plain(values[at + step])})
+                    if self.valid(moved):
+                        found.append(moved)
+        return found
+
+
+def _plain(value):
+    """numpy scalars from a draw back to Python's, so knobs compare and serialise as written."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _nnpack_choices(layer: Layer, threads: int) -> list[NNPACKCandidate]:
+    """NNPACK's algorithm x strategy that apply to the layer, aliases left out (fp16 on x86)."""
+    chosen = []
+    for algorithm in nnpack.ALGORITHMS:
+        for strategy in nnpack.STRATEGIES:
+            candidate = NNPACKCandidate(algorithm, strategy, threads)
+            if algorithm != "auto" and not candidate.alias_of and candidate.why_not_applicable(layer) is None:
+                chosen.append(candidate)
+    return chosen
+
+
+# ---------------------------------------------------------------- the cost model
+
+FAMILIES = schedules.IMPLEMENTATIONS + tuple(f"nnpack:{a}" for a in nnpack.ALGORITHMS)
+NUMERIC_KNOBS = ("oc_bn", "ow_bn", "ic_bn", "tile_bn", "vec")
+CHOICE_KNOBS = {"parallel": tuple(dict.fromkeys(schedules.PARALLEL_DIRECT + schedules.PARALLEL_WINOGRAD)),
+                "pad": tuple(dict.fromkeys(schedules.PAD_DIRECT + schedules.PAD_WINOGRAD)),
+                "epilogue": tuple(dict.fromkeys(schedules.EPILOGUE_DIRECT + schedules.EPILOGUE_WINOGRAD))}
+
+
+def features(g: ConvGeometry, point: Point, threads: int) -> list[float]:
+    """The point's knobs and what they imply, with the workload's sizes, as numbers (AutoTVM's knob features)."""
+    knobs = point.knob_dict()
+    family = point.impl.rsplit(":", 1)[0] if point.is_nnpack else point.schedule
+    row = [float(family == f) for f in FAMILIES]
+    row.append(float(point.impl.endswith(":precompute")))
+    row += [math.log2(v) for v in (g.in_channels, g.out_channels, g.out_height, g.out_width, g.flops)]
+    row += [math.log2(knobs[k]) if k in knobs else -1.0 for k in NUMERIC_KNOBS]
+    row.append(float(knobs["unroll_kw"]) if "unroll_kw" in knobs else -1.0)
+    for name, choices in CHOICE_KNOBS.items():
+        row += [float(knobs.get(name) == c) for c in choices]
+    accumulators, tasks = _register_tile_and_tasks(g, point)
+    row += [math.log2(accumulators), math.log2(tasks), _imbalance(tasks, threads)]
+    return row
+
+
+def _register_tile_and_tasks(g: ConvGeometry, point: Point) -> tuple[float, float]:
+    """(vector accumulators of the register tile, parallel tasks of the outer loop), 1 for NNPACK."""
+    if point.is_nnpack:
+        return 1.0, 1.0
+    k = point.knob_dict()
+    if point.schedule == "direct_nchw":
+        return k["oc_bn"] * k["ow_bn"] / k["vec"], g.out_channels / k["oc_bn"] * g.out_height
+    if point.schedule == "direct_nchwc":
+        return k["oc_bn"] / k["vec"] * k["ow_bn"], g.out_channels / k["oc_bn"] * g.out_height
+    m = schedules.winograd_m(point.schedule)
+    tiles = -(-g.out_height // m) * -(-g.out_width // m)
+    return k["oc_bn"] / k["vec"] * k["tile_bn"], g.out_channels / k["oc_bn"] * tiles / k["tile_bn"]
+
+
+def _imbalance(tasks: float, threads: int) -> float:
+    """Threads idle at the end of the parallel loop, as a share (0: an even split)."""
+    tasks = max(1, int(round(tasks)))
+    return math.ceil(tasks / threads) * threads / tasks - 1.0
+
+
+class CostModel:
+    """XGBoost on log(time): trained on every trial of the target, so workloads teach each other."""
+
+    def __init__(self, seed: int = 0):
+        self.seed, self.booster = seed, None
+
+    def fit(self, rows: list[list[float]], ms: list[float]) -> None:
+        import xgboost
+
+        # One thread: the device may share this host's cores, and a spinning pool would slow it.
+        params = {"max_depth": 6, "eta": 0.15, "subsample": 0.9, "nthread": 1, "seed": self.seed,
+                  "objective": "reg:squarederror"}
+        data = xgboost.DMatrix(np.asarray(rows, dtype=np.float64), label=np.log(np.asarray(ms, dtype=np.float64)))
+        self.booster = xgboost.train(params, data, num_boost_round=150)
+
+    @property
+    def fitted(self) -> bool:
+        return self.booster is not None
+
+    def predict_ms(self, rows: list[list[float]]) -> np.ndarray:
+        import xgboost
+
+        return np.exp(self.booster.predict(xgboost.DMatrix(np.asarray(rows, dtype=np.float64))))
+
+
+# ---------------------------------------------------------------- the database
+
+def database_path(work_dir, target: dict) -> Path:
+    return database_dir(work_dir, target) / DATABASE_FILE
+
+
+class KnobDatabase:
+    """Every trial on one target, JSON lines (records.RecordStore); emulated trials kept apart."""
+
+    def __init__(self, work_dir, target: dict, emulated: bool = False, threads: int | None = None):
+        self.path = database_path(work_dir, target)
+        self.store = RecordStore(self.path)
+        self.emulated, self.threads = bool(emulated), threads
+
+    def trials(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [r for r in self.store.read(KIND) if bool(r.get("emulated")) == self.emulated
+                and (self.threads is None or r.get("threads") == self.threads)]
+
+    def add(self, record: dict) -> dict:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self.store.append(KIND, record)
+
+
+def good(record: dict) -> bool:
+    """A trial that ran, checked right, and has a time."""
+    return (record.get("status") == "ok" and record.get("numerics_ok") is True
+            and record.get("median_ms") is not None and math.isfinite(record["median_ms"]))
+
+
+def best_trials(work_dir, target: dict, hand_only: bool = True, emulated: bool = False) -> dict[str, dict]:
+    """workload key -> its fastest good trial (of a hand schedule, with `hand_only`)."""
+    best: dict[str, dict] = {}
+    for record in KnobDatabase(work_dir, target, emulated).trials():
+        if not good(record) or (hand_only and record["impl"].startswith("nnpack:")):
+            continue
+        key = record["workload"]
+        if key not in best or record["median_ms"] < best[key]["median_ms"]:
+            best[key] = record
+    return best
+
+
+# ---------------------------------------------------------------- building beside measuring
+
+class QuietGate:
+    """Keeps builds off the cores while a kernel is timed, when the device shares this host's cores.
+
+    Builds overlap everything else (uploads, numerics checks, the model's refit); a remote
+    device's timings are not disturbed by them, so the gate is then open.
+    """
+
+    def __init__(self, active: bool, wait_s: float):
+        self.active, self.wait_s = active, wait_s
+        self._cond = threading.Condition()
+        self._timing, self._building = 0, False
+
+    @contextlib.contextmanager
+    def timing(self):
+        if not self.active:
+            yield
+            return
+        with self._cond:  # bounded: a build is never longer than the build timeout
+            self._cond.wait_for(lambda: not self._building, timeout=self.wait_s)
+            self._timing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._timing -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def building(self):
+        if not self.active:
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._timing == 0, timeout=self.wait_s)
+            self._building = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._building = False
+                self._cond.notify_all()
+
+
+class _QuietRunning(Running):
+    def __init__(self, running: Running, gate: QuietGate):
+        self.running, self.gate = running, gate
+
+    def run_once(self):
+        return self.running.run_once()
+
+    def phases(self):
+        return self.running.phases()
+
+    def time(self, timing):
+        with self.gate.timing():
+            return self.running.time(timing)
+
+
+class Trial(Candidate):
+    """A point on its way through the protocol: built ahead (a future), then checked and timed."""
+
+    def __init__(self, point: Point, task: "Task", inner: Candidate, built, gate: QuietGate, timeout_s: float):
+        self.point, self.task, self.inner, self.built, self.gate, self.timeout_s = \
+            point, task, inner, built, gate, timeout_s
+        self.impl, self.tolerance, self.note = inner.impl, inner.tolerance, inner.note
+
+    def why_not_applicable(self, layer):
+        return self.inner.why_not_applicable(layer)
+
+    def setup(self, session, case, device) -> Running:
+        if self.built is None:  # NNPACK: nothing to build
+            return _QuietRunning(self.inner.setup(session, case, device), self.gate)
+        compiled = self.built.result(timeout=self.timeout_s)  # a build error is raised here: a failed trial
+        return _QuietRunning(self.inner.running(session, case, device, compiled), self.gate)
+
+
+class Builder:
+    """One thread compiling the next batch (LLVM releases the GIL while the measurement waits on RPC)."""
+
+    def __init__(self, device, gate: QuietGate):
+        self.device, self.gate = device, gate
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knob-build")
+
+    def submit(self, candidate: TVMCandidate, case):
+        def build():
+            with self.gate.building():
+                return candidate.compile(case, self.device)
+
+        return self.pool.submit(build)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- the search
+
+@dataclass
+class Task:
+    """One distinct workload: the convs that share it, its space, and its trials so far."""
+
+    key: str
+    layers: list[Layer]
+    space: KnobSpace
+    trials: dict[str, dict] = field(default_factory=dict)  # point key -> latest record
+    in_flight: set = field(default_factory=set)
+    exhausted: bool = False
+
+    @property
+    def layer(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def best_ms(self) -> float:
+        return min((r["median_ms"] for r in self.trials.values() if good(r)), default=math.inf)
+
+    def best(self) -> dict | None:
+        found = [r for r in self.trials.values() if good(r)]
+        return min(found, key=lambda r: r["median_ms"]) if found else None
+
+    def seen(self, point: Point) -> bool:
+        return point.key in self.trials or point.key in self.in_flight
+
+
+class KnobTuner:
+    """The search over a model's convs; `run(budget)` measures until the budget (trials, old and new) is spent."""
+
+    def __init__(self, model: Model, device, work_dir, layers: list[str] | None = None,
+                 config: KnobTuningConfig = KnobTuningConfig(), progress: bool = True):
+        self.model, self.device, self.config, self.progress = model, device, config, progress
+        self.threads = int(device.target.get("num-cores") or 1)
+        self.db = KnobDatabase(work_dir, device.target, getattr(device, "emulated", False), self.threads)
+        self.rng = np.random.default_rng(config.seed)
+        self.cost = CostModel(config.seed)
+        self.tasks: dict[str, Task] = {}
+        for layer in model.select_convs(layers):
+            key = workload_key(layer)
+            if key not in self.tasks:
+                self.tasks[key] = Task(key, [], KnobSpace(layer, self.threads, config.nnpack))
+            self.tasks[key].layers.append(layer)
+        for record in self.db.trials():  # resume: every trial already measured on this target
+            if record.get("workload") in self.tasks:
+                self.tasks[record["workload"]].trials[_point_of(record).key] = record
+        self.estimates: list[tuple[int, float]] = []  # (trials measured, estimated whole-model conv ms)
+        self.batch_number, self.seconds_measuring = 0, 0.0
+        self._cases: dict = {}
+        self._case_lock = threading.Lock()
+
+    def case(self, layer: Layer):
+        """The layer's case (seeded inputs, float64 reference), made once: the build and the check share it."""
+        with self._case_lock:
+            if layer.name not in self._cases:
+                self._cases[layer.name] = ConvCase.from_model(self.model, layer, 0)
+            return self._cases[layer.name]
+
+    # -- what the search knows
+    def spent(self) -> int:
+        return sum(len(t.trials) for t in self.tasks.values())
+
+    def estimate_ms(self) -> float:
+        """The convs' time if each ran its workload's best point so far (inf while one has none)."""
+        return sum(t.best_ms * len(t.layers) for t in self.tasks.values())
+
+    def _refit(self) -> None:
+        rows, times = [], []
+        for record in self.db.trials():  # every workload of the target teaches, other models' too
+            if good(record) and record.get("geometry"):
+                rows.append(features(ConvGeometry(**record["geometry"]), _point_of(record), self.threads))
+                times.append(record["median_ms"])
+        if len(rows) >= self.config.min_fit:
+            self.cost.fit(rows, times)
+
+    # -- choosing the next batch
+    def _pool(self, task: Task) -> list[Point]:
+        space = task.space
+        ranked = sorted((r for r in task.trials.values() if good(r)), key=lambda r: r["median_ms"])
+        points = space.sample(self.rng, self.config.samples)
+        for record in ranked[:5]:
+            points += space.neighbours(_point_of(record))
+        points += space.nnpack
+        unique = {p.key: p for p in points if not task.seen(p)}
+        return list(unique.values())
+
+    def _starting(self, task: Task) -> list[Point]:
+        return [p for p in task.space.starting_points() if not task.seen(p)]
+
+    def propose(self, room: int) -> list[tuple[Task, Point]]:
+        """The next batch (at most `room` points): starting points first, for every workload, then
+        the workload with the largest expected gain."""
+        batch: list[tuple[Task, Point]] = []
+        starting = {key: self._starting(t) for key, t in self.tasks.items()}
+        count = {key: len(t.trials) + len(t.in_flight) for key, t in self.tasks.items()}
+        while len(batch) < room and any(starting.values()):  # the workload with the fewest trials first
+            key = min((k for k, points in starting.items() if points), key=count.get)
+            batch.append((self.tasks[key], starting[key].pop(0)))
+            count[key] += 1
+        if batch:
+            return batch
+        scored = {key: self._scored_pool(t) for key, t in self.tasks.items() if not t.exhausted}
+        gains = {key: self._gain(self.tasks[key], pool) for key, pool in scored.items() if pool}
+        if not gains:
+            return []
+        key = max(gains, key=gains.get)
+        return [(self.tasks[key], p) for p in self._pick(scored[key], room)]
+
+    def _scored_pool(self, task: Task) -> list[tuple[Point, float]]:
+        pool = self._pool(task)
+        if not pool:
+            task.exhausted = True
+            return []
+        if not self.cost.fitted:
+            return [(p, math.nan) for p in pool]
+        predicted = self.cost.predict_ms([features(task.layer.geometry, p, self.threads) for p in pool])
+        return sorted(zip(pool, predicted.tolist()), key=lambda pair: pair[1])
+
+    def _gain(self, task: Task, pool: list[tuple[Point, float]]) -> float:
+        """Expected whole-model ms saved: best x convs sharing it x predicted improvement."""
+        best, predicted = task.best_ms, pool[0][1]
+        if not math.isfinite(best):
+            return math.inf  # no point of it ran yet
+        improvement = 0.5 if math.isnan(predicted) else max(0.0, 1.0 - predicted / best)
+        return best * len(task.layers) * max(improvement, 0.01)  # never zero: the model can be wrong
+
+    def _pick(self, pool: list[tuple[Point, float]], room: int) -> list[Point]:
+        take = min(room, self.config.batch, len(pool))
+        random_count = take if math.isnan(pool[0][1]) else int(round(take * self.config.explore))
+        chosen = [p for p, _ in pool[:take - random_count]]
+        rest = pool[take - random_count:]
+        for i in self.rng.choice(len(rest), size=min(random_count, len(rest)), replace=False):
+            chosen.append(rest[int(i)][0])
+        return chosen
+
+    # -- measuring
+    def _trials(self, batch, builder: Builder | None, gate: QuietGate) -> list[tuple[Layer, Trial]]:
+        items = []
+        for task, point in batch:
+            inner = point.candidate(self.threads)
+            task.in_flight.add(point.key)
+            built = None
+            if not point.is_nnpack:
+                case = self.case(task.layer)
+                built = builder.submit(inner, case) if builder else _built_here(inner, case, self.device)
+            items.append((task.layer, Trial(point, task, inner, built, gate, self.config.build_timeout_s)))
+        return items
+
+    def _measure(self, items, bar) -> None:
+        work = _TrialWork(self, items)
+        started = time.perf_counter()
+        measure_work(work, self.device, self.config.timing, bar)
+        self.seconds_measuring += time.perf_counter() - started
+        self.batch_number += 1
+        self._refit()
+        estimate = self.estimate_ms()
+        if math.isfinite(estimate):
+            self.estimates.append((self.spent(), estimate))
+            bar.set_postfix_str(f"convs ~{estimate:.3g} ms", refresh=False)
+
+    def run(self, budget: int) -> None:
+        """Measure until the database holds `budget` trials of these workloads (resumes; Ctrl-C keeps every trial)."""
+        from tqdm.auto import tqdm
+
+        gate = QuietGate(_shares_host(self.device), self.config.build_timeout_s)
+        builder = Builder(self.device, gate) if self.config.overlap else None
+        self._refit()
+        todo = max(0, budget - self.spent())
+        with tqdm(total=todo, desc="knob tuning", unit="trial", disable=not self.progress) as bar:
+            try:
+                current = self._trials(self.propose(min(todo, self.config.batch)), builder, gate)
+                while current:
+                    room = budget - self.spent() - len(current)
+                    upcoming = self._trials(self.propose(min(room, self.config.batch)), builder, gate) \
+                        if room > 0 else []
+                    self._measure(current, bar)  # the upcoming batch builds meanwhile
+                    for _, trial in current:
+                        trial.task.in_flight.discard(trial.point.key)
+                    current = upcoming
+            finally:
+                if builder:
+                    builder.close()
+
+    def results(self, started: float, spent_before: int) -> list[TuneResult]:
+        """One TuneResult per conv (convs of one shape share their workload's trials)."""
+        seconds = time.perf_counter() - started
+        new = self.spent() - spent_before
+        rate = new / seconds * 60 if new and seconds > 0 else 0.0
+        results = []
+        for task in self.tasks.values():
+            best = task.best()
+            history = _history(task.trials.values())
+            for layer in task.layers:
+                results.append(TuneResult(
+                    layer.name, len(task.trials), 0, seconds, rate, best["median_ms"] if best else None, history,
+                    space="hand", best={"impl": best["impl"], "knobs": best.get("knobs", {})} if best else {}))
+        if results:
+            results[0].new_trials = new  # the call's new trials, counted once
+        return results
+
+
+def _built_here(candidate, case, device):
+    """A finished future, for building in the measuring thread (overlap off)."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    try:
+        future.set_result(candidate.compile(case, device))
+    except Exception as err:  # noqa: BLE001 - raised where the protocol records it as a failed trial
+        future.set_exception(err)
+    return future
+
+
+class _TrialWork(Work):
+    """compare's queue of (layer, candidate), keeping each trial in the knob database."""
+
+    def __init__(self, tuner: KnobTuner, items):
+        super().__init__(tuner.model, items, 0, None, {})
+        self.tuner = tuner
+
+    def keep(self, layer, trial: Trial, result: Measurement, server: str | None) -> None:
+        record = {**result.to_dict(), "workload": trial.task.key, "knobs": trial.point.knob_dict(),
+                  "geometry": _geometry_dict(layer.geometry), "flops": layer.geometry.flops, "threads": self.tuner.threads, "server": server,
+                  "emulated": self.tuner.db.emulated, "seed": self.tuner.config.seed,
+                  "batch": self.tuner.batch_number}
+        stored = self.tuner.db.add(record)
+        with self._lock:
+            trial.task.trials[trial.point.key] = stored
+
+    def case(self, layer):
+        return self.tuner.case(layer)
+
+
+def _geometry_dict(g: ConvGeometry) -> dict:
+    return {**dataclasses.asdict(g), "pad": list(g.pad)}
+
+
+def _point_of(record: dict) -> Point:
+    knobs = record.get("knobs") or {}
+    return Point(record["impl"], tuple(sorted(knobs.items())))
+
+
+def _history(records) -> list[tuple[int, float]]:
+    """(trial index, best ms so far), one point per trial that improved the best, in measurement order."""
+    history, best = [], math.inf
+    for index, record in enumerate(records, start=1):
+        if good(record) and record["median_ms"] < best:
+            best = record["median_ms"]
+            history.append((index, best))
+    return history
+
+
+def _shares_host(device) -> bool:
+    """Whether the device's servers run on this host's cores (a local cluster, or a loopback tracker)."""
+    return getattr(device, "local", None) is not None or device.tracker_host in ("127.0.0.1", "localhost", "::1")
+
+
+# ---------------------------------------------------------------- entry points
+
+def tune_knobs(model: Model, device, trials: int, work_dir, layers: list[str] | None = None,
+               whole_model: bool = True, progress: bool = True,
+               config: KnobTuningConfig = KnobTuningConfig()) -> list[TuneResult]:
+    """Search the hand schedules' knobs (and NNPACK's choices) for the selected convs.
+
+    whole_model: `trials` is one budget for all of them, spent where it pays; else each distinct
+    workload gets `trials` of its own. Trials already in the database count (a re-run resumes).
+    """
+    started = time.perf_counter()
+    tuner = KnobTuner(model, device, work_dir, layers, config, progress)
+    before = tuner.spent()
+    if whole_model:
+        tuner.run(trials)
+    else:
+        for key in list(tuner.tasks):
+            single = KnobTuner(model, device, work_dir, [tuner.tasks[key].layer.name], config, progress)
+            single.run(trials)
+        tuner = KnobTuner(model, device, work_dir, layers, config, progress=False)
+    results = tuner.results(started, before)
+    log.info("knob tuning: %d new trials in %.1f s (%.1f trials/min); convs estimated at %.3f ms",
+             tuner.spent() - before, time.perf_counter() - started,
+             results[0].trials_per_minute if results else 0.0, tuner.estimate_ms())
+    return results
+
+
+def estimate_history(model: Model, work_dir, target: dict, layers: list[str] | None = None, emulated: bool = False,
+                     threads: int | None = None) -> list[tuple[int, float]]:
+    """(trials spent, the convs' estimated ms) in measurement order, from the database: each conv at its
+    shape's best trial so far, once every shape has one."""
+    counts: dict[str, int] = {}
+    for layer in model.select_convs(layers):
+        counts[workload_key(layer)] = counts.get(workload_key(layer), 0) + 1
+    best: dict[str, float] = {}
+    history, spent = [], 0
+    for record in KnobDatabase(work_dir, target, emulated, threads).trials():
+        if record.get("workload") not in counts:
+            continue
+        spent += 1
+        if good(record) and record["median_ms"] < best.get(record["workload"], math.inf):
+            best[record["workload"]] = record["median_ms"]
+            if len(best) == len(counts):
+                history.append((spent, sum(best[k] * n for k, n in counts.items())))
+    return history
+
+
+def database_digest(work_dir, target: dict, emulated: bool = False) -> str:
+    """A short digest of the best hand points: a tuned candidate's records are re-measured when it changes."""
+    best = best_trials(work_dir, target, emulated=emulated)
+    text = json.dumps({k: [r["impl"], r.get("knobs")] for k, r in sorted(best.items())}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
