@@ -70,10 +70,15 @@ def test_study_measured_nnpack_tvm_and_tuned_kernels(study):
     records = [json.loads(l) for l in (study["work"] / "results" / "records.jsonl").read_text().splitlines()]
     convs = [r for r in records if r["kind"] == "conv_measurement"]
     impls = {r["impl"] for r in convs if r["status"] == "ok"}
-    assert {"nnpack:wt8x8:precompute", "tvm:default", "tvm:direct_nchwc", "tvm:tuned"} <= impls
-    tuned = [r for r in convs if r["impl"] == "tvm:tuned"]
-    assert sum(r["status"] == "ok" for r in tuned) == 4  # the first and last two convs
+    assert {"nnpack:wt8x8:precompute", "tvm:default", "tvm:direct_nchwc", "tvm:hand_tuned"} <= impls
+    tuned = [r for r in convs if r["impl"] == "tvm:hand_tuned"]
+    assert sum(r["status"] == "ok" for r in tuned) == 4  # the first and last two convs (--quick tunes the edges)
     assert any(r["kind"] == "tuning" for r in records)
+    tuning = study["summary"]["tuning"]
+    assert tuning["space"] == "hand" and tuning["hand"]["new_trials"] == tuning["trials"]
+    estimates = [ms for _, ms in tuning["hand"]["estimate_history"]]
+    assert estimates and estimates == sorted(estimates, reverse=True)  # the edges' estimated time only falls
+    assert "Tuning" in (study["work"] / "report.html").read_text()
 
 
 def test_a_rerun_resumes_without_tuning_or_measuring_layers_again(study):
