@@ -8,6 +8,11 @@ records, and prints JSON with each system's median latency and the hybrid's rati
 (below 1.0: the hybrid is faster). Goals on 2 cores: below 1.0 against ONNX Runtime (aim
 0.8, moonshot 0.45), at most 1/1.2 against NNPACK everywhere and 1/1.4 against pure TVM.
 
+Tuning, in the same run: the study's default budget (the knob tuner over every conv) is spent
+first (resuming), and each conv of the hybrid's plan is timed alone. Goals: every conv at 350
+or more direct-equivalent GFLOP/s, the five few-channel, large-image convs together at most
+0.6 ms, and the hybrid at most 0.45 x ONNX Runtime (each runtime timed in its own process).
+
 Fusion, in the same run: the hybrid's plan is also built unfused, with the original study's
 groups and folded. Goals: the hybrid at most 0.85 of the same plan unfused, and at most 1.10 x
 its convs' isolated times summed (what it would cost with nothing between the convs).
@@ -26,18 +31,32 @@ from workbench.rpc import open_device
 GOALS = {"onnxruntime": 1.0, "nnpack_everywhere": 1 / 1.2, "tvm_only": 1 / 1.4, "unfused": 0.85}
 MOONSHOT = {"onnxruntime": 0.45}
 ISOLATED_SUM_GOAL = 1.10
+CONV_GFLOPS_GOAL = 350.0
+EDGE_CONVS = ("enc0_conv1", "enc0_conv2", "dec0_reduce", "dec0_conv", "head_conv")
+EDGE_SUM_GOAL_MS = 0.6
+
+
+def conv_figures(isolated: list[dict]) -> dict:
+    """Each conv alone with the plan's implementation: ms and direct-equivalent GFLOP/s, the slowest
+    conv's GFLOP/s, and the five edge convs' summed time."""
+    convs = {r["layer"]: {"impl": r["impl"], "ms": r["median_ms"], "gflops": r["gflops"]} for r in isolated}
+    edges = [convs[name]["ms"] for name in EDGE_CONVS if name in convs and convs[name]["ms"]]
+    slowest = min((c["gflops"] or 0.0 for c in convs.values()), default=0.0)
+    return {"per_conv": convs, "slowest_gflops": slowest,
+            "edge_sum_ms": sum(edges) if len(edges) == len(EDGE_CONVS) else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--trials", type=int, default=None, help="the tuning budget (default: the study's)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     model, work = reference_unet(), WorkDir.at(args.work_dir)
-    config = study.StudyConfig(trials=args.trials,
-                               end_to_end_timing=TimingConfig(number=1, repeat=args.repeat, min_repeat_ms=100))
+    config = study.StudyConfig(end_to_end_timing=TimingConfig(number=1, repeat=args.repeat, min_repeat_ms=100))
+    if args.trials is not None:
+        config.trials = args.trials
     with open_device(threads=args.threads) as device:
         measured = study.measure_layers(model, device, work, config, progress=False)
         plans = study.choose_plans(model, measured.all, fusion_builds=True)
@@ -51,15 +70,20 @@ def main() -> None:
     hybrid_ms = by_name["hybrid"]["median_ms"]
     ratios = {name: hybrid_ms / r["median_ms"] for name, r in by_name.items() if name != "hybrid"}
     fusion = study.fusion_figures(results, plans["hybrid"], isolated)
+    convs = conv_figures(isolated)
     json.dump({
         "hybrid_ms": hybrid_ms,
         "numerics_ok": all(r["numerics_ok"] for r in results),
         "median_ms": {name: r["median_ms"] for name, r in by_name.items()},
         "hybrid_ratio": ratios,
         "fusion": fusion,
+        "convs": convs,
         "goals_met": {**{name: ratios[name] <= goal for name, goal in GOALS.items() if name in ratios},
-                      "isolated_sum": (fusion.get("hybrid_vs_isolated_sum") or float("inf")) <= ISOLATED_SUM_GOAL},
+                      "isolated_sum": (fusion.get("hybrid_vs_isolated_sum") or float("inf")) <= ISOLATED_SUM_GOAL,
+                      "every_conv_gflops": convs["slowest_gflops"] >= CONV_GFLOPS_GOAL,
+                      "edge_sum_ms": (convs["edge_sum_ms"] or float("inf")) <= EDGE_SUM_GOAL_MS},
         "moonshots_met": {name: ratios[name] <= goal for name, goal in MOONSHOT.items() if name in ratios},
+        "tuning": study.tuning_summary(model, device, work, config, measured.tuning),
         "plan": plans["hybrid"].to_dict(),
         "threads": args.threads,
         "repeat": args.repeat,

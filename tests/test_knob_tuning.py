@@ -248,3 +248,28 @@ def test_ctrl_c_keeps_every_trial_and_the_next_run_resumes(small_model, tmp_path
     resumed = _cli(*args[:4], str(kept + 2), *args[5:], "--json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert sum(r["new_trials"] for r in json.loads(resumed.stdout)) == 2
+
+
+def test_a_tuned_point_whose_placement_does_not_fit_a_fusion_falls_back_and_stays_correct(small_model, device,
+                                                                                        tmp_path):
+    # enc1_conv1 reads the first pool: folded, its Winograd input stage must keep the pool in a
+    # separate padding stage, so a point tuned with pad="inline" is rebuilt with the default placement.
+    from workbench.compare import measure_one
+    from workbench.fusion import Fusion, prologue_chain
+
+    layer = small_model.layer("enc1_conv1")
+    assert prologue_chain(small_model, layer) == ("maxpool", "relu")
+    space = KnobSpace(layer, threads=2)
+    inline = Point.hand("winograd_2", {**space.default("winograd_2").knob_dict(), "pad": "inline"})
+    assert space.valid(inline)  # fine for the conv alone
+    db = knob_tuning.KnobDatabase(tmp_path, device.target, threads=2)
+    db.add({"layer": layer.name, "impl": inline.impl, "status": "ok", "median_ms": 0.01, "numerics_ok": True,
+            "repeats_ms": [0.01], "workload": knob_tuning.workload_key(layer), "knobs": inline.knob_dict(),
+            "threads": 2, "emulated": False})
+    candidate = HandTunedCandidate(tmp_path, device.target)
+    pool = small_model.layer(layer.inputs[0])
+    while pool.op != "maxpool":
+        pool = small_model.layer(pool.inputs[0])
+    fusion = Fusion(pool=2, pool_relu=True, pool_in=tuple(pool.input_shape[2:]), relu=True)
+    record = measure_one(small_model, device, layer.name, candidate, fusion=fusion)
+    assert record["status"] == "ok" and record["numerics_ok"], record["note"]

@@ -449,8 +449,7 @@ class KnobTuner:
         for record in self.db.trials():  # resume: every trial already measured on this target
             if record.get("workload") in self.tasks:
                 self.tasks[record["workload"]].trials[_point_of(record).key] = record
-        self.estimates: list[tuple[int, float]] = []  # (trials measured, estimated whole-model conv ms)
-        self.batch_number, self.seconds_measuring = 0, 0.0
+        self.batch_number = 0
         self._cases: dict = {}
         self._case_lock = threading.Lock()
 
@@ -552,15 +551,11 @@ class KnobTuner:
         return items
 
     def _measure(self, items, bar) -> None:
-        work = _TrialWork(self, items)
-        started = time.perf_counter()
-        measure_work(work, self.device, self.config.timing, bar)
-        self.seconds_measuring += time.perf_counter() - started
+        measure_work(_TrialWork(self, items), self.device, self.config.timing, bar)
         self.batch_number += 1
         self._refit()
         estimate = self.estimate_ms()
-        if math.isfinite(estimate):
-            self.estimates.append((self.spent(), estimate))
+        if math.isfinite(estimate):  # the whole model's convs, each at its shape's best so far
             bar.set_postfix_str(f"convs ~{estimate:.3g} ms", refresh=False)
 
     def run(self, budget: int) -> None:
