@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from workbench import compare, intensity, knob_tuning, tuning
-from workbench.kernels.hand import HandTunedCandidate
+from workbench.kernels.hand_tuned import HandTunedCandidate
 from workbench.kernels.tuned import TunedCandidate
 from workbench.measure import TimingConfig
 from workbench.model import reference_unet

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from processes import group_alive
 
-from workbench import knob_tuning, schedules
+from workbench import knob_records, knob_tuning, schedules
 from workbench.compare import compare
-from workbench.kernels.hand import HandTunedCandidate
+from workbench.kernels.hand_tuned import HandTunedCandidate
 from workbench.knob_tuning import KnobSpace, KnobTuningConfig, Point, QuietGate
 from workbench.model import save_onnx
 
@@ -24,7 +24,7 @@ BUDGET = 20
 
 
 def _workloads(model, layers=None):
-    return {knob_tuning.workload_key(layer) for layer in model.select_convs(layers)}
+    return {knob_records.workload_key(layer) for layer in model.select_convs(layers)}
 
 
 @pytest.fixture(scope="module")
@@ -128,27 +128,27 @@ def test_the_quiet_gate_keeps_builds_off_a_timed_kernel():
 
 def test_every_trial_is_checked_then_timed_and_kept_per_target(tuned, device, small_model):
     work_dir, layers, results = tuned
-    trials = knob_tuning.KnobDatabase(work_dir, device.target).trials()
+    trials = knob_records.KnobDatabase(work_dir, device.target).trials()
     assert len(trials) == BUDGET
     assert {r["workload"] for r in trials} == _workloads(small_model, layers)
     for record in trials:
         assert record["status"] in ("ok", "wrong", "failed", "crashed"), record
         if record["status"] == "ok":
             assert record["numerics_ok"] is True and record["median_ms"] > 0 and len(record["repeats_ms"]) >= 3
-    assert knob_tuning.database_path(work_dir, device.target).parent.name.startswith("llvm")
+    assert knob_records.database_path(work_dir, device.target).parent.name.startswith("llvm")
     assert {r.layer for r in results} == set(layers)
     assert sum(r.new_trials for r in results) == BUDGET and results[0].trials_per_minute > 0
 
 
 def test_every_workload_gets_its_starting_points_before_the_model_guides(tuned, device, small_model):
     work_dir, layers, _ = tuned
-    trials = knob_tuning.KnobDatabase(work_dir, device.target).trials()
-    starts = {knob_tuning.workload_key(l): {p.key for p in KnobSpace(l, 2).starting_points()}
+    trials = knob_records.KnobDatabase(work_dir, device.target).trials()
+    starts = {knob_records.workload_key(l): {p.key for p in KnobSpace(l, 2).starting_points()}
               for l in small_model.select_convs(layers)}
     n_starts = sum(len(s) for s in starts.values())
     assert n_starts < BUDGET  # the budget reaches past the starts
     first = trials[:n_starts]
-    assert all(knob_tuning._point_of(r).key in starts[r["workload"]] for r in first)
+    assert all(knob_tuning.point_of(r).key in starts[r["workload"]] for r in first)
     guided = trials[n_starts:]
     batches = {}
     for record in guided:
@@ -158,7 +158,7 @@ def test_every_workload_gets_its_starting_points_before_the_model_guides(tuned, 
 
 def test_the_estimate_of_the_models_convs_only_falls(tuned, device, small_model):
     work_dir, layers, results = tuned
-    history = knob_tuning.estimate_history(small_model, work_dir, device.target, layers)
+    history = knob_records.estimate_history(small_model, work_dir, device.target, layers)
     assert history
     estimates = [ms for _, ms in history]
     assert estimates == sorted(estimates, reverse=True)
@@ -174,7 +174,7 @@ def test_a_rerun_measures_nothing_and_a_larger_budget_only_the_difference(tuned,
     more = knob_tuning.tune_knobs(small_model, device, BUDGET + 4, work_dir, layers=layers, progress=False,
                                   config=CONFIG)
     assert sum(r.new_trials for r in more) == 4
-    keys = [(r["workload"], knob_tuning._point_of(r).key) for r in knob_tuning.KnobDatabase(work_dir, device.target).trials()]
+    keys = [(r["workload"], knob_tuning.point_of(r).key) for r in knob_records.KnobDatabase(work_dir, device.target).trials()]
     assert len(keys) == len(set(keys)) == BUDGET + 4  # no point measured twice
 
 
@@ -187,16 +187,16 @@ def test_the_tuned_candidate_runs_the_best_point_through_the_protocol(tuned, dev
         assert by_layer[name]["status"] == "ok" and by_layer[name]["numerics_ok"], by_layer[name]
     assert by_layer["enc2_conv1"]["status"] == "not_applicable"
     assert "--space hand" in by_layer["enc2_conv1"]["note"]
-    best = knob_tuning.best_trials(work_dir, device.target)
+    best = knob_records.best_trials(work_dir, device.target)
     chosen = candidate.schedule_for(small_model.layer(layers[0]))
-    expected = best[knob_tuning.workload_key(small_model.layer(layers[0]))]
+    expected = best[knob_records.workload_key(small_model.layer(layers[0]))]
     assert chosen.impl == expected["impl"] and chosen.fixed == expected["knobs"]
 
 
 def test_emulated_trials_are_kept_apart(tuned, device):
     work_dir, _, _ = tuned
-    assert knob_tuning.KnobDatabase(work_dir, device.target).trials()
-    assert knob_tuning.KnobDatabase(work_dir, device.target, emulated=True).trials() == []
+    assert knob_records.KnobDatabase(work_dir, device.target).trials()
+    assert knob_records.KnobDatabase(work_dir, device.target, emulated=True).trials() == []
 
 
 # ---------------------------------------------------------------- the command line
@@ -262,9 +262,9 @@ def test_a_tuned_point_whose_placement_does_not_fit_a_fusion_falls_back_and_stay
     space = KnobSpace(layer, threads=2)
     inline = Point.hand("winograd_2", {**space.default("winograd_2").knob_dict(), "pad": "inline"})
     assert space.valid(inline)  # fine for the conv alone
-    db = knob_tuning.KnobDatabase(tmp_path, device.target, threads=2)
+    db = knob_records.KnobDatabase(tmp_path, device.target, threads=2)
     db.add({"layer": layer.name, "impl": inline.impl, "status": "ok", "median_ms": 0.01, "numerics_ok": True,
-            "repeats_ms": [0.01], "workload": knob_tuning.workload_key(layer), "knobs": inline.knob_dict(),
+            "repeats_ms": [0.01], "workload": knob_records.workload_key(layer), "knobs": inline.knob_dict(),
             "threads": 2, "emulated": False})
     candidate = HandTunedCandidate(tmp_path, device.target)
     pool = small_model.layer(layer.inputs[0])

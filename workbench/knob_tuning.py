@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -32,27 +31,23 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from . import nnpack, schedules
 from .compare import Work, measure_work
-from .fusion import Fusion
 from .kernels.base import Candidate, Running
 from .kernels.hand import HandSchedule
 from .kernels.nnpack import NNPACKCandidate
 from .kernels.tvm_kernel import TVMCandidate
 from .geometry import ConvGeometry
+from .knob_records import KnobDatabase, geometry_dict, good, workload_key
 from .measure import ConvCase, Measurement, TimingConfig
 from .model import Layer, Model
-from .records import RecordStore
-from .tuning import TuneResult, database_dir
+from .tuning import TuneResult
 
 log = logging.getLogger(__name__)
 
-KIND = "knob_trial"
-DATABASE_FILE = "knobs.jsonl"
 FIRST_NNPACK = ("wt8x8:precompute", "implicit_gemm:precompute", "direct:compute")  # NNPACK's starting point
 
 
@@ -109,13 +104,6 @@ class Point:
     def label(self) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in self.knobs)
         return f"{self.impl} ({knobs})" if knobs else self.impl
-
-
-def workload_key(layer: Layer) -> str:
-    """The conv's geometry as text: layers of one shape share their trials."""
-    g = layer.geometry
-    return (f"conv {g.in_channels}->{g.out_channels} {g.height}x{g.width} k{g.kernel_h}x{g.kernel_w} "
-            f"s{g.stride} p{','.join(map(str, g.pad))}")
 
 
 class KnobSpace:
@@ -262,49 +250,6 @@ class CostModel:
         return np.exp(self.booster.predict(xgboost.DMatrix(np.asarray(rows, dtype=np.float64))))
 
 
-# ---------------------------------------------------------------- the database
-
-def database_path(work_dir, target: dict) -> Path:
-    return database_dir(work_dir, target) / DATABASE_FILE
-
-
-class KnobDatabase:
-    """Every trial on one target, JSON lines (records.RecordStore); emulated trials kept apart."""
-
-    def __init__(self, work_dir, target: dict, emulated: bool = False, threads: int | None = None):
-        self.path = database_path(work_dir, target)
-        self.store = RecordStore(self.path)
-        self.emulated, self.threads = bool(emulated), threads
-
-    def trials(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [r for r in self.store.read(KIND) if bool(r.get("emulated")) == self.emulated
-                and (self.threads is None or r.get("threads") == self.threads)]
-
-    def add(self, record: dict) -> dict:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return self.store.append(KIND, record)
-
-
-def good(record: dict) -> bool:
-    """A trial that ran, checked right, and has a time."""
-    return (record.get("status") == "ok" and record.get("numerics_ok") is True
-            and record.get("median_ms") is not None and math.isfinite(record["median_ms"]))
-
-
-def best_trials(work_dir, target: dict, hand_only: bool = True, emulated: bool = False) -> dict[str, dict]:
-    """workload key -> its fastest good trial (of a hand schedule, with `hand_only`)."""
-    best: dict[str, dict] = {}
-    for record in KnobDatabase(work_dir, target, emulated).trials():
-        if not good(record) or (hand_only and record["impl"].startswith("nnpack:")):
-            continue
-        key = record["workload"]
-        if key not in best or record["median_ms"] < best[key]["median_ms"]:
-            best[key] = record
-    return best
-
-
 # ---------------------------------------------------------------- building beside measuring
 
 class QuietGate:
@@ -448,7 +393,7 @@ class KnobTuner:
             self.tasks[key].layers.append(layer)
         for record in self.db.trials():  # resume: every trial already measured on this target
             if record.get("workload") in self.tasks:
-                self.tasks[record["workload"]].trials[_point_of(record).key] = record
+                self.tasks[record["workload"]].trials[point_of(record).key] = record
         self.batch_number = 0
         self._cases: dict = {}
         self._case_lock = threading.Lock()
@@ -472,7 +417,7 @@ class KnobTuner:
         rows, times = [], []
         for record in self.db.trials():  # every workload of the target teaches, other models' too
             if good(record) and record.get("geometry"):
-                rows.append(features(ConvGeometry(**record["geometry"]), _point_of(record), self.threads))
+                rows.append(features(ConvGeometry(**record["geometry"]), point_of(record), self.threads))
                 times.append(record["median_ms"])
         if len(rows) >= self.config.min_fit:
             self.cost.fit(rows, times)
@@ -483,7 +428,7 @@ class KnobTuner:
         ranked = sorted((r for r in task.trials.values() if good(r)), key=lambda r: r["median_ms"])
         points = space.sample(self.rng, self.config.samples)
         for record in ranked[:5]:
-            points += space.neighbours(_point_of(record))
+            points += space.neighbours(point_of(record))
         points += space.nnpack
         unique = {p.key: p for p in points if not task.seen(p)}
         return list(unique.values())
@@ -620,7 +565,7 @@ class _TrialWork(Work):
 
     def keep(self, layer, trial: Trial, result: Measurement, server: str | None) -> None:
         record = {**result.to_dict(), "workload": trial.task.key, "knobs": trial.point.knob_dict(),
-                  "geometry": _geometry_dict(layer.geometry), "flops": layer.geometry.flops, "threads": self.tuner.threads, "server": server,
+                  "geometry": geometry_dict(layer.geometry), "flops": layer.geometry.flops, "threads": self.tuner.threads, "server": server,
                   "emulated": self.tuner.db.emulated, "seed": self.tuner.config.seed,
                   "batch": self.tuner.batch_number}
         stored = self.tuner.db.add(record)
@@ -631,11 +576,7 @@ class _TrialWork(Work):
         return self.tuner.case(layer)
 
 
-def _geometry_dict(g: ConvGeometry) -> dict:
-    return {**dataclasses.asdict(g), "pad": list(g.pad)}
-
-
-def _point_of(record: dict) -> Point:
+def point_of(record: dict) -> Point:
     knobs = record.get("knobs") or {}
     return Point(record["impl"], tuple(sorted(knobs.items())))
 
@@ -682,28 +623,3 @@ def tune_knobs(model: Model, device, trials: int, work_dir, layers: list[str] | 
     return results
 
 
-def estimate_history(model: Model, work_dir, target: dict, layers: list[str] | None = None, emulated: bool = False,
-                     threads: int | None = None) -> list[tuple[int, float]]:
-    """(trials spent, the convs' estimated ms) in measurement order, from the database: each conv at its
-    shape's best trial so far, once every shape has one."""
-    counts: dict[str, int] = {}
-    for layer in model.select_convs(layers):
-        counts[workload_key(layer)] = counts.get(workload_key(layer), 0) + 1
-    best: dict[str, float] = {}
-    history, spent = [], 0
-    for record in KnobDatabase(work_dir, target, emulated, threads).trials():
-        if record.get("workload") not in counts:
-            continue
-        spent += 1
-        if good(record) and record["median_ms"] < best.get(record["workload"], math.inf):
-            best[record["workload"]] = record["median_ms"]
-            if len(best) == len(counts):
-                history.append((spent, sum(best[k] * n for k, n in counts.items())))
-    return history
-
-
-def database_digest(work_dir, target: dict, emulated: bool = False) -> str:
-    """A short digest of the best hand points: a tuned candidate's records are re-measured when it changes."""
-    best = best_trials(work_dir, target, emulated=emulated)
-    text = json.dumps({k: [r["impl"], r.get("knobs")] for k, r in sorted(best.items())}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from . import baselines, blocks, compare, hybrid, intensity, knob_tuning, plots, tuning
+from . import baselines, blocks, compare, hybrid, intensity, knob_records, knob_tuning, plots, tuning
 from .build import build_hybrid, compile_hybrid
 from .ceilings import measure_ceilings
 from .kernels.base import Candidate
@@ -286,7 +286,7 @@ def tuning_summary(model: Model, device, work: WorkDir, config: StudyConfig, res
                           "trials_per_minute": new / seconds * 60 if new and seconds else None,
                           "best": {r["layer"]: {"best_ms": r["best_ms"], **(r.get("best") or {})} for r in mine}}
     if "hand" in config.spaces:
-        summary["hand"]["estimate_history"] = knob_tuning.estimate_history(
+        summary["hand"]["estimate_history"] = knob_records.estimate_history(
             model, work.tuning, device.target, tuned_layers(model, config), bool(getattr(device, "emulated", False)),
             int(device.target.get("num-cores") or 1))
     return summary

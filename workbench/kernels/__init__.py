@@ -4,8 +4,9 @@
   into a hybrid model, which following ops it can absorb).
 - ``tvm_kernel``: what all TVM kernels share (a PrimFunc built for the device, uploaded, timed;
   a ``call_tir`` in the hybrid).
-- ``nnpack``, ``default``, ``hand``, ``tuned``: NNPACK's algorithms x strategies, TVM's untuned
-  conv, the hand-written TensorIR schedules with knobs, and MetaSchedule's best schedules.
+- ``nnpack``, ``default``, ``hand``, ``hand_tuned``, ``tuned``: NNPACK's algorithms x strategies,
+  TVM's untuned conv, the hand-written TensorIR schedules with knobs, the knob tuner's best
+  point of each conv, and MetaSchedule's best schedules.
   Kernels declare the ops around a conv they compute (``fusible``, ``prologue_fusible``);
   ``default`` and ``hand`` take a pool before and resize+add+ReLU after the conv.
 - ``fused``: the original study's fused elementwise groups (MaxPool+ReLU, Resize+Add+ReLU)

@@ -28,7 +28,8 @@ def all_candidates(threads: int = 1, tuning_dir: str | Path | None = None, tuned
     """NNPACK's algorithms x strategies, TVM's default, every hand schedule, and the tuned schedules:
     MetaSchedule's (`tvm:tuned`) and the knob tuner's (`tvm:hand_tuned`; with the `target`, only
     where its database has a trial of the conv's shape)."""
-    from .hand import HandTunedCandidate, hand_candidates
+    from .hand import hand_candidates
+    from .hand_tuned import HandTunedCandidate
     from .tuned import TunedCandidate
 
     return library_candidates(threads) + hand_candidates() + [TunedCandidate(tuning_dir, tuned_layers, trials),
