@@ -174,3 +174,17 @@ def test_a_farm_server_killed_mid_sweep_is_restarted_while_the_other_measures_on
         (r["impl"], r["status"], r["note"]) for r in records if r["status"] not in ("ok", "not_applicable")]
     assert not store.duplicates(KIND, KEY) and len(store.read(KIND)) == len(records)
     assert f"127.0.0.1:{survivor}" in {r["server"] for r in records}
+
+
+def test_the_knob_tuner_measures_a_batch_on_both_servers_at_once(small_model, farm, tmp_path):
+    from workbench import knob_records
+    from workbench.knob_tuning import KnobTuningConfig, tune_knobs
+
+    config = KnobTuningConfig(batch=6, samples=40)
+    results = tune_knobs(small_model, farm, 12, tmp_path, layers=_layers(small_model), progress=False, config=config)
+    trials = knob_records.KnobDatabase(tmp_path, farm.target).trials()
+    assert len(trials) == 12 and sum(r.new_trials for r in results) == 12
+    servers = {r["server"] for r in trials}
+    assert len(servers) == 2 and None not in servers, "each batch is shared out over the farm"
+    keys = [(r["workload"], json.dumps(r["knobs"], sort_keys=True), r["impl"]) for r in trials]
+    assert len(set(keys)) == len(keys)  # no point measured twice
