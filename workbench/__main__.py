@@ -196,7 +196,6 @@ def cmd_compare(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from . import tuning
     from .records import WorkDir
     from .report import device_line
     from .rpc import open_device
@@ -344,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small budget (for CI)")
     p.add_argument("--trials", type=int, help="one tuning budget over the tuned convs, per search space "
                    "(default 240; --quick 12)")
-    p.add_argument("--tune", choices=("all", "edges", "none"), help="which convs are tuned (default: all)")
+    p.add_argument("--tune", choices=("all", "edges", "none"),
+                   help="which convs are tuned (default: all; with --quick: edges)")
     p.add_argument("--space", choices=("hand", "metaschedule", "all"),
                    help="what tuning searches: the hand schedules' knobs and NNPACK's choices (default), "
                         "MetaSchedule's space, or both")
@@ -424,7 +424,8 @@ def _kept_counter(args):
 
     def lines() -> int:
         try:
-            files = [work.records.path, *work.tuning.glob("*/database_tuning_record.json")]
+            files = [work.records.path, *work.tuning.glob("*/database_tuning_record.json"),
+                     *work.tuning.glob("*/knobs.jsonl")]
         except OSError:  # a work dir that is not a folder: the command itself says so
             return 0
         count = 0

@@ -100,7 +100,8 @@ def measure_blocks(model: Model, device, records: list[dict], candidates: list[C
     with SessionKeeper(device) as sessions:
         for layer, candidate, label, make_case, fusion in bar:
             old = done.get((layer, candidate.impl, label))
-            if old is not None and old.get("status") in FINAL and old.get("config", "") == candidate.config:
+            if old is not None and old.get("status") in FINAL and \
+                    old.get("config", "") == candidate.config_for(model.layer(layer)):
                 results.append(old)
                 continue
             bar.set_postfix_str(f"{layer} {candidate.impl} {label}")

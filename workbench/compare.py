@@ -79,7 +79,8 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
     # A record is reused only if it is a measured result (not `failed`: a build error, or from
     # older runs a dead session) and its candidate is configured as when it was measured.
     results = {key: rec for key, rec in done.items()
-               if key in wanted and rec.get("status") in FINAL and rec.get("config", "") == wanted[key][1].config}
+               if key in wanted and rec.get("status") in FINAL and rec.get("config", "") == wanted[key][1].config_for(
+                   wanted[key][0])}
     todo = [pair for key, pair in wanted.items() if key not in results]
     if todo:
         results.update(_measure_all(device, model, todo, timing, store, context, seed, progress))
@@ -215,8 +216,9 @@ def measure_surviving(candidate, case: ConvCase, sessions: SessionKeeper, device
         log.warning("%s on %s: session lost (%s); reviving the device", candidate.impl, case.layer.name, reasons[-1])
         session = None
         sessions.lost()
-    return Measurement(case.layer.name, candidate.impl, "crashed", numerics_ok=False, tolerance=candidate.tolerance,
-                       alias_of=candidate.alias_of, config=candidate.config,
+    return Measurement(case.layer.name, candidate.impl, "crashed", numerics_ok=False,
+                       tolerance=candidate.tolerance_for(case.layer), alias_of=candidate.alias_of,
+                       config=candidate.config_for(case.layer),
                        note=f"the device session died {len(reasons)} times measuring it: {reasons[-1]}"[:500])
 
 

@@ -27,15 +27,16 @@ import dataclasses
 import json
 import logging
 import math
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import nnpack, schedules
 from .compare import Work, measure_work
+from .errors import WorkbenchError
 from .kernels.base import Candidate, Running
 from .kernels.hand import HandSchedule
 from .kernels.nnpack import NNPACKCandidate
@@ -206,17 +207,20 @@ def features(g: ConvGeometry, point: Point, threads: int) -> list[float]:
 
 
 def _register_tile_and_tasks(g: ConvGeometry, point: Point) -> tuple[float, float]:
-    """(vector accumulators of the register tile, parallel tasks of the outer loop), 1 for NNPACK."""
+    """(vector accumulators of the register tile, iterations of its parallel loop: 1 when serial); 1, 1
+    for NNPACK (its own threads: the family features tell it apart)."""
     if point.is_nnpack:
         return 1.0, 1.0
     k = point.knob_dict()
-    if point.schedule == "direct_nchw":
-        return k["oc_bn"] * k["ow_bn"] / k["vec"], g.out_channels / k["oc_bn"] * g.out_height
-    if point.schedule == "direct_nchwc":
-        return k["oc_bn"] / k["vec"] * k["ow_bn"], g.out_channels / k["oc_bn"] * g.out_height
+    blocks = g.out_channels / k["oc_bn"]
+    if point.schedule.startswith("direct"):
+        tile = k["oc_bn"] * k["ow_bn"] / k["vec"]  # either layout: oc_bn x ow_bn outputs, vec per register
+        loops = {"fused": blocks * g.out_height, "oc": blocks, "oh": g.out_height, "none": 1.0}
+        return tile, loops[k["parallel"]]
     m = schedules.winograd_m(point.schedule)
-    tiles = -(-g.out_height // m) * -(-g.out_width // m)
-    return k["oc_bn"] / k["vec"] * k["tile_bn"], g.out_channels / k["oc_bn"] * tiles / k["tile_bn"]
+    alpha2 = (m + 2) ** 2
+    loops = {"fused": alpha2 * blocks, "eps": alpha2, "none": 1.0}  # the GEMM's parallel loop
+    return k["oc_bn"] / k["vec"] * k["tile_bn"], loops[k["parallel"]]
 
 
 def _imbalance(tasks: float, threads: int) -> float:
@@ -255,25 +259,31 @@ class CostModel:
 class QuietGate:
     """Keeps builds off the cores while a kernel is timed, when the device shares this host's cores.
 
-    Builds overlap everything else (uploads, numerics checks, the model's refit); a remote
-    device's timings are not disturbed by them, so the gate is then open.
+    Builds overlap everything else (uploads, numerics checks, the model's refit). A kernel about
+    to be timed goes first: the build in hand finishes, the next one waits. Every wait is
+    bounded by the build timeout; a timing that ran out of patience is said to be disturbed.
+    A remote device's timings are not disturbed by builds here, so the gate is then open.
     """
 
     def __init__(self, active: bool, wait_s: float):
         self.active, self.wait_s = active, wait_s
         self._cond = threading.Condition()
-        self._timing, self._building = 0, False
+        self._timing = self._waiting = 0
+        self._building = False
 
     @contextlib.contextmanager
     def timing(self):
+        """Held while a kernel is timed; yields True if a build still ran beside it (the wait ran out)."""
         if not self.active:
-            yield
+            yield False
             return
-        with self._cond:  # bounded: a build is never longer than the build timeout
-            self._cond.wait_for(lambda: not self._building, timeout=self.wait_s)
+        with self._cond:
+            self._waiting += 1
+            quiet = self._cond.wait_for(lambda: not self._building, timeout=self.wait_s)
+            self._waiting -= 1
             self._timing += 1
         try:
-            yield
+            yield not quiet
         finally:
             with self._cond:
                 self._timing -= 1
@@ -281,11 +291,12 @@ class QuietGate:
 
     @contextlib.contextmanager
     def building(self):
+        """Held while compiling: waits while a kernel is timed or waits to be (bounded)."""
         if not self.active:
             yield
             return
         with self._cond:
-            self._cond.wait_for(lambda: self._timing == 0, timeout=self.wait_s)
+            self._cond.wait_for(lambda: self._timing == 0 and self._waiting == 0, timeout=self.wait_s)
             self._building = True
         try:
             yield
@@ -295,9 +306,98 @@ class QuietGate:
                 self._cond.notify_all()
 
 
+class NotBuilt(WorkbenchError):
+    """A trial whose build was cancelled or never started: the tuner's doing, not the point's result."""
+
+
+class BuildTicket:
+    """One build on its way: when it started and finished, and the compiled kernel or the error."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self.started = self.finished = None
+        self.compiled, self.error, self.cancelled = None, None, False
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def finish(self, compiled=None, error: BaseException | None = None) -> None:
+        self.compiled, self.error, self.finished = compiled, error, time.perf_counter()
+        self._done.set()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._done.set()
+
+    @property
+    def build_s(self) -> float | None:
+        return self.finished - self.started if self.started and self.finished else None
+
+    def wait(self, timeout_s: float):
+        """The compiled kernel. A build running past `timeout_s` is the point's own failure (raised as
+        TimeoutError); one that never started within twice that, or was cancelled, raises NotBuilt."""
+        asked = time.perf_counter()
+        while not self._done.wait(0.2):
+            now = time.perf_counter()
+            if self.started is not None and now - self.started > timeout_s:
+                raise TimeoutError(f"its build took longer than {timeout_s:.0f} s")
+            if self.started is None and now - asked > 2 * timeout_s:
+                raise NotBuilt(f"its build did not start within {2 * timeout_s:.0f} s")
+        if self.cancelled:
+            raise NotBuilt("its build was cancelled")
+        if self.error is not None:
+            raise self.error
+        return self.compiled
+
+
+class Builder:
+    """A daemon thread compiling the next batch while this one is measured (TVM's lowering and LLVM run
+    without the GIL for the most part; the measurement mostly waits on RPC). Never waited for at exit."""
+
+    def __init__(self, device, gate: QuietGate):
+        self.device, self.gate = device, gate
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="knob-build", daemon=True)
+        self._thread.start()
+
+    def submit(self, candidate: TVMCandidate, case) -> BuildTicket:
+        ticket = BuildTicket()
+        self._queue.put((ticket, candidate, case))
+        return ticket
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            ticket, candidate, case = item
+            if ticket.cancelled:
+                continue
+            with self.gate.building():
+                build(ticket, candidate, case, self.device)
+
+    def close(self) -> None:
+        """Cancel the queued builds; the one in hand finishes on its own."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        self._queue.put(None)
+
+
+def build(ticket: BuildTicket, candidate: TVMCandidate, case, device) -> BuildTicket:
+    ticket.start()
+    try:
+        ticket.finish(candidate.compile(case, device))
+    except Exception as err:  # noqa: BLE001 - a build error is the point's result, raised where it is measured
+        ticket.finish(error=err)
+    return ticket
+
+
 class _QuietRunning(Running):
     def __init__(self, running: Running, gate: QuietGate):
         self.running, self.gate = running, gate
+        self.beside_build = False
 
     def run_once(self):
         return self.running.run_once()
@@ -306,44 +406,49 @@ class _QuietRunning(Running):
         return self.running.phases()
 
     def time(self, timing):
-        with self.gate.timing():
+        with self.gate.timing() as disturbed:
+            self.beside_build = disturbed
             return self.running.time(timing)
 
 
 class Trial(Candidate):
-    """A point on its way through the protocol: built ahead (a future), then checked and timed."""
+    """A point on its way through the protocol: built ahead (a ticket), then checked and timed."""
 
-    def __init__(self, point: Point, task: "Task", inner: Candidate, built, gate: QuietGate, timeout_s: float):
-        self.point, self.task, self.inner, self.built, self.gate, self.timeout_s = \
-            point, task, inner, built, gate, timeout_s
+    def __init__(self, point: Point, task: "Task", inner: Candidate, ticket: BuildTicket | None, gate: QuietGate,
+                 timeout_s: float):
+        self.point, self.task, self.inner, self.ticket, self.gate, self.timeout_s = \
+            point, task, inner, ticket, gate, timeout_s
         self.impl, self.tolerance, self.note = inner.impl, inner.tolerance, inner.note
+        self.started = self.measuring = None  # when its turn came; when its kernel was ready (perf_counter)
+        self.waited_s = 0.0  # for its build once its turn came (0: built in time)
+        self.skipped = False  # not built (cancelled, never started): nothing to keep
+        self.running: _QuietRunning | None = None
 
     def why_not_applicable(self, layer):
         return self.inner.why_not_applicable(layer)
 
     def setup(self, session, case, device) -> Running:
-        if self.built is None:  # NNPACK: nothing to build
-            return _QuietRunning(self.inner.setup(session, case, device), self.gate)
-        compiled = self.built.result(timeout=self.timeout_s)  # a build error is raised here: a failed trial
-        return _QuietRunning(self.inner.running(session, case, device, compiled), self.gate)
+        self.started = time.perf_counter()
+        if self.ticket is None:  # NNPACK: nothing to build
+            inner = self.inner.setup(session, case, device)
+        else:
+            try:
+                compiled = self.ticket.wait(self.timeout_s)  # a build error is raised here: a failed trial
+            except NotBuilt:
+                self.skipped = True
+                raise
+            finally:
+                self.waited_s = time.perf_counter() - self.started
+            inner = self.inner.running(session, case, device, compiled)
+        self.measuring = time.perf_counter()
+        self.running = _QuietRunning(inner, self.gate)
+        return self.running
 
-
-class Builder:
-    """One thread compiling the next batch (LLVM releases the GIL while the measurement waits on RPC)."""
-
-    def __init__(self, device, gate: QuietGate):
-        self.device, self.gate = device, gate
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knob-build")
-
-    def submit(self, candidate: TVMCandidate, case):
-        def build():
-            with self.gate.building():
-                return candidate.compile(case, self.device)
-
-        return self.pool.submit(build)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    def seconds(self) -> dict:
+        """Where the trial's time went: its build (overlapped unless waited for) and its measurement."""
+        return {"build_s": self.ticket.build_s if self.ticket else None, "waited_for_build_s": self.waited_s,
+                "measure_s": time.perf_counter() - self.measuring if self.measuring else None,
+                "timed_beside_build": bool(self.running and self.running.beside_build)}
 
 
 # ---------------------------------------------------------------- the search
@@ -358,6 +463,11 @@ class Task:
     trials: dict[str, dict] = field(default_factory=dict)  # point key -> latest record
     in_flight: set = field(default_factory=set)
     exhausted: bool = False
+    before: set = field(default_factory=set)  # point keys measured before this call
+    starts: list = field(default_factory=list)  # its starting points
+
+    def __post_init__(self):
+        self.starts = self.space.starting_points()
 
     @property
     def layer(self) -> Layer:
@@ -391,12 +501,18 @@ class KnobTuner:
             if key not in self.tasks:
                 self.tasks[key] = Task(key, [], KnobSpace(layer, self.threads, config.nnpack))
             self.tasks[key].layers.append(layer)
-        for record in self.db.trials():  # resume: every trial already measured on this target
-            if record.get("workload") in self.tasks:
-                self.tasks[record["workload"]].trials[point_of(record).key] = record
+        self.load()
+        for task in self.tasks.values():
+            task.before = set(task.trials)
         self.batch_number = 0
         self._cases: dict = {}
         self._case_lock = threading.Lock()
+
+    def load(self) -> None:
+        """Every trial of these shapes already in the database (resume; or after other runs added some)."""
+        for record in self.db.trials():
+            if record.get("workload") in self.tasks:
+                self.tasks[record["workload"]].trials[point_of(record).key] = record
 
     def case(self, layer: Layer):
         """The layer's case (seeded inputs, float64 reference), made once: the build and the check share it."""
@@ -433,20 +549,18 @@ class KnobTuner:
         unique = {p.key: p for p in points if not task.seen(p)}
         return list(unique.values())
 
-    def _starting(self, task: Task) -> list[Point]:
-        return [p for p in task.space.starting_points() if not task.seen(p)]
-
     def propose(self, room: int) -> list[tuple[Task, Point]]:
         """The next batch (at most `room` points): starting points first, for every workload, then
-        the workload with the largest expected gain."""
+        the workload with the largest expected gain. Empty while starting points are still measured
+        (their times decide where the budget goes) or when every space is exhausted."""
         batch: list[tuple[Task, Point]] = []
-        starting = {key: self._starting(t) for key, t in self.tasks.items()}
+        starting = {key: [p for p in t.starts if not t.seen(p)] for key, t in self.tasks.items()}
         count = {key: len(t.trials) + len(t.in_flight) for key, t in self.tasks.items()}
         while len(batch) < room and any(starting.values()):  # the workload with the fewest trials first
             key = min((k for k, points in starting.items() if points), key=count.get)
             batch.append((self.tasks[key], starting[key].pop(0)))
             count[key] += 1
-        if batch:
+        if batch or any(p.key in t.in_flight for t in self.tasks.values() for p in t.starts):
             return batch
         scored = {key: self._scored_pool(t) for key, t in self.tasks.items() if not t.exhausted}
         gains = {key: self._gain(self.tasks[key], pool) for key, pool in scored.items() if pool}
@@ -469,7 +583,7 @@ class KnobTuner:
         """Expected whole-model ms saved: best x convs sharing it x predicted improvement."""
         best, predicted = task.best_ms, pool[0][1]
         if not math.isfinite(best):
-            return math.inf  # no point of it ran yet
+            return 0.0  # every trial of it failed: last in line, never ahead of a shape that runs
         improvement = 0.5 if math.isnan(predicted) else max(0.0, 1.0 - predicted / best)
         return best * len(task.layers) * max(improvement, 0.01)  # never zero: the model can be wrong
 
@@ -488,40 +602,50 @@ class KnobTuner:
         for task, point in batch:
             inner = point.candidate(self.threads)
             task.in_flight.add(point.key)
-            built = None
+            ticket = None
             if not point.is_nnpack:
                 case = self.case(task.layer)
-                built = builder.submit(inner, case) if builder else _built_here(inner, case, self.device)
-            items.append((task.layer, Trial(point, task, inner, built, gate, self.config.build_timeout_s)))
+                # Without overlap, built here and now, in the measuring thread.
+                ticket = builder.submit(inner, case) if builder else build(BuildTicket(), inner, case, self.device)
+            items.append((task.layer, Trial(point, task, inner, ticket, gate, self.config.build_timeout_s)))
         return items
 
-    def _measure(self, items, bar) -> None:
+    def _measure(self, items, bar) -> int:
+        """Measure a batch; returns how many trials were kept."""
+        before = self.spent()
         measure_work(_TrialWork(self, items), self.device, self.config.timing, bar)
+        for _, trial in items:
+            trial.task.in_flight.discard(trial.point.key)
         self.batch_number += 1
         self._refit()
         estimate = self.estimate_ms()
         if math.isfinite(estimate):  # the whole model's convs, each at its shape's best so far
-            bar.set_postfix_str(f"convs ~{estimate:.3g} ms", refresh=False)
+            bar.set_description_str(f"knob tuning (convs ~{estimate:.3g} ms)", refresh=True)
+        return self.spent() - before
 
     def run(self, budget: int) -> None:
         """Measure until the database holds `budget` trials of these workloads (resumes; Ctrl-C keeps every trial)."""
         from tqdm.auto import tqdm
 
+        todo = max(0, budget - self.spent())
+        if not todo:
+            return
         gate = QuietGate(_shares_host(self.device), self.config.build_timeout_s)
         builder = Builder(self.device, gate) if self.config.overlap else None
         self._refit()
-        todo = max(0, budget - self.spent())
+        next_batch = lambda in_flight: self._trials(  # noqa: E731 - the rest of the budget, a batch at most
+            self.propose(min(budget - self.spent() - in_flight, self.config.batch)), builder, gate) \
+            if budget - self.spent() - in_flight > 0 else []
         with tqdm(total=todo, desc="knob tuning", unit="trial", disable=not self.progress) as bar:
             try:
-                current = self._trials(self.propose(min(todo, self.config.batch)), builder, gate)
+                current = next_batch(0)
                 while current:
-                    room = budget - self.spent() - len(current)
-                    upcoming = self._trials(self.propose(min(room, self.config.batch)), builder, gate) \
-                        if room > 0 else []
-                    self._measure(current, bar)  # the upcoming batch builds meanwhile
-                    for _, trial in current:
-                        trial.task.in_flight.discard(trial.point.key)
-                    current = upcoming
+                    upcoming = next_batch(len(current))  # builds while `current` is measured
+                    if not self._measure(current, bar):
+                        raise TuningError(f"none of the last {len(current)} trials could be built or measured; "
+                                          "check the log, then run the same command again to resume")
+                    # Empty while starting points were still being measured: ask again now.
+                    current = upcoming or next_batch(0)
             finally:
                 if builder:
                     builder.close()
@@ -530,30 +654,30 @@ class KnobTuner:
         """One TuneResult per conv (convs of one shape share their workload's trials)."""
         seconds = time.perf_counter() - started
         new = self.spent() - spent_before
-        rate = new / seconds * 60 if new and seconds > 0 else 0.0
+        rate = new / seconds * 60 if new and seconds > 0 else 0.0  # of the whole call: the budget is shared
         results = []
         for task in self.tasks.values():
-            best = task.best()
-            history = _history(task.trials.values())
-            for layer in task.layers:
+            best, history = task.best(), _history(task.trials.values())
+            fresh = len(set(task.trials) - task.before)
+            for index, layer in enumerate(task.layers):  # a shape's new trials are counted on its first conv
                 results.append(TuneResult(
-                    layer.name, len(task.trials), 0, seconds, rate, best["median_ms"] if best else None, history,
+                    layer.name, len(task.trials), fresh if index == 0 else 0, seconds, rate,
+                    best["median_ms"] if best else None, history, _servers(task),
                     space="hand", best={"impl": best["impl"], "knobs": best.get("knobs", {})} if best else {}))
-        if results:
-            results[0].new_trials = new  # the call's new trials, counted once
         return results
 
 
-def _built_here(candidate, case, device):
-    """A finished future, for building in the measuring thread (overlap off)."""
-    from concurrent.futures import Future
+class TuningError(WorkbenchError):
+    """The search cannot go on (nothing of a batch could be built or measured); what it kept stays kept."""
 
-    future: Future = Future()
-    try:
-        future.set_result(candidate.compile(case, device))
-    except Exception as err:  # noqa: BLE001 - raised where the protocol records it as a failed trial
-        future.set_exception(err)
-    return future
+
+def _servers(task: "Task") -> dict[str, int]:
+    """Server -> trials of this shape it measured in this call."""
+    counts: dict[str, int] = {}
+    for key, record in task.trials.items():
+        if record.get("server") and key not in task.before:
+            counts[record["server"]] = counts.get(record["server"], 0) + 1
+    return counts
 
 
 class _TrialWork(Work):
@@ -564,10 +688,12 @@ class _TrialWork(Work):
         self.tuner = tuner
 
     def keep(self, layer, trial: Trial, result: Measurement, server: str | None) -> None:
+        if trial.skipped:  # not built (cancelled by Ctrl-C, say): no result of the point's to keep
+            return
         record = {**result.to_dict(), "workload": trial.task.key, "knobs": trial.point.knob_dict(),
-                  "geometry": geometry_dict(layer.geometry), "flops": layer.geometry.flops, "threads": self.tuner.threads, "server": server,
-                  "emulated": self.tuner.db.emulated, "seed": self.tuner.config.seed,
-                  "batch": self.tuner.batch_number}
+                  "geometry": geometry_dict(layer.geometry), "flops": layer.geometry.flops,
+                  "threads": self.tuner.threads, "server": server, "emulated": self.tuner.db.emulated,
+                  "seed": self.tuner.config.seed, "batch": self.tuner.batch_number, **trial.seconds()}
         stored = self.tuner.db.add(record)
         with self._lock:
             trial.task.trials[trial.point.key] = stored
@@ -611,11 +737,10 @@ def tune_knobs(model: Model, device, trials: int, work_dir, layers: list[str] | 
     before = tuner.spent()
     if whole_model:
         tuner.run(trials)
-    else:
-        for key in list(tuner.tasks):
-            single = KnobTuner(model, device, work_dir, [tuner.tasks[key].layer.name], config, progress)
-            single.run(trials)
-        tuner = KnobTuner(model, device, work_dir, layers, config, progress=False)
+    else:  # each shape its own budget
+        for task in tuner.tasks.values():
+            KnobTuner(model, device, work_dir, [task.layer.name], config, progress).run(trials)
+        tuner.load()
     results = tuner.results(started, before)
     log.info("knob tuning: %d new trials in %.1f s (%.1f trials/min); convs estimated at %.3f ms",
              tuner.spent() - before, time.perf_counter() - started,

@@ -160,7 +160,7 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
     """Check, then time: the protocol every implementation goes through."""
     tolerance = candidate.tolerance_for(case.layer)
     result = Measurement(case.layer.name, candidate.impl, "ok", tolerance=tolerance, note=candidate.note,
-                         alias_of=candidate.alias_of, config=candidate.config)
+                         alias_of=candidate.alias_of, config=candidate.config_for(case.layer))
     reason = candidate.why_not_applicable(case.layer) or _fusion_refusal(candidate, case)
     if reason:
         result.status, result.note = "not_applicable", reason

@@ -288,6 +288,11 @@ def _preview(value) -> str:
 
 def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[Candidate]) -> None:
     candidate = _find(entry.impl, candidates, conv.name)
+    if entry.knobs:  # knobs can choose what runs (a pinned tvm:hand_tuned): applicability is the chosen kernel's
+        try:
+            candidate = candidate.with_knobs(entry.knobs)
+        except WorkbenchError as err:
+            raise PlanError(f"layer {conv.name!r}: {err}") from None
     reason = candidate.why_not_applicable(conv)
     if reason:
         options = [c.impl for c in candidates if not c.alias_of and c.why_not_applicable(conv) is None]
@@ -306,7 +311,7 @@ def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[C
         try:
             fusion = Fusion.of(tuple(prologue_layers(model, conv, tuple(entry.prologue))),
                                tuple(fused_layers(model, conv, tuple(entry.fuse))))
-            candidate.with_knobs(entry.knobs).check_knobs(conv, fusion)
+            candidate.check_knobs(conv, fusion)
         except WorkbenchError as err:
             raise PlanError(f"layer {conv.name!r}: {err}") from None
 

@@ -6,6 +6,7 @@ where it stopped; re-running a finished one re-measures only the end-to-end comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -16,15 +17,16 @@ import pandas as pd
 from . import baselines, blocks, compare, hybrid, intensity, knob_records, knob_tuning, plots, tuning
 from .build import build_hybrid, compile_hybrid
 from .ceilings import measure_ceilings
+from .errors import UserError
 from .kernels.base import Candidate
 from .kernels.registry import all_candidates
 from .knob_tuning import KnobTuningConfig
-from .tuning import TuningConfig
 from .measure import TimingConfig, usable
 from .model import Model, sample_input
 from .plan import Plan, choose_plan
 from .records import WorkDir, environment
 from .report import Section, write_report
+from .tuning import TuningConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ E2E_KIND = "end_to_end"
 
 
 SPACES = ("hand", "metaschedule", "all")
+TUNED = ("all", "edges", "none")
 
 
 @dataclass
@@ -50,6 +53,18 @@ class StudyConfig:
     def quick_run(cls) -> "StudyConfig":
         return cls(trials=12, tune="edges", timing=TimingConfig.quick(),
                    end_to_end_timing=TimingConfig(number=1, repeat=3, min_repeat_ms=10), quick=True)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise a WorkbenchError naming the first setting that is not one of its choices."""
+        if self.space not in SPACES:
+            raise UserError(f"StudyConfig space {self.space!r}: use one of {list(SPACES)}")
+        if self.tune not in TUNED:
+            raise UserError(f"StudyConfig tune {self.tune!r}: use one of {list(TUNED)}")
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise UserError(f"StudyConfig trials {self.trials!r}: a whole number of at least 1")
 
     def describe(self) -> dict:
         return asdict(self)
@@ -78,6 +93,7 @@ def study_candidates(model: Model, device, work: WorkDir, config: StudyConfig) -
 
 def tune(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> list:
     """The tuning budget spent over the tuned convs, in each search space (resumes from the databases)."""
+    config.check()  # fields may have been set after construction
     layers = tuned_layers(model, config)
     if not layers:
         return []
@@ -128,21 +144,39 @@ def measure_layers(model: Model, device, work: WorkDir, config: StudyConfig, pro
 FUSION_BUILDS = {"unfused": "none", "groups_2018": "2018", "folded": "folded"}
 
 
-def choose_plans(model: Model, records: list[dict], fusion_builds: bool = False) -> dict[str, Plan]:
+def choose_plans(model: Model, records: list[dict], fusion_builds: bool = False,
+                 candidates: list[Candidate] | None = None) -> dict[str, Plan]:
     """The hybrid (best of everything, folded where measured faster) and pure TVM plans; with
-    `fusion_builds`, also the hybrid's implementations at each fusion level (FUSION_BUILDS)."""
+    `fusion_builds`, also the hybrid's implementations at each fusion level (FUSION_BUILDS).
+
+    With the study's `candidates` (study_candidates), a conv on the knob tuner's choice is pinned
+    to it in the plan, so the saved plan builds what was measured whatever is tuned later."""
     tvm_records = [r for r in records if r["impl"].startswith("tvm:")]
-    plans = {"hybrid": choose_plan(model, records), "tvm_only": choose_plan(model, tvm_records)}
+    plans = {"hybrid": choose_plan(model, records, candidates=candidates),
+             "tvm_only": choose_plan(model, tvm_records, candidates=candidates)}
+    if candidates is not None:
+        plans = {name: pin_choices(model, plan, candidates) for name, plan in plans.items()}
     if fusion_builds:
         plans.update({name: plans["hybrid"].with_fusion(model, level) for name, level in FUSION_BUILDS.items()})
     return plans
 
 
-def build_models(model: Model, plans: dict[str, Plan], work: WorkDir | None, target: dict) -> dict:
+def pin_choices(model: Model, plan: Plan, candidates: list[Candidate]) -> Plan:
+    """Entries on a candidate that chooses per conv from a database (`tvm:hand_tuned`) pinned to that choice."""
+    entries = dict(plan.layers)
+    for name, entry in plan.layers.items():
+        candidate = next((c for c in candidates if c.impl == entry.impl), None)
+        if candidate is not None and hasattr(candidate, "pin") and not entry.knobs:
+            entries[name] = dataclasses.replace(entry, knobs=candidate.pin(model.layer(name)))
+    return Plan(plan.model, entries, list(plan.notes), plan.elementwise)
+
+
+def build_models(model: Model, plans: dict[str, Plan], work: WorkDir | None, target: dict,
+                 emulated: bool = False) -> dict:
     """Each plan compiled for the target, with the work dir's tuned kernels; {name: executable}.
 
     Plans equal to one already built share its executable (the folded build is often the hybrid)."""
-    candidates = all_candidates(tuning_dir=work.tuning if work else None)
+    candidates = all_candidates(tuning_dir=work.tuning if work else None, target=target, emulated=emulated)
     built, by_plan = {}, {}
     for name, plan in plans.items():
         key = json.dumps({k: v for k, v in plan.to_dict().items() if k != "notes"}, sort_keys=True)
@@ -154,7 +188,7 @@ def build_models(model: Model, plans: dict[str, Plan], work: WorkDir | None, tar
 
 def isolated_times(plan: Plan, records: list[dict], candidates: list[Candidate] | None = None) -> dict[str, float]:
     """conv -> its fastest usable time alone with the plan's implementation (and knobs, when given)."""
-    configs = {name: plan.candidate(name, candidates).config for name in plan.layers} if candidates else {}
+    configs = {name: plan.candidate(name, candidates).config_for() for name in plan.layers} if candidates else {}
     times = {}
     for rec in usable(records):
         name = rec.get("layer")
@@ -201,7 +235,7 @@ def fusion_effect(model: Model, device, plan: Plan, records: list[dict] = (), wo
     records += [compare.measure_one(model, device, conv.name, plan.candidate(conv.name, candidates), timing)
                 for conv in model.convs if conv.name not in timed]
     plans = {"hybrid": plan, **{name: plan.with_fusion(model, level) for name, level in FUSION_BUILDS.items()}}
-    executables = build_models(model, plans, work, device.target)
+    executables = build_models(model, plans, work, device.target, bool(getattr(device, "emulated", False)))
     results = baselines.measure_baselines(model, device, threads, timing, names=[], extra=executables)
     return fusion_figures(results, plan, records, candidates)
 
@@ -234,9 +268,10 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
 
     log.info("[5/6] hybrid and pure-TVM plans (and the hybrid at each fusion level), built and compared "
              "end to end with the peers")
-    chosen = choose_plans(model, measured.all, fusion_builds=True)
+    chosen = choose_plans(model, measured.all, fusion_builds=True,
+                          candidates=study_candidates(model, device, work, config))
     chosen["hybrid"].save(work.hybrid / "plan.json")
-    executables = build_models(model, chosen, work, device.target)
+    executables = build_models(model, chosen, work, device.target, bool(getattr(device, "emulated", False)))
     x = sample_input(model)
     end_to_end = compare_end_to_end(model, device, executables, config, threads, work, x)
     in_model = hybrid.label_calls(hybrid.profile_layers(executables["hybrid"], x, threads), model, chosen["hybrid"])

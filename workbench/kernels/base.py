@@ -66,6 +66,10 @@ class Candidate:
         """A sentence saying why this implementation cannot run the layer, or None."""
         return None
 
+    def config_for(self, layer: "Layer | None" = None) -> str:
+        """What a record of this candidate on `layer` must match to be reused (per layer when it chooses per layer)."""
+        return self.config
+
     def tolerance_for(self, layer: "Layer") -> float:
         """The numerics tolerance on this layer (a candidate choosing its algorithm per layer varies it)."""
         return self.tolerance

@@ -69,4 +69,3 @@ def step_candidate(schedule: str, step: str, sch, knobs=None) -> FactoryCandidat
         return sch.mod["main"], packed
 
     return FactoryCandidate(f"tvm:{schedule}:{step}", factory, tolerance=1e-3, note=step)
-
