@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import hybrid
+from . import hybrid, stats
 from .errors import WorkbenchError
 from .build import build_hybrid, compile_hybrid
 from .measure import TimingConfig
@@ -180,7 +180,18 @@ def _result(name: str, check: dict, repeats: list[float], note: str) -> dict:
             # On a shared machine the fastest repeat is the least disturbed one: keep it too.
             "min_ms": float(np.min(repeats)) if repeats else None,
             "repeats_ms": [float(r) for r in repeats], "numerics_ok": check["numerics_ok"],
-            "max_abs_err": check["max_abs_err"], "rel_err": check["rel_err"], "note": note}
+            "max_abs_err": check["max_abs_err"], "rel_err": check["rel_err"], "note": note,
+            **_interval(repeats)}
+
+
+def _interval(repeats: list[float]) -> dict:
+    """The median's confidence interval and spread (stats.py); disturbed when the spread stays wide."""
+    if not repeats:
+        return {}
+    figures = stats.summarize(repeats)
+    wide = figures["spread"] > stats.SPREAD_LIMIT
+    return {"ci_ms": figures["ci_ms"], "ci_coverage": figures["ci_coverage"], "spread": figures["spread"],
+            "disturbed": wide, "disturbed_by": ["spread"] if wide else []}
 
 
 def _prepare(name: str, model, x, threads, timing, target) -> Prepared:
