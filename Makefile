@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test study report lab clean-venv system-deps
 
+# make study writes the study into WORK_DIR and its write-up bundle (report, records, plan,
+# environment, reproduce.sh) into BUNDLE; override either, e.g. make study BUNDLE=/tmp/run1.
+WORK_DIR ?= data
+BUNDLE ?= data/bundle
+
 venv: $(STAMP)
 
 # (Re)create the environment whenever the pins change.
@@ -21,7 +26,12 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 study: venv
-	$(PY) -m workbench study $(STUDY_ARGS)
+	$(PY) -m workbench study --work-dir $(WORK_DIR) $(STUDY_ARGS)
+	$(PY) -m workbench report --work-dir $(WORK_DIR) --out $(BUNDLE)
+
+# The bundle again from a finished study (e.g. with executed notebooks: REPORT_ARGS="--notebooks DIR").
+report: venv
+	$(PY) -m workbench report --work-dir $(WORK_DIR) --out $(BUNDLE) $(REPORT_ARGS)
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks
