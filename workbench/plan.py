@@ -384,6 +384,7 @@ class Choice:
     record: dict
     fastest: dict
     tied: list = field(default_factory=list)  # records whose intervals overlap the fastest's
+    runner_up: dict | None = None  # the fastest record of another implementation
 
     @property
     def tie(self) -> bool:
@@ -402,10 +403,12 @@ def choose(layer: str, records: list[dict]) -> Choice:
     """The choice among one conv's usable records (see the module docstring)."""
     ranked = sorted(records, key=lambda r: (r["median_ms"], tie_key(r)))
     fastest, span = ranked[0], stats.interval(ranked[0])
-    tied = [r for r in ranked[1:] if stats.overlap(span, stats.interval(r)) and r["impl"] != fastest["impl"]]
+    others = [r for r in ranked[1:] if r["impl"] != fastest["impl"]]
+    tied = [r for r in others if stats.overlap(span, stats.interval(r))]
+    runner_up = others[0] if others else None
     if not tied:
-        return Choice(layer, fastest, fastest)
-    return Choice(layer, min([fastest, *tied], key=tie_key), fastest, tied)
+        return Choice(layer, fastest, fastest, runner_up=runner_up)
+    return Choice(layer, min([fastest, *tied], key=tie_key), fastest, tied, runner_up)
 
 
 def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
@@ -417,6 +420,12 @@ def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: lis
             continue
         found.setdefault(name, []).append(rec)
     return found
+
+
+def choices(model: Model, records: list[dict], candidates: list[Candidate] | None = None) -> dict[str, Choice]:
+    """conv name -> its Choice among the isolated records (what choose_plan picks, with its ties)."""
+    candidates = all_candidates() if candidates is None else candidates
+    return _choices(records, {c.name: c for c in model.convs}, candidates, folded=False)
 
 
 def _choices(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
