@@ -216,15 +216,49 @@ _REMOTE_MODULE = re.compile(r"<script[^>]*type\s*=\s*['\"]module['\"][^>]*>(?:(?
 
 
 def notebook_html(path: Path, folder: Path) -> Path:
-    """An executed notebook as one HTML page that fetches nothing (CDN scripts dropped)."""
+    """An executed notebook as an HTML page that fetches nothing from the network: CDN scripts
+    dropped, plotly figures embedded with plotly.js from a file beside the page (one copy for every
+    notebook), widgets shown as their text (their live state needs a kernel)."""
     import nbformat
     from nbconvert import HTMLExporter
 
     folder.mkdir(parents=True, exist_ok=True)
-    page, _ = HTMLExporter().from_notebook_node(nbformat.read(str(path), as_version=4))
-    target = folder / (path.stem + ".html")
+    notebook = nbformat.read(str(path), as_version=4)
+    notebook.metadata.pop("widgets", None)  # megabytes of widget state, useless without a kernel
+    first: list = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            data.pop("application/vnd.jupyter.widget-view+json", None)
+            figure = data.get("application/vnd.plotly.v1+json")
+            if figure is not None and "text/html" not in data:
+                data["text/html"] = _figure_html(figure, first)
+    if first:
+        _plotly_js(folder)
+    page, _ = HTMLExporter().from_notebook_node(notebook)
+    target = folder / (Path(path).stem + ".html")
     target.write_text(offline_html(page))
     return target
+
+
+PLOTLY_JS = "plotly.min.js"
+
+
+def _figure_html(figure: dict, first: list) -> str:
+    import plotly.io as pio
+
+    # The library once per page, from the file beside it (written by _plotly_js).
+    include = "directory" if not first else False
+    first.append(True)
+    return pio.to_html(figure, include_plotlyjs=include, full_html=False)
+
+
+def _plotly_js(folder: Path) -> None:
+    from plotly.offline import get_plotlyjs
+
+    path = folder / PLOTLY_JS
+    if not path.exists():
+        path.write_text(get_plotlyjs())
 
 
 def offline_html(page: str) -> str:

@@ -156,6 +156,10 @@ def fusion_figures(end_to_end: list[dict], plan: Plan, records: list[dict],
         figures["hybrid_vs_unfused"] = figures["hybrid_ms"] / figures["unfused_ms"]
     if figures["isolated_sum_ms"] and figures["hybrid_ms"]:
         figures["hybrid_vs_isolated_sum"] = figures["hybrid_ms"] / figures["isolated_sum_ms"]
+    from .stats import interval  # each build's interval, so that a ratio can be read against noise
+
+    figures["ci_ms"] = {r["name"]: list(interval(r)) for r in end_to_end
+                        if r["name"] in (*FUSION_BUILDS, "hybrid") and interval(r)}
     return figures
 
 
