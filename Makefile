@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test study report lab clean-venv system-deps
+.PHONY: venv test study report writeup lab clean-venv system-deps
 
 # make study writes the study into WORK_DIR and its write-up bundle (report, records, plan,
 # environment, reproduce.sh) into BUNDLE; override either, e.g. make study BUNDLE=/tmp/run1.
@@ -28,6 +28,10 @@ test: venv
 study: venv
 	$(PY) -m workbench study --work-dir $(WORK_DIR) $(STUDY_ARGS)
 	$(PY) -m workbench report --work-dir $(WORK_DIR) --out $(BUNDLE)
+
+# The study, then every notebook run on its work dir, all in the bundle (a few minutes more).
+writeup: study
+	$(PY) -m workbench report --work-dir $(WORK_DIR) --out $(BUNDLE) --execute-notebooks
 
 # The bundle again from a finished study (e.g. with executed notebooks: REPORT_ARGS="--notebooks DIR").
 report: venv

@@ -43,6 +43,8 @@ def test_notebook_runs(name, tmp_path):
                                cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
 
     found = lessons.from_notebook(executed)
+    for lesson in found:  # shown with -s, and beside a failure
+        print(lessons.Lesson(**lesson).line())
     asserted = [lesson for lesson in found if lesson["asserted"]]
     assert len(asserted) == ASSERTED[name], [lesson["claim"] for lesson in found]
     failed = [f"{lesson['claim']} ({lesson['evidence']})" for lesson in asserted if not lesson["holds"]]

@@ -270,15 +270,24 @@ def cmd_report(args) -> None:
     from .records import WorkDir
 
     if args.compare:
-        if args.out or args.notebooks:
-            raise UserError("--compare A B only reads two bundles; leave out --out and --notebooks")
+        if args.out or args.notebooks or args.execute_notebooks:
+            raise UserError("--compare A B only reads two bundles; leave out --out and the notebooks")
         diff = diff_bundles(*args.compare)
         _emit(args, diff, lambda: format_diff(diff))
         return
     if not args.out:
         raise UserError("report needs --out BUNDLE (the folder to write), or --compare BUNDLE_A BUNDLE_B")
     work = WorkDir.at(args.work_dir)
-    out = write_bundle(work.root, args.out, notebooks=args.notebooks or ())
+    notebooks = list(args.notebooks or ())
+    if args.execute_notebooks:
+        from pathlib import Path
+
+        from .bundle import execute_notebooks
+
+        check_study = write_bundle(work.root, args.out)  # fails at once (one line) if there is no study
+        with work.lock("report"):  # the notebooks add records to the work dir: one writer at a time
+            notebooks += execute_notebooks(work.root, Path(check_study) / "notebooks" / "executed")
+    out = write_bundle(work.root, args.out, notebooks=notebooks)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     _emit(args, {"out": str(out), "files": files}, lambda: f"bundle: {out} (open {out / 'index.html'})")
 
@@ -348,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "--work-dir", "--json")
     p.add_argument("--out", help="the bundle folder to write (created; its files replaced)")
     p.add_argument("--notebooks", nargs="+", help="executed notebooks (.ipynb files or folders) to include as HTML")
+    p.add_argument("--execute-notebooks", action="store_true",
+                   help="run every notebook on the study's work dir at its budget, and include them (minutes)")
     p.add_argument("--compare", nargs=2, metavar=("BUNDLE_A", "BUNDLE_B"),
                    help="diff two bundles: plan changes (within noise or clear), per layer, end to end, environment")
     p.set_defaults(func=cmd_report)

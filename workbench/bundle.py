@@ -198,6 +198,34 @@ def reproduce_script(summary: dict, work_root: Path, out: Path) -> str:
         ""])
 
 
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | None = None,
+                      notebooks: Path = NOTEBOOKS) -> list[Path]:
+    """Run every notebook (papermill) on the finished study's work dir, at the study's budget
+    (`quick` and its model file when it had one); the executed copies land in `out`. Each notebook
+    reuses the study's records and tuning databases, so only what it adds is measured."""
+    import papermill
+
+    work = WorkDir.at(work_dir)
+    summary = summary if summary is not None else json.loads((work.root / "study.json").read_text())
+    command = summary.get("command") or []
+    wanted = {"work_dir": str(work.root.resolve()), "quick": bool((summary.get("budget") or {}).get("quick")),
+              "model_path": (str(Path(command[command.index("--model") + 1]).resolve())
+                             if "--model" in command[:-1] else None)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    executed = []
+    for path in sorted(Path(notebooks).glob("*.ipynb")):
+        declared = papermill.inspect_notebook(str(path))  # only the parameters this notebook has
+        parameters = {k: v for k, v in wanted.items() if k in declared and (v is not None or k != "model_path")}
+        papermill.execute_notebook(str(path), str(out / path.name), parameters=parameters, cwd=str(path.parent),
+                                   kernel_name="python3", progress_bar=False)
+        executed.append(out / path.name)
+    return executed
+
+
 def _notebook_files(notebooks) -> list[Path]:
     files = []
     for item in notebooks or ():
