@@ -163,3 +163,23 @@ def test_a_fold_within_noise_keeps_the_2018_way(small_model):
     assert any(n.startswith("enc1_conv1: folding") and "tie" in n for n in tied.notes)
     clear = choose_plan(small_model, isolated + separate + [_record(*fold, 1.2, (1.18, 1.22), *chain)])
     assert clear.layers["enc1_conv1"].prologue == ("maxpool", "relu")
+
+
+def test_the_report_flags_disturbed_measurements_and_lists_ties(small_model, tmp_path):
+    from workbench import study
+    from workbench.report import write_report
+
+    first = small_model.convs[0].name
+    records = [_record(first, W6, 1.0, (0.9, 1.3)), _record(first, W4, 1.1, (1.0, 1.2))]
+    records[0].update(disturbed=True, disturbed_by=["load"], remeasured=2)
+    end_to_end = [{"name": "hybrid", "median_ms": 4.1, "ci_ms": [4.0, 4.3], "min_ms": 4.0, "numerics_ok": True,
+                   "max_abs_err": 0.0, "note": "", "disturbed": False}]
+    assert study._disturbed_warning(records[1:], end_to_end) == []
+    warning = study._disturbed_warning(records, end_to_end)[0]
+    assert warning.startswith("WARNING") and "load" in warning and "1 of 2 per-layer" in warning
+    plan = choose_plan(small_model, records)
+    section = study._noise_section(records, end_to_end, plan)
+    text = " ".join(p for p in section.parts if isinstance(p, str))
+    assert "1 of " in text and f"{first}: {W4} and {W6} tie" in text and "1 disturbed" in text
+    page = write_report(tmp_path / "r.html", "t", [section, study.Section("s", [warning])]).read_text()
+    assert "class='warning'" in page and "4.1 ms [4, 4.3]" in study._with_interval(end_to_end, "hybrid")
