@@ -183,3 +183,14 @@ def test_the_report_flags_disturbed_measurements_and_lists_ties(small_model, tmp
     assert "1 of " in text and f"{first}: {W4} and {W6} tie" in text and "1 disturbed" in text
     page = write_report(tmp_path / "r.html", "t", [section, study.Section("s", [warning])]).read_text()
     assert "class='warning'" in page and "4.1 ms [4, 4.3]" in study._with_interval(end_to_end, "hybrid")
+
+
+def test_the_study_command_is_recorded_without_the_device_key():
+    from workbench import bundle, study
+
+    argv = ["/x/workbench/__main__.py", "study", "--quick", "--tracker", "h:9190", "--key", "s3cret", "--json"]
+    shown = study._command(argv)
+    assert "s3cret" not in shown and shown[shown.index("--key") + 1] == study.KEY_PLACEHOLDER
+    assert study._command(["/x/ipykernel_launcher.py"]) is None
+    script = bundle.reproduce_script({"command": shown}, bundle.Path("/w"), bundle.Path("/b"))
+    assert "--key $WORKBENCH_RPC_KEY" in script and "--quick --tracker h:9190" in script and "--json" not in script

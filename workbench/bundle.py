@@ -181,7 +181,8 @@ def study_flags(summary: dict) -> list[str]:
 
 
 def reproduce_script(summary: dict, work_root: Path, out: Path) -> str:
-    flags = " ".join(shlex.quote(f) for f in study_flags(summary))
+    # The key placeholder stays unquoted so the shell expands it from the environment.
+    flags = " ".join(f if "$WORKBENCH_RPC_KEY" in f else shlex.quote(f) for f in study_flags(summary))
     work, bundle = shlex.quote(str(work_root)), shlex.quote(str(out))
     commit = git_commit()
     return "\n".join([

@@ -244,6 +244,23 @@ def _end_to_end_rows(end_to_end) -> list[dict]:
     return [{k: r.get(k) for k in keys} for r in end_to_end]
 
 
+KEY_PLACEHOLDER = "$WORKBENCH_RPC_KEY"
+
+
+def _command(argv: list[str]) -> list[str] | None:
+    """The command line that ran the study (None when not the CLI), the device key left out: it is
+    the secret a client needs, and the summary goes into bundles that get published."""
+    if not argv or not argv[0].endswith(("workbench", "__main__.py")):
+        return None
+    shown = list(argv)
+    for i, arg in enumerate(shown):
+        if arg == "--key" and i + 1 < len(shown):
+            shown[i + 1] = KEY_PLACEHOLDER
+        elif arg.startswith("--key="):
+            shown[i] = f"--key={KEY_PLACEHOLDER}"
+    return shown
+
+
 def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
     import sys
 
@@ -254,7 +271,7 @@ def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
         "end_to_end": _end_to_end_rows(end_to_end),  # with intervals and disturbed flags
         "plan_notes": list(plan.notes),  # the ties and the folds, with their intervals
         "seeds": seeds(),
-        "command": list(sys.argv) if sys.argv and sys.argv[0].endswith(("workbench", "__main__.py")) else None,
+        "command": _command(sys.argv),
         "model": model.name,
         "hybrid_ms": hybrid_ms,
         "numerics_ok": all(r["numerics_ok"] for r in end_to_end),
