@@ -133,19 +133,27 @@ def nnpack_lessons(records: list[dict], edges: list[str], widest: str, quick: bo
                asserted=not quick),
         _checked_before_timed(records),
     ]
-    transforms = []
-    for layer in edges:
-        phases = (found.get((layer, "nnpack:wt8x8:compute")) or {}).get("phases") or {}
-        if phases:
-            transforms.append((layer, phases.get("input_transform_ms", 0) + phases.get("output_transform_ms", 0),
-                               phases.get("block_multiplication_ms", 0)))
+    shares = {layer: _transform_share(found, layer) for layer in [*edges, widest]}
+    wide_share = shares.pop(widest)
+    known = {layer: share for layer, share in shares.items() if share is not None}
     lessons.append(Lesson(
-        "On the few-channel, large-image edge convs, NNPACK's Winograd (wt8x8) spends longer in its input and "
-        "output transforms than in its block multiplication.", bool(transforms) and all(t > b for _, t, b in transforms),
-        "; ".join(f"{layer}: transforms {t:.3g} ms, multiplication {b:.3g} ms" for layer, t, b in transforms)
-        or "no wt8x8 profile of an edge conv"))
+        "NNPACK's Winograd (wt8x8) spends a larger share of its time in its input and output transforms on every "
+        "few-channel edge conv than on the widest conv: there is little block multiplication to amortise them.",
+        wide_share is not None and bool(known) and all(share > wide_share for share in known.values()),
+        f"transforms / (transforms + multiplication): widest {widest} "
+        f"{'-' if wide_share is None else f'{wide_share:.0%}'}; "
+        + "; ".join(f"{layer} {share:.0%}" for layer, share in known.items()),
+        asserted=wide_share is not None and bool(known)))
     lessons.append(_relative_to_tvm(found, edges, widest))
     return lessons
+
+
+def _transform_share(found: dict, layer: str) -> float | None:
+    """Input + output transform time over that plus the block multiplication (wt8x8, compute)."""
+    phases = (found.get((layer, "nnpack:wt8x8:compute")) or {}).get("phases") or {}
+    transforms = phases.get("input_transform_ms", 0) + phases.get("output_transform_ms", 0)
+    total = transforms + phases.get("block_multiplication_ms", 0)
+    return transforms / total if total else None
 
 
 def _best(found: dict, layer: str, prefix: str) -> dict | None:

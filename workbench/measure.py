@@ -190,8 +190,9 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
                            f"relative {result.rel_err:.3g} > {candidate.tolerance:g}")
         load_before = device_load(session)
         seconds = list(running.time(timing))
-        # Wide interval: time again (bounded), pooling the repeats, before calling it disturbed.
-        while (result.remeasured < stats.EXTRA_ROUNDS
+        # Wide interval: time again (bounded), pooling the repeats, before calling it disturbed
+        # (a wrong kernel never wins: its time is shown, not worth more rounds).
+        while (ok and result.remeasured < stats.EXTRA_ROUNDS
                and stats.summarize([s * 1e3 for s in seconds])["spread"] > stats.SPREAD_LIMIT):
             seconds += list(running.time(timing))
             result.remeasured += 1
