@@ -114,3 +114,28 @@ def test_offline_html_drops_scripts_from_the_network():
     assert len(bundle.remote_scripts(page)) == 2
     clean = bundle.offline_html(page)
     assert bundle.remote_scripts(clean) == [] and "var a = 1;" in clean
+
+
+def test_executed_notebooks_become_offline_pages_and_their_lessons_reach_the_index(small_model, tmp_path):
+    import nbformat
+    import plotly.graph_objects as go
+
+    from workbench.lessons import MIME, Lesson
+
+    work, _ = _study_dir(tmp_path / "w", small_model, [])
+    lesson = Lesson("the widest conv is the densest", True, "enc2_conv2 at 20 FLOP/byte")
+    figure = go.Figure(go.Bar(y=[1, 2])).to_plotly_json()
+    cell = nbformat.v4.new_code_cell("lessons.show(...)", outputs=[
+        nbformat.v4.new_output("display_data", {"text/plain": lesson.line(), MIME: [vars(lesson)]}),
+        nbformat.v4.new_output("display_data", {"application/vnd.plotly.v1+json": json.loads(json.dumps(
+            figure, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))})])
+    notebook = nbformat.v4.new_notebook(cells=[cell])
+    notebook.metadata["widgets"] = {"state": "x" * 1000}
+    nbformat.write(notebook, str(tmp_path / "01_demo.ipynb"))
+    out = bundle.write_bundle(work.root, tmp_path / "bundle", notebooks=[tmp_path / "01_demo.ipynb"])
+    page = (out / "notebooks" / "01_demo.html").read_text()
+    assert bundle.remote_scripts(page) == [] and "Plotly.newPlot" in page and 'src="plotly.min.js"' in page
+    assert (out / "notebooks" / "plotly.min.js").stat().st_size > 1_000_000 and "x" * 1000 not in page
+    index = (out / "index.html").read_text()
+    assert "notebooks/01_demo.html" in index and "[holds] the widest conv is the densest" in index
+    assert "Lessons of 01_demo" in (out / "README.md").read_text()

@@ -66,9 +66,17 @@ def write_bundle(work_dir: str | Path, out: str | Path, notebooks=()) -> Path:
     script = out / "reproduce.sh"
     script.write_text(reproduce_script(summary, work.root, out))
     script.chmod(0o755)
-    pages = [notebook_html(path, out / "notebooks") for path in _notebook_files(notebooks)]
-    _write_index(out, summary, pages)
+    files = _notebook_files(notebooks)
+    pages = [notebook_html(path, out / "notebooks") for path in files]
+    _write_index(out, summary, pages, notebook_lessons(files))
     return out
+
+
+def notebook_lessons(files: list[Path]) -> dict[str, list[dict]]:
+    """notebook name -> the lessons it showed (lessons.py), for the bundle's index."""
+    from .lessons import from_notebook
+
+    return {Path(path).stem: from_notebook(path) for path in files}
 
 
 def _write_json(path: Path, data) -> None:
@@ -302,7 +310,13 @@ def remote_scripts(page: str) -> list[str]:
     return tags + modules
 
 
-def _write_index(out: Path, summary: dict, pages: list[Path]) -> None:
+def _lesson_line(lesson: dict) -> str:
+    mark = "holds" if lesson.get("holds") else "DOES NOT HOLD"
+    shown = "" if lesson.get("asserted", True) else " (not asserted at this budget)"
+    return f"[{mark}{shown}] {lesson.get('claim')} ({lesson.get('evidence')})"
+
+
+def _write_index(out: Path, summary: dict, pages: list[Path], lessons: dict | None = None) -> None:
     present = [name for name in FILES if (out / name).exists()]
     links = present + [str(p.relative_to(out)) for p in pages]
     lines = [f"# Study bundle: {summary.get('model', '?')}", "",
@@ -312,13 +326,19 @@ def _write_index(out: Path, summary: dict, pages: list[Path]) -> None:
     notes = summary.get("plan_notes") or []
     if notes:
         lines += ["", "Plan notes (ties and folds):", ""] + [f"- {n}" for n in notes]
+    for name, found in (lessons or {}).items():
+        lines += ["", f"Lessons of {name}:", ""] + [f"- {_lesson_line(lesson)}" for lesson in found]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     items = "".join(f"<li><a href='{html.escape(n)}'>{html.escape(n)}</a></li>" for n in links)
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     (out / "index.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>Study bundle</title></head><body>"
         f"<h1>Study bundle: {html.escape(str(summary.get('model', '?')))}</h1><ul>{items}</ul>"
-        + (f"<h2>Plan notes</h2><ul>{notes_html}</ul>" if notes else "") + "</body></html>")
+        + (f"<h2>Plan notes</h2><ul>{notes_html}</ul>" if notes else "")
+        + "".join(f"<h2>Lessons of {html.escape(name)}</h2><ul>"
+                  + "".join(f"<li>{html.escape(_lesson_line(lesson))}</li>" for lesson in found) + "</ul>"
+                  for name, found in (lessons or {}).items())
+        + "</body></html>")
 
 
 # ---------------------------------------------------------------- reading and comparing
