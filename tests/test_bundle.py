@@ -139,3 +139,13 @@ def test_executed_notebooks_become_offline_pages_and_their_lessons_reach_the_ind
     index = (out / "index.html").read_text()
     assert "notebooks/01_demo.html" in index and "[holds] the widest conv is the densest" in index
     assert "Lessons of 01_demo" in (out / "README.md").read_text()
+
+
+def test_a_bundle_folder_that_cannot_be_written_is_one_line(small_model, tmp_path, capsys):
+    work, _ = _study_dir(tmp_path / "w", small_model, [])
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["report", "--work-dir", str(work.root), "--out", str(tmp_path / "file" / "bundle")]) == 2
+    assert "cannot create the bundle folder" in capsys.readouterr().err
+    assert main(["report", "--work-dir", str(work.root), "--out", str(tmp_path / "b"), "--notebooks",
+                 str(tmp_path / "missing.ipynb")]) == 2
+    assert "no executed notebook" in capsys.readouterr().err and not (tmp_path / "b").exists()

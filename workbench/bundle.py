@@ -24,6 +24,7 @@ from pathlib import Path
 from . import stats
 from .errors import WorkbenchError
 from .measure import usable
+from .paths import make_dir
 from .records import RecordStore, WorkDir, environment
 
 RECORDS_KIND = "conv_measurement"  # compare.KIND (not imported: compare pulls in the device layer)
@@ -52,8 +53,12 @@ def write_bundle(work_dir: str | Path, out: str | Path, notebooks=()) -> Path:
     out = Path(out).expanduser()
     if out.resolve() == work.root.resolve():
         raise BundleError(f"--out {out} is the work dir itself; give the bundle a folder of its own")
-    out.mkdir(parents=True, exist_ok=True)
-    summary = json.loads(study_file.read_text())
+    try:
+        summary = json.loads(study_file.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read {study_file} ({type(err).__name__}); run the study again") from None
+    files = _notebook_files(notebooks)  # checked before anything is written
+    make_dir(out, "the bundle folder --out", "pass --out a folder you can write to")
     shutil.copyfile(plan_file, out / "plan.json")
     shutil.copyfile(study_file, out / "study.json")
     if work.report.is_file():
@@ -66,7 +71,6 @@ def write_bundle(work_dir: str | Path, out: str | Path, notebooks=()) -> Path:
     script = out / "reproduce.sh"
     script.write_text(reproduce_script(summary, work.root, out))
     script.chmod(0o755)
-    files = _notebook_files(notebooks)
     pages = [notebook_html(path, out / "notebooks") for path in files]
     _write_index(out, summary, pages, notebook_lessons(files))
     return out
