@@ -274,7 +274,8 @@ def hybrid_lessons(end_to_end: list[dict], plan, edges: list[str]) -> list[Lesso
         Lesson("The hybrid's output matches PyTorch's (checked before it was timed).", bool(hybrid.get("numerics_ok")),
                f"max abs err {hybrid.get('max_abs_err')}"),
         Lesson("Choosing and tuning pay: the hybrid is faster than TVM's untuned build beyond noise.",
-               "tvm_untuned" in rows and stats.clearly_below(stats.interval(hybrid), stats.interval(rows["tvm_untuned"])),
+               "tvm_untuned" in rows
+               and stats.clearly_below(stats.interval(hybrid), stats.interval(rows["tvm_untuned"])),
                f"hybrid {_fmt(stats.interval(hybrid))}, untuned "
                f"{_fmt(stats.interval(rows['tvm_untuned'])) if 'tvm_untuned' in rows else '-'}"),
         Lesson("None of the few-channel, large-image edge convs goes to NNPACK: its transforms cost more than they "

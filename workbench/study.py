@@ -353,8 +353,9 @@ def _noise_section(records, end_to_end, plan) -> Section:
     return Section("Noise, ties and disturbed measurements", [
         f"Every time is a median with a distribution-free 95% interval from its repeats (with 5 repeats, min..max). "
         f"A measurement whose interval was wider than {SPREAD_LIMIT:.0%} of its median was timed again (bounded); "
-        f"{remeasured} were. The plan takes the fastest implementation only where its interval lies below all "
-        "others'; where they overlap, the tie-break picks the one with fewer transforms, then by id.",
+        f"{remeasured} were (end-to-end times, measured in interleaved rounds, are flagged instead). The plan "
+        "takes the fastest implementation only where its interval lies below all others'; where they overlap, the "
+        "tie-break picks the one with fewer transforms, then by id.",
         f"{len(ties)} of {len(plan.layers)} choices were ties: " + ("; ".join(ties) if ties else "none."),
         *([f"{len(hits)} disturbed per-layer measurements:", frame] if hits else
           ["No per-layer measurement was disturbed."])])
