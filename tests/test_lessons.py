@@ -13,10 +13,6 @@ def _row(name, ms, lo, hi, note=""):
     return {"name": name, "median_ms": ms, "ci_ms": [lo, hi], "numerics_ok": True, "note": note}
 
 
-def _holds(found):
-    return {lesson.claim.split(":")[0][:40]: lesson.holds for lesson in found}
-
-
 def test_the_hybrid_lessons_fail_when_a_peer_is_clearly_faster_or_an_edge_goes_to_nnpack():
     plan = Plan("m", {"first": LayerPlan("first", "tvm:direct_nchwc"), "mid": LayerPlan("mid", "nnpack:wt8x8:compute")})
     fine = [_row("hybrid", 1.0, 0.9, 1.2), _row("onnxruntime", 1.1, 1.0, 1.3), _row("tvm_untuned", 9, 8, 10),
