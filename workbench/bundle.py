@@ -233,8 +233,13 @@ def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | Non
     for path in sorted(Path(notebooks).glob("*.ipynb")):
         declared = papermill.inspect_notebook(str(path))  # only the parameters this notebook has
         parameters = {k: v for k, v in wanted.items() if k in declared and (v is not None or k != "model_path")}
-        papermill.execute_notebook(str(path), str(out / path.name), parameters=parameters, cwd=str(path.parent),
-                                   kernel_name="python3", progress_bar=False)
+        try:
+            papermill.execute_notebook(str(path), str(out / path.name), parameters=parameters,
+                                       cwd=str(path.parent), kernel_name="python3", progress_bar=False)
+        except papermill.PapermillExecutionError as err:  # the notebook's own error, in one line
+            raise BundleError(f"notebook {path.name} failed in cell {err.exec_count}: {err.ename}: "
+                              f"{str(err.evalue).splitlines()[0] if err.evalue else ''} (executed copy: "
+                              f"{out / path.name})") from None
         executed.append(out / path.name)
     return executed
 
