@@ -149,3 +149,10 @@ def test_a_bundle_folder_that_cannot_be_written_is_one_line(small_model, tmp_pat
     assert main(["report", "--work-dir", str(work.root), "--out", str(tmp_path / "b"), "--notebooks",
                  str(tmp_path / "missing.ipynb")]) == 2
     assert "no executed notebook" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_the_notebooks_parameters_are_read_from_their_parameters_cell():
+    for path in bundle.NOTEBOOKS.glob("*.ipynb"):
+        names = bundle.notebook_parameters(path)
+        assert {"model_path", "quick", "threads"} <= names, path.name  # what execute_notebooks passes
+        assert "work_dir" in names or path.name.startswith("01_"), path.name

@@ -280,14 +280,17 @@ def cmd_report(args) -> None:
     work = WorkDir.at(args.work_dir)
     notebooks = list(args.notebooks or ())
     if args.execute_notebooks:
-        from pathlib import Path
+        import tempfile
 
         from .bundle import execute_notebooks
 
-        check_study = write_bundle(work.root, args.out)  # fails at once (one line) if there is no study
-        with work.lock("report"):  # the notebooks add records to the work dir: one writer at a time
-            notebooks += execute_notebooks(work.root, Path(check_study) / "notebooks" / "executed")
-    out = write_bundle(work.root, args.out, notebooks=notebooks)
+        write_bundle(work.root, args.out)  # fails at once (one line) if there is no study
+        # The executed copies (megabytes of widget state) stay out of the bundle: only their pages go in.
+        with work.lock("report"), tempfile.TemporaryDirectory(prefix="workbench-notebooks-") as executed:
+            notebooks += execute_notebooks(work.root, executed)
+            out = write_bundle(work.root, args.out, notebooks=notebooks)
+    else:
+        out = write_bundle(work.root, args.out, notebooks=notebooks)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     _emit(args, {"out": str(out), "files": files}, lambda: f"bundle: {out} (open {out / 'index.html'})")
 

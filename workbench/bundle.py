@@ -216,23 +216,25 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | None = None,
                       notebooks: Path = NOTEBOOKS) -> list[Path]:
-    """Run every notebook (papermill) on the finished study's work dir, at the study's budget
-    (`quick` and its model file when it had one); the executed copies land in `out`. Each notebook
-    reuses the study's records and tuning databases, so only what it adds is measured."""
+    """Run every notebook (papermill) on the finished study's work dir, at the study's budget (`quick`,
+    trials, threads, and its model file when it had one); the executed copies land in `out`. Each
+    notebook reuses the study's records and tuning databases, so only what it adds is measured."""
     import papermill
 
     work = WorkDir.at(work_dir)
     summary = summary if summary is not None else json.loads((work.root / "study.json").read_text())
     command = summary.get("command") or []
-    wanted = {"work_dir": str(work.root.resolve()), "quick": bool((summary.get("budget") or {}).get("quick")),
+    budget = summary.get("budget") or {}
+    wanted = {"work_dir": str(work.root.resolve()), "quick": bool(budget.get("quick")),
+              "trials": budget.get("trials"), "threads": summary.get("threads"),
               "model_path": (str(Path(command[command.index("--model") + 1]).resolve())
                              if "--model" in command[:-1] else None)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     executed = []
     for path in sorted(Path(notebooks).glob("*.ipynb")):
-        declared = papermill.inspect_notebook(str(path))  # only the parameters this notebook has
-        parameters = {k: v for k, v in wanted.items() if k in declared and (v is not None or k != "model_path")}
+        declared = notebook_parameters(path)  # only the parameters this notebook has
+        parameters = {k: v for k, v in wanted.items() if k in declared and v is not None}
         try:
             papermill.execute_notebook(str(path), str(out / path.name), parameters=parameters,
                                        cwd=str(path.parent), kernel_name="python3", progress_bar=False)
@@ -242,6 +244,16 @@ def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | Non
                               f"{out / path.name})") from None
         executed.append(out / path.name)
     return executed
+
+
+def notebook_parameters(path: Path) -> set[str]:
+    """The names its `parameters` cell assigns (papermill's own inspection skips lines with comments)."""
+    for cell in json.loads(Path(path).read_text())["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"])
+            return {name for names in re.findall(r"^([A-Za-z_][\w, ]*?)\s*=", source, re.M)
+                    for name in (n.strip() for n in names.split(",")) if name}
+    return set()
 
 
 def _notebook_files(notebooks) -> list[Path]:
