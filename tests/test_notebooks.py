@@ -17,12 +17,13 @@ PARAMETERS = {
     "04_fused_operators.ipynb": {**SMALL, "work_dir": None},
     "05_hybrid_unet.ipynb": {**SMALL, "work_dir": None, "trials": 4},
 }
-# How many lessons each notebook asserts at these budgets (claims that noise can overturn at a
-# small budget are shown there but not asserted: lessons.Lesson.asserted).
+# How many lessons each notebook asserts at least at these budgets (claims that noise can overturn at
+# a small budget, or that rest on a measurement flagged disturbed, are shown but not asserted:
+# lessons.Lesson.asserted).
 ASSERTED = {
     "01_layers_and_roofline.ipynb": 3,
     "02_nnpack_algorithms.ipynb": 4,
-    "03_tvm_schedules_and_tuning.ipynb": 5,
+    "03_tvm_schedules_and_tuning.ipynb": 4,
     "04_fused_operators.ipynb": 3,
     "05_hybrid_unet.ipynb": 4,
 }
@@ -46,7 +47,7 @@ def test_notebook_runs(name, tmp_path):
     for lesson in found:  # shown with -s, and beside a failure
         print(lessons.Lesson(**lesson).line())
     asserted = [lesson for lesson in found if lesson["asserted"]]
-    assert len(asserted) == ASSERTED[name], [lesson["claim"] for lesson in found]
+    assert len(asserted) >= ASSERTED[name], [lesson["claim"] for lesson in found]
     failed = [f"{lesson['claim']} ({lesson['evidence']})" for lesson in asserted if not lesson["holds"]]
     assert not failed, "lessons that do not hold:\n" + "\n".join(failed)
 
