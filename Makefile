@@ -4,7 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test study report lab clean-venv system-deps
+.PHONY: venv test study report writeup lab clean-venv system-deps
+
+# make study writes the study into WORK_DIR and its write-up bundle (report, records, plan,
+# environment, reproduce.sh) into BUNDLE; override either, e.g. make study BUNDLE=/tmp/run1.
+WORK_DIR ?= data
+BUNDLE ?= data/bundle
 
 venv: $(STAMP)
 
@@ -21,7 +26,16 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 study: venv
-	$(PY) -m workbench study $(STUDY_ARGS)
+	$(PY) -m workbench study --work-dir $(WORK_DIR) $(STUDY_ARGS)
+	$(PY) -m workbench report --work-dir $(WORK_DIR) --out $(BUNDLE)
+
+# The study, then every notebook run on its work dir, all in the bundle (a few minutes more).
+writeup: study
+	$(PY) -m workbench report --work-dir $(WORK_DIR) --out $(BUNDLE) --execute-notebooks
+
+# The bundle again from a finished study (e.g. with executed notebooks: REPORT_ARGS="--notebooks DIR").
+report: venv
+	$(PY) -m workbench report --work-dir $(WORK_DIR) --out $(BUNDLE) $(REPORT_ARGS)
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks

@@ -227,7 +227,8 @@ def test_a_fused_conv_and_an_elementwise_kernel_are_measured_over_rpc(small_mode
         measure(elementwise_kernel(pool), group_case, session, device, timing)])
     for result in results:
         assert result.status == "ok" and result.numerics_ok, result.note
-        assert result.median_ms > 0 and len(result.repeats_ms) == timing.repeat
+        # A wide interval is timed again (bounded): every round's repeats are kept.
+        assert result.median_ms > 0 and len(result.repeats_ms) == timing.repeat * (1 + result.remeasured)
     assert results[1].layer == pool[-1].name
     record = measure_one(small_model, device, "dec0_reduce", HandSchedule("winograd_2"), timing, fusion=group.fusion)
     assert record["fusion"] == "conv > resize+add+relu" and record["status"] == "ok" and record["numerics_ok"]

@@ -81,12 +81,23 @@ def test_study_measured_nnpack_tvm_and_tuned_kernels(study):
     assert "Tuning" in (study["work"] / "report.html").read_text()
 
 
-def test_a_rerun_resumes_without_tuning_or_measuring_layers_again(study):
+def test_a_rerun_resumes_without_tuning_or_measuring_layers_again(study, tmp_path):
     before = _kinds(study["work"])
+    first = tmp_path / "first"
+    workbench("report", "--work-dir", str(study["work"]), "--out", str(first))
     summary = json.loads(workbench(*study["args"]).stdout)
     after = _kinds(study["work"])
     assert after["conv_measurement"] == before["conv_measurement"]
     assert after["block_measurement"] == before["block_measurement"]
+    assert after["end_to_end"] > before["end_to_end"]  # only the end-to-end comparison is measured again
+    # The same records give the same plan, and the bundles of the two runs say so.
+    again = tmp_path / "again"
+    workbench("report", "--work-dir", str(study["work"]), "--out", str(again))
+    diff = json.loads(workbench("report", "--compare", str(first), str(again), "--json").stdout)
+    assert diff["same_plan"] and diff["plan_changes"] == []
+    assert summary["seeds"] == study["summary"]["seeds"] and summary["plan"] == study["summary"]["plan"]
+    assert {row["key"] for row in diff["environment"]} <= {"command"}  # same machine, versions, budget, seeds
+    assert (again / "reproduce.sh").read_text().count("--quick") == 1
     tuning = [json.loads(l) for l in (study["work"] / "results" / "records.jsonl").read_text().splitlines()
               if json.loads(l)["kind"] == "tuning"]
     assert all(r["new_trials"] == 0 for r in tuning[-4:])

@@ -288,6 +288,36 @@ def cmd_export(args) -> None:
     _emit(args, {"out": str(out), "plan": {n: e.impl for n, e in plan.layers.items()}}, lambda: f"exported to {out}")
 
 
+def cmd_report(args) -> None:
+    from .bundle import diff_bundles, format_diff, write_bundle
+    from .records import WorkDir
+
+    if args.compare:
+        if args.out or args.notebooks or args.execute_notebooks:
+            raise UserError("--compare A B only reads two bundles; leave out --out and the notebooks")
+        diff = diff_bundles(*args.compare)
+        _emit(args, diff, lambda: format_diff(diff))
+        return
+    if not args.out:
+        raise UserError("report needs --out BUNDLE (the folder to write), or --compare BUNDLE_A BUNDLE_B")
+    work = WorkDir.at(args.work_dir)
+    notebooks = list(args.notebooks or ())
+    if args.execute_notebooks:
+        import tempfile
+
+        from .bundle import execute_notebooks
+
+        write_bundle(work.root, args.out)  # fails at once (one line) if there is no study
+        # The executed copies (megabytes of widget state) stay out of the bundle: only their pages go in.
+        with work.lock("report"), tempfile.TemporaryDirectory(prefix="workbench-notebooks-") as executed:
+            notebooks += execute_notebooks(work.root, executed)
+            out = write_bundle(work.root, args.out, notebooks=notebooks)
+    else:
+        out = write_bundle(work.root, args.out, notebooks=notebooks)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    _emit(args, {"out": str(out), "files": files}, lambda: f"bundle: {out} (open {out / 'index.html'})")
+
+
 def cmd_serve(args) -> None:
     from .server import serve
 
@@ -357,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="the write-up bundle of a finished study (report, records, plan, environment, "
+                       "reproduce.sh), or --compare two bundles")
+    _common(p, "--work-dir", "--json")
+    p.add_argument("--out", help="the bundle folder to write (created; its files replaced)")
+    p.add_argument("--notebooks", nargs="+", help="executed notebooks (.ipynb files or folders) to include as HTML")
+    p.add_argument("--execute-notebooks", action="store_true",
+                   help="run every notebook on the study's work dir at its budget, and include them (minutes)")
+    p.add_argument("--compare", nargs=2, metavar=("BUNDLE_A", "BUNDLE_B"),
+                   help="diff two bundles: plan changes (within noise or clear), per layer, end to end, environment")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="an RPC server with the NNPACK bridge registered")
     p.add_argument("--tracker", help="register at this tracker HOST:PORT; checked before the server starts: "

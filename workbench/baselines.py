@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import hybrid
+from . import hybrid, stats
 from .errors import WorkbenchError
 from .build import build_hybrid, compile_hybrid
 from .measure import TimingConfig
@@ -180,7 +180,46 @@ def _result(name: str, check: dict, repeats: list[float], note: str) -> dict:
             # On a shared machine the fastest repeat is the least disturbed one: keep it too.
             "min_ms": float(np.min(repeats)) if repeats else None,
             "repeats_ms": [float(r) for r in repeats], "numerics_ok": check["numerics_ok"],
-            "max_abs_err": check["max_abs_err"], "rel_err": check["rel_err"], "note": note}
+            "max_abs_err": check["max_abs_err"], "rel_err": check["rel_err"], "note": note,
+            **_interval(repeats)}
+
+
+def _device_load(device) -> tuple[float, int] | None:
+    """(1-minute load, cores) of the device (over a short session), else of this machine; None if unknown."""
+    from .measure import device_load
+
+    if device is not None:
+        try:
+            return device_load(device.session())
+        except Exception:  # noqa: BLE001 - a probe that fails is no measurement's failure
+            return None
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return None
+
+
+def _flag_load(result: dict, loads: list) -> None:
+    """Mark a result disturbed by "load" when the device's load exceeded its cores (measure.LOAD_MARGIN)."""
+    from .measure import LOAD_MARGIN
+
+    known = [load for load in loads if load]
+    if not known:
+        return
+    result["load"] = [round(load, 2) for load, _ in known]
+    if any(load > cores + LOAD_MARGIN for load, cores in known) and "load" not in result.get("disturbed_by", []):
+        result["disturbed_by"] = [*result.get("disturbed_by", []), "load"]
+        result["disturbed"] = True
+
+
+def _interval(repeats: list[float]) -> dict:
+    """The median's confidence interval and spread (stats.py); disturbed when the spread stays wide."""
+    if not repeats:
+        return {}
+    figures = stats.summarize(repeats)
+    wide = figures["spread"] > stats.SPREAD_LIMIT
+    return {"ci_ms": figures["ci_ms"], "ci_coverage": figures["ci_coverage"], "spread": figures["spread"],
+            "disturbed": wide, "disturbed_by": ["spread"] if wide else []}
 
 
 def _prepare(name: str, model, x, threads, timing, target) -> Prepared:
@@ -254,6 +293,7 @@ def measure_baselines(model: Model, device, threads: int, timing: TimingConfig =
     # next one's first repeats. The in-process peers come after: their thread pools (ONNX
     # Runtime's, PyTorch's OpenMP) stay busy for a while after they ran.
     results, first_named = {}, {}
+    loads = [_device_load(device)]  # the device's load before and after: was the run disturbed?
     order = sorted(remote, key=lambda n: (n not in extra, n == "tvm_untuned"))
     if order and order[0] in extra:
         _warm_up(device, extra[order[0]], x, threads)
@@ -272,6 +312,9 @@ def measure_baselines(model: Model, device, threads: int, timing: TimingConfig =
     local += [_tvm_local(n, model, x, threads, timing, target, ex, "supplied executable; in process")
               for n, ex in extra.items() if n not in remote]
     results.update({r["name"]: r for r in _measure_interleaved(local, reference, timing)})
+    loads.append(_device_load(device))
+    for result in results.values():
+        _flag_load(result, loads)
     if device is None and os.environ.get("TVM_NUM_THREADS") not in (None, str(threads)):
         for name in tvm_built:
             if name in results:

@@ -13,6 +13,7 @@ import time
 
 import pandas as pd
 
+from . import stats
 from .fusion import Fusion
 from .kernels.base import Candidate
 from .measure import FINAL, ConvCase, Measurement, TimingConfig, measure, usable
@@ -227,19 +228,37 @@ def _record(result: Measurement, context: dict, case: ConvCase) -> dict:
 
 
 def table(records: list[dict]) -> pd.DataFrame:
-    columns = ["layer", "impl", "status", "median_ms", "gflops", "numerics_ok", "max_abs_err", "note"]
+    columns = ["layer", "impl", "status", "median_ms", "ci_ms", "disturbed", "gflops", "numerics_ok", "max_abs_err",
+               "note"]
     frame = pd.DataFrame(records)
+    if len(frame):  # every row shows its interval (older records: from their repeats)
+        frame["ci_ms"] = [_ci_text(r) for r in records]
     return frame[[c for c in columns if c in frame]] if len(frame) else pd.DataFrame(columns=columns)
 
 
+def _ci_text(record: dict) -> str:
+    ci = stats.interval(record) if record.get("median_ms") is not None else None
+    return f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+
 def winners(records: list[dict]) -> pd.DataFrame:
-    """Fastest implementation per layer among those whose numerics held (aliases left out)."""
-    frame = pd.DataFrame(usable(records), columns=["layer", "impl", "median_ms", "gflops"])
+    """Fastest implementation per layer among those whose numerics held (aliases left out), with its
+    interval and whether it is `clear`: its interval lies below every other implementation's."""
+    good = usable(records)
+    frame = pd.DataFrame(good, columns=["layer", "impl", "median_ms", "gflops"])
     best = frame.loc[frame.groupby("layer", sort=False)["median_ms"].idxmin()]
-    return best[["layer", "impl", "median_ms", "gflops"]].reset_index(drop=True)
+    best = best[["layer", "impl", "median_ms", "gflops"]].reset_index(drop=True)
+    # One interval per (layer, impl): its fastest record's (the slower ones written first, then overwritten).
+    spans = {(r["layer"], r["impl"]): stats.interval(r) for r in sorted(good, key=lambda r: -r["median_ms"])}
+    best["ci_lo_ms"] = [spans[(l, i)][0] for l, i in zip(best.layer, best.impl)]
+    best["ci_hi_ms"] = [spans[(l, i)][1] for l, i in zip(best.layer, best.impl)]
+    best["clear"] = [not any(stats.overlap(spans[(l, i)], span) for (other, impl), span in spans.items()
+                             if other == l and impl != i) for l, i in zip(best.layer, best.impl)]
+    return best
 
 
 def json_rows(records: list[dict]) -> list[dict]:
     keys = ("layer", "impl", "status", "median_ms", "gflops", "numerics_ok", "max_abs_err", "rel_err",
-            "repeats_ms", "phases", "note", "alias_of", "server", "emulated")
+            "repeats_ms", "ci_ms", "spread", "remeasured", "disturbed", "disturbed_by", "phases", "note", "alias_of",
+            "server", "emulated")
     return [{k: r.get(k) for k in keys} for r in records]

@@ -4,7 +4,13 @@
 2. The implementation runs once on the device; its output is checked against the reference
    with the tolerance of its algorithm. A wrong result is recorded as such and never wins.
 3. Only then is it timed on the device with TVM's time evaluator (explicit number, repeat,
-   min_repeat_ms); every repeat is kept, and the median is the headline.
+   min_repeat_ms); every repeat is kept, and the median with its confidence interval
+   (stats.py) is the headline.
+4. Noise: when the interval is wider than stats.SPREAD_LIMIT of the median, the kernel is
+   timed again (at most stats.EXTRA_ROUNDS more rounds, repeats pooled). A measurement is
+   `disturbed` when its interval stayed wide (signal "spread") or when the device's 1-minute
+   load average, read before and after timing, exceeded its cores + LOAD_MARGIN (signal
+   "load": other work shared the cores); `disturbed_by` names the signals.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import stats
 from .fusion import Fusion
 from .model import Layer, Model
 from .rpc import SessionLost, is_transport_failure, short_reason
@@ -127,6 +134,13 @@ class Measurement:
     note: str = ""
     alias_of: str | None = None
     config: str = ""
+    ci_ms: list[float] | None = None  # the median's confidence interval [lo, hi] (stats.median_ci)
+    ci_coverage: float | None = None
+    spread: float | None = None  # (hi - lo) / median
+    remeasured: int = 0  # extra rounds timed because the spread was too wide
+    disturbed: bool = False
+    disturbed_by: list[str] = field(default_factory=list)  # "spread", "load"
+    load: list[float] | None = None  # the device's 1-minute load average before and after timing
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,7 +189,15 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
             result.status = "wrong"
             result.note = (f"output differs from the reference: max abs err {result.max_abs_err:.3g}, "
                            f"relative {result.rel_err:.3g} > {tolerance:g}")
-        seconds = running.time(timing)
+        load_before = device_load(session)
+        seconds = list(running.time(timing))
+        # Wide interval: time again (bounded), pooling the repeats, before calling it disturbed
+        # (a wrong kernel never wins: its time is shown, not worth more rounds).
+        while (ok and result.remeasured < stats.EXTRA_ROUNDS
+               and stats.summarize([s * 1e3 for s in seconds])["spread"] > stats.SPREAD_LIMIT):
+            seconds += list(running.time(timing))
+            result.remeasured += 1
+        load_after = device_load(session)
     except Exception as err:  # one failing implementation must not stop the study
         if is_transport_failure(err, session):  # the session died: not this candidate's result
             raise SessionLost(f"the RPC session died while measuring {candidate.impl} on {case.layer.name}: "
@@ -185,9 +207,40 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
         result.note = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"[:500]
         return result
     result.repeats_ms = [s * 1e3 for s in seconds]
-    result.median_ms = float(np.median(result.repeats_ms))
+    annotate(result, result.repeats_ms, [load_before, load_after])
     result.gflops = case.flops / (result.median_ms * 1e-3) / 1e9
     return result
+
+
+LOAD_MARGIN = 1.0  # load above the device's cores by more than this: other work shared them
+
+
+def annotate(result, repeats_ms: list[float], loads: list) -> None:
+    """Set median, interval, spread and the disturbed flags of a Measurement from its repeats and
+    the device loads ((load1, cores) pairs or None) read around the timing."""
+    figures = stats.summarize(repeats_ms)
+    result.median_ms, result.ci_ms = figures["median_ms"], figures["ci_ms"]
+    result.ci_coverage, result.spread = figures["ci_coverage"], figures["spread"]
+    flags = ["spread"] if result.spread > stats.SPREAD_LIMIT else []
+    known = [load for load in loads if load]
+    if known:
+        result.load = [round(load, 2) for load, _ in known]
+        if any(load > cores + LOAD_MARGIN for load, cores in known):
+            flags.append("load")
+    result.disturbed_by, result.disturbed = flags, bool(flags)
+
+
+def device_load(session) -> tuple[float, int] | None:
+    """(1-minute load average, cores) of the device, or None where its server cannot tell
+    (an older server, or a platform without a load average)."""
+    import json
+
+    try:
+        text = session.get_function(LOAD_GLOBAL_FUNC)()
+        data = json.loads(text)
+        return float(data["load1"]), int(data["cores"])
+    except Exception:  # noqa: BLE001 - a missing probe is no measurement's failure
+        return None
 
 
 def _fusion_refusal(candidate, case) -> str | None:
@@ -200,6 +253,19 @@ def _fusion_refusal(candidate, case) -> str | None:
 # ---------------------------------------------------------------- on the device
 
 TIME_GLOBAL_FUNC = "workbench.measure.time_global_func"
+LOAD_GLOBAL_FUNC = "workbench.measure.load_average"
+
+
+def load_average() -> str:
+    """The device's 1-minute load average and cores, as JSON (the server registers this)."""
+    import json
+    import os
+
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        return json.dumps({})
+    return json.dumps({"load1": load1, "cores": os.cpu_count() or 1})
 
 
 def time_global_func(name: str, number: int, repeat: int, min_repeat_ms: int, *args) -> str:

@@ -14,6 +14,17 @@ Fusion levels (`Plan.with_fusion`), the three builds of one plan the study compa
   wherever the conv's kernel can compute them.
 `elementwise` says how the ops no conv absorbs run: `hand` (the 2018 fused kernels),
 `relax` (TVM's FuseOps groups) or `separate` (one kernel per op).
+
+Choosing with noise (`choose_plan`): every record has a confidence interval for its median
+(stats.interval). The fastest record wins outright only when its interval lies wholly below
+every other's. Otherwise the records whose intervals overlap the fastest's are a tie, and a
+fixed rule picks among them, so that noise cannot flip the choice back and forth: fewer
+transforms first (`transform_rank`: direct convolutions and implicit GEMM, then Winograd
+F(2x2), F(4x4), F(6x6) (NNPACK's wt8x8 is F(6x6)), then FFT 8x8, 16x16, then NNPACK's `auto`;
+a pre-transformed kernel (`precompute`) before one transformed per call), then the
+implementation id in alphabetical order. Every tie is written in `Plan.notes`. A fold
+(`fold_where_faster`) likewise happens only where the folded kernel's interval lies wholly
+below the separate kernels' summed interval; an overlap keeps the 2018 way and is noted.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from .errors import WorkbenchError
 from .fusion import Fusion, chain_label, fused_layers, fusible_chain, legal_fusions, prologue_chain, prologue_layers
 from .kernels.base import Candidate
 from .kernels.registry import UnknownImplementationError, all_candidates, find
+from . import stats
 from .measure import usable
 from .model import Layer, Model
 
@@ -318,61 +330,155 @@ def _check_entry(model: Model, conv: Layer, entry: LayerPlan, candidates: list[C
 
 def choose_plan(model: Model, records: list[dict], fuse: bool | str = True,
                 candidates: list[Candidate] | None = None) -> Plan:
-    """The fastest usable implementation per conv; `tvm:default` where nothing usable was measured.
+    """The fastest usable implementation per conv, chosen with its noise; `tvm:default` where
+    nothing usable was measured.
 
     Usable: measured ok with its numerics checked (measure.usable), and applicable to the layer
     (a stale record for an impl that does not apply never wins). A fast but wrong kernel
     therefore never wins. Convs are chosen by their isolated times (records without a
     `fusion`) and fused as the original study did (ReLU into the conv; MaxPool+ReLU and
     Resize+Add+ReLU as their own kernels); with `fuse` (True or "folded"), a block's pool or
-    resize+add is then folded into its conv wherever the per-block sweep measured that faster.
+    resize+add is then folded into its conv wherever the per-block sweep measured that faster
+    beyond noise.
+
+    The choice rule (module docstring): the fastest record wins if its confidence interval does
+    not overlap any other's; else the records overlapping it tie, and the tie-break (`tie_key`:
+    fewer transforms, then the implementation id) picks one; each tie is noted in `Plan.notes`
+    ("enc1_conv1: tvm:winograd_4 and tvm:winograd_6 tie (intervals overlap); chose ...").
     """
     candidates = all_candidates() if candidates is None else candidates
     convs = {c.name: c for c in model.convs}
-    best = _fastest(records, convs, candidates, folded=False)
-    overrides = {name: rec["impl"] for name, rec in best.items()}
+    choices = _choices(records, convs, candidates, folded=False)
+    overrides = {name: choice.record["impl"] for name, choice in choices.items()}
     level = _level(fuse)
     plan = Plan.uniform(model, DEFAULT_IMPL, fuse="none" if level == "none" else "2018", overrides=overrides,
                         candidates=candidates)
-    fallback = [name for name in convs if name not in best]
+    plan.notes.extend(choice.note for choice in choices.values() if choice.tie)
+    fallback = [name for name in convs if name not in choices]
     if fallback:
         plan.notes.append(f"no usable record, fell back to {DEFAULT_IMPL}: {', '.join(fallback)}")
     return fold_where_faster(model, plan, records, candidates) if level == "folded" else plan
 
 
-def _fastest(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
-    """conv name -> its fastest usable record, among isolated (`folded` False) or folded-block records."""
-    best: dict[str, dict] = {}
+# Transforms per implementation family, fewest first: the tie-break's first key.
+TRANSFORM_RANK = {"default": 0, "direct": 0, "direct_nchw": 0, "direct_nchwc": 0, "tuned": 0, "implicit_gemm": 0,
+                  "winograd_2": 1, "winograd_4": 2, "winograd_6": 3, "wt8x8": 3, "wt8x8_fp16": 3,
+                  "ft8x8": 4, "ft16x16": 5, "auto": 6}
+STRATEGY_RANK = {"precompute": 0, "compute": 1}  # a kernel transformed once ahead before once per call
+
+
+def transform_rank(impl: str) -> int:
+    """How many transforms an implementation does, as a rank (unknown kinds last among equals)."""
+    parts = impl.split(":")
+    kind = parts[1] if len(parts) > 1 else impl
+    return TRANSFORM_RANK.get(kind, 7)
+
+
+def tie_key(record: dict) -> tuple:
+    """The tie-break's order: fewer transforms, precompute before compute, then the id (fixed)."""
+    impl, config = record["impl"], str(record.get("config", ""))
+    strategy = impl.split(":")[2] if impl.startswith("nnpack:") and impl.count(":") >= 2 else ""
+    # tvm:hand_tuned's config names the schedule it chose ("tvm:winograd_4 ic_bn=16, ..."): ranked as that.
+    ranked_as = config.split(" ")[0] if impl == "tvm:hand_tuned" and config.startswith("tvm:") else impl
+    return transform_rank(ranked_as), STRATEGY_RANK.get(strategy, 0), impl, config
+
+
+@dataclass
+class Choice:
+    """One conv's choice: the record chosen, and the records it tied with (empty: a clear win)."""
+
+    layer: str
+    record: dict
+    fastest: dict
+    tied: list = field(default_factory=list)  # records whose intervals overlap the fastest's
+    runner_up: dict | None = None  # the fastest record of another implementation
+
+    @property
+    def tie(self) -> bool:
+        return bool(self.tied)
+
+    @property
+    def note(self) -> str:
+        names = sorted({r["impl"] for r in [self.fastest, *self.tied]}, key=lambda i: tie_key({"impl": i}))
+        listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+        return (f"{self.layer}: {listed} tie (intervals overlap); chose {self.record['impl']} by the tie-break "
+                f"(fewest transforms, then id); fastest median was {self.fastest['impl']} "
+                f"{stats.show(self.fastest)}")
+
+
+def choose(layer: str, records: list[dict]) -> Choice:
+    """The choice among one conv's usable records (see the module docstring)."""
+    ranked = sorted(records, key=lambda r: (r["median_ms"], tie_key(r)))
+    fastest, span = ranked[0], stats.interval(ranked[0])
+    others = [r for r in ranked[1:] if r["impl"] != fastest["impl"]]
+    tied = [r for r in others if stats.overlap(span, stats.interval(r))]
+    runner_up = others[0] if others else None
+    if not tied:
+        return Choice(layer, fastest, fastest, runner_up=runner_up)
+    return Choice(layer, min([fastest, *tied], key=tie_key), fastest, tied, runner_up)
+
+
+def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
+    """conv name -> its usable records, among isolated (`folded` False) or folded-block records."""
+    found: dict[str, list] = {}
     for rec in usable(records):
         name = rec.get("layer")
         if name not in convs or bool(rec.get("fusion")) != folded or not _applies(rec["impl"], convs[name], candidates):
             continue
-        if name not in best or rec["median_ms"] < best[name]["median_ms"]:
-            best[name] = rec
-    return best
+        found.setdefault(name, []).append(rec)
+    return found
+
+
+def choices(model: Model, records: list[dict], candidates: list[Candidate] | None = None) -> dict[str, Choice]:
+    """conv name -> its Choice among the isolated records (what choose_plan picks, with its ties)."""
+    candidates = all_candidates() if candidates is None else candidates
+    return _choices(records, {c.name: c for c in model.convs}, candidates, folded=False)
+
+
+def _choices(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
+    return {name: choose(name, recs) for name, recs in _candidates_of(records, convs, candidates, folded).items()}
+
+
+def _fastest(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
+    """conv name -> its chosen usable record (by the noise-aware rule), isolated or folded-block records."""
+    return {name: choice.record for name, choice in _choices(records, convs, candidates, folded).items()}
 
 
 def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates: list[Candidate]) -> Plan:
-    """Fold a block into its conv where the folded kernel measured faster than the conv's chosen
-    kernel plus the separate elementwise kernels the fold would replace (both from records)."""
+    """Fold a block into its conv where the folded kernel measured faster, beyond noise, than the
+    conv's chosen kernel plus the separate elementwise kernels the fold would replace (both from
+    records): the folded interval must lie wholly below the separate times' summed interval.
+    An overlap keeps the 2018 way and is noted as a tie."""
     convs = {c.name: c for c in model.convs}
-    isolated = {name: rec for name, rec in _fastest(records, convs, candidates, folded=False).items()
-                if rec["impl"] == plan.impl(name)}
-    separate = {}  # last layer of an elementwise group -> its fastest separate kernel time
+    isolated = {}  # conv -> the fastest record of the plan's implementation for it
+    for name, recs in _candidates_of(records, convs, candidates, folded=False).items():
+        mine = [r for r in recs if r["impl"] == plan.impl(name)]
+        if mine:
+            isolated[name] = min(mine, key=lambda r: r["median_ms"])
+    separate = {}  # last layer of an elementwise group -> its fastest separate kernel record
     for rec in usable(records):
         if rec.get("fusion") and rec.get("layer") not in convs:
-            separate[rec["layer"]] = min(rec["median_ms"], separate.get(rec["layer"], float("inf")))
+            if rec["layer"] not in separate or rec["median_ms"] < separate[rec["layer"]]["median_ms"]:
+                separate[rec["layer"]] = rec
     entries, notes = dict(plan.layers), list(plan.notes)
     for name, rec in _fastest(records, convs, candidates, folded=True).items():
         conv, prologue, epilogue = convs[name], tuple(rec.get("prologue", ())), tuple(rec.get("epilogue", ()))
         absorbed = absorbed_groups(model, conv, prologue, epilogue)
         if name not in isolated or not absorbed or any(tail not in separate for tail in absorbed):
             continue  # nothing measured to weigh the fold against: keep the 2018 way
-        apart = isolated[name]["median_ms"] + sum(separate[tail] for tail in absorbed)
-        if rec["median_ms"] < apart:
+        parts = [isolated[name], *(separate[tail] for tail in absorbed)]
+        apart = sum(r["median_ms"] for r in parts)
+        apart_ci = stats.sum_interval(stats.interval(r) for r in parts)
+        folded_ci = stats.interval(rec)
+        if stats.clearly_below(folded_ci, apart_ci):
             entries[name] = LayerPlan(name, rec["impl"], epilogue, prologue)
-            notes.append(f"{name}: folded {rec['fusion']!r} into {rec['impl']} ({rec['median_ms']:.3f} ms "
-                              f"against {apart:.3f} ms for {plan.impl(name)} and the separate kernels)")
+            notes.append(f"{name}: folded {rec['fusion']!r} into {rec['impl']} ({stats.show(rec)} "
+                         f"against {apart:.3g} ms [{apart_ci[0]:.3g}, {apart_ci[1]:.3g}] for {plan.impl(name)} "
+                         "and the separate kernels)")
+        elif rec["median_ms"] < apart:
+            notes.append(f"{name}: folding {rec['fusion']!r} into {rec['impl']} ({stats.show(rec)}) and the "
+                         f"separate kernels ({apart:.3g} ms [{apart_ci[0]:.3g}, {apart_ci[1]:.3g}]) tie "
+                         "(intervals overlap); kept the 2018 groups")
     folded = Plan(plan.model, entries, notes, plan.elementwise)
     folded.validate(model, candidates)
     return folded

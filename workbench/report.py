@@ -16,6 +16,7 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
 td:first-child, th:first-child { text-align: left; } .note { color: #555; } pre { background: #f8f8f8; padding: 1em; }
 .device { color: #444; } .emulated { color: #a00; font-weight: bold; }
+.warning { color: #a00; font-weight: bold; border-left: 4px solid #a00; padding-left: 0.5em; }
 """
 
 
@@ -39,8 +40,9 @@ class Section:
 
 
 def _render(part, first_figure: list, device: dict | None = None) -> str:
-    if isinstance(part, str):
-        return f"<p>{html.escape(part)}</p>"
+    if isinstance(part, str):  # a paragraph; one that starts with WARNING (disturbed runs) stands out
+        css = " class='warning'" if part.startswith("WARNING") else ""
+        return f"<p{css}>{html.escape(part)}</p>"
     if isinstance(part, pd.DataFrame):
         return part.to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0)
     if isinstance(part, dict):

@@ -31,6 +31,7 @@ def register_device_functions(threads: int) -> None:
     import tvm
 
     tvm.register_global_func(measure.TIME_GLOBAL_FUNC, measure.time_global_func, override=True)
+    tvm.register_global_func(measure.LOAD_GLOBAL_FUNC, measure.load_average, override=True)  # disturbed?
     tvm.register_global_func(targets.DEVICE_INFO, targets.device_info_json, override=True)  # machine, cores
     try:
         from . import nnpack_tvm

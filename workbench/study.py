@@ -218,6 +218,10 @@ def fusion_figures(end_to_end: list[dict], plan: Plan, records: list[dict],
         figures["hybrid_vs_unfused"] = figures["hybrid_ms"] / figures["unfused_ms"]
     if figures["isolated_sum_ms"] and figures["hybrid_ms"]:
         figures["hybrid_vs_isolated_sum"] = figures["hybrid_ms"] / figures["isolated_sum_ms"]
+    from .stats import interval  # each build's interval, so that a ratio can be read against noise
+
+    figures["ci_ms"] = {r["name"]: list(interval(r)) for r in end_to_end
+                        if r["name"] in (*FUSION_BUILDS, "hybrid") and interval(r)}
     return figures
 
 
@@ -289,11 +293,50 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     return summary
 
 
+def seeds() -> dict:
+    """The seeds a study uses (each function's default), recorded so a re-run can reuse them."""
+    import inspect
+
+    def default(fn, name="seed"):
+        return inspect.signature(fn).parameters[name].default
+
+    return {"input": default(sample_input), "layer_cases": default(compare.compare),
+            "tuning": tuning.TuningConfig().seed}
+
+
+def _end_to_end_rows(end_to_end) -> list[dict]:
+    keys = ("name", "median_ms", "ci_ms", "ci_coverage", "spread", "disturbed", "disturbed_by", "numerics_ok")
+    return [{k: r.get(k) for k in keys} for r in end_to_end]
+
+
+KEY_PLACEHOLDER = "$WORKBENCH_RPC_KEY"
+
+
+def _command(argv: list[str]) -> list[str] | None:
+    """The command line that ran the study (None when not the CLI), the device key left out: it is
+    the secret a client needs, and the summary goes into bundles that get published."""
+    if not argv or not argv[0].endswith(("workbench", "__main__.py")):
+        return None
+    shown = list(argv)
+    for i, arg in enumerate(shown):
+        if arg == "--key" and i + 1 < len(shown):
+            shown[i + 1] = KEY_PLACEHOLDER
+        elif arg.startswith("--key="):
+            shown[i] = f"--key={KEY_PLACEHOLDER}"
+    return shown
+
+
 def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
+    import sys
+
     by_name = {r["name"]: r for r in end_to_end}
     hybrid_ms = by_name["hybrid"]["median_ms"]
     base = {name: r["median_ms"] for name, r in by_name.items() if name != "hybrid" and name not in FUSION_BUILDS}
     return {
+        "end_to_end": _end_to_end_rows(end_to_end),  # with intervals and disturbed flags
+        "plan_notes": list(plan.notes),  # the ties and the folds, with their intervals
+        "seeds": seeds(),
+        "command": _command(sys.argv),
         "model": model.name,
         "hybrid_ms": hybrid_ms,
         "numerics_ok": all(r["numerics_ok"] for r in end_to_end),
@@ -363,21 +406,81 @@ def _fusion_section(summary: dict, block_records: list[dict], plan: Plan) -> Sec
         blocks_frame])
 
 
+def _with_interval(end_to_end, name: str) -> str:
+    from .stats import show
+
+    row = next((r for r in end_to_end if r["name"] == name), None)
+    return show(row) if row else "-"
+
+
+def _end_to_end_frame(end_to_end) -> pd.DataFrame:
+    from .stats import interval
+
+    frame = pd.DataFrame(end_to_end)
+    spans = [interval(r) or (None, None) for r in end_to_end]
+    frame["ci_lo_ms"], frame["ci_hi_ms"] = [s[0] for s in spans], [s[1] for s in spans]
+    for column in ("spread", "disturbed"):
+        if column not in frame:
+            frame[column] = None
+    return frame[["name", "median_ms", "ci_lo_ms", "ci_hi_ms", "spread", "disturbed", "min_ms", "numerics_ok",
+                  "max_abs_err", "note"]]
+
+
+def _disturbed(records) -> list[dict]:
+    return [r for r in records if r.get("disturbed")]
+
+
+def _disturbed_warning(records, end_to_end) -> list[str]:
+    """One line when any measurement was disturbed (its signals named), else nothing."""
+    layer_hits, e2e_hits = _disturbed(records), _disturbed(end_to_end)
+    if not layer_hits and not e2e_hits:
+        return []
+    signals = sorted({s for r in layer_hits + e2e_hits for s in r.get("disturbed_by") or []})
+    return [f"WARNING: measurements were disturbed ({', '.join(signals) or 'unknown signal'}): "
+            f"{len(layer_hits)} of {len(records)} per-layer and {len(e2e_hits)} of {len(end_to_end)} end-to-end. "
+            "'spread': the interval stayed wider than the limit after re-measuring; 'load': the device's load "
+            "average exceeded its cores (other work shared them). Compare such results with care, or run again "
+            "on an idle machine."]
+
+
+def _noise_section(records, end_to_end, plan) -> Section:
+    from .stats import SPREAD_LIMIT
+
+    ties = [n for n in plan.notes if "tie (intervals overlap)" in n]
+    hits = _disturbed(records)
+    remeasured = sum(1 for r in records if r.get("remeasured"))
+    frame = compare.table(hits)
+    if len(hits):
+        frame["disturbed_by"] = [", ".join(r.get("disturbed_by") or []) for r in hits]
+    return Section("Noise, ties and disturbed measurements", [
+        f"Every time is a median with a distribution-free 95% interval from its repeats (with 5 repeats, min..max). "
+        f"A measurement whose interval was wider than {SPREAD_LIMIT:.0%} of its median was timed again (bounded); "
+        f"{remeasured} were (end-to-end times, measured in interleaved rounds, are flagged instead). The plan "
+        "takes the fastest implementation only where its interval lies below all others'; where they overlap, the "
+        "tie-break picks the one with fewer transforms, then by id.",
+        f"{len(ties)} of {len(plan.layers)} choices were ties: " + ("; ".join(ties) if ties else "none."),
+        *([f"{len(hits)} disturbed per-layer measurements:", frame] if hits else
+          ["No per-layer measurement was disturbed."])])
+
+
 def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, in_model, summary,
               block_records=()) -> list[Section]:
     frame = pd.DataFrame(records)
     good = pd.DataFrame(usable(records))
     best_per_library = good.loc[good.groupby(["layer", good.impl.str.split(":").str[0]]).gflops.idxmax()]
     winners = compare.winners(records)
-    e2e = pd.DataFrame(end_to_end)[["name", "median_ms", "min_ms", "numerics_ok", "max_abs_err", "note"]]
+    e2e = _end_to_end_frame(end_to_end)
     e2e["hybrid_ratio"] = summary["hybrid_ms"] / e2e["median_ms"]
     isolated = winners.rename(columns={"median_ms": "isolated_ms"})[["layer", "impl", "isolated_ms"]]
     return [
         Section("Summary", [
-            f"Hybrid {summary['hybrid_ms']:.2f} ms on {summary['threads']} threads; ratios below 1.0 mean the hybrid "
-            "is faster. Every implementation's output was checked against the PyTorch reference before timing.",
+            f"Hybrid {_with_interval(end_to_end, 'hybrid')} on {summary['threads']} threads (median and its 95% "
+            "interval); ratios below 1.0 mean the hybrid is faster. Every implementation's output was checked "
+            "against the PyTorch reference before timing.",
+            *_disturbed_warning(records, end_to_end),
             {k: summary[k] for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios")}]),
         Section("End to end", [plots.end_to_end_bars(e2e), e2e]),
+        _noise_section(records, end_to_end, plan),
         Section("Layers and the roofline", [
             ceilings.summary(), plots.roofline(ceilings, layers, best_per_library[["layer", "impl", "gflops"]],
                                                title=model.name),
@@ -389,8 +492,9 @@ def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, 
             "model, caches hold other layers' data and the elementwise ops run between convs, so the two differ.",
             in_model.merge(isolated, on="layer", how="left") if "layer" in in_model else in_model]),
         _fusion_section(summary, list(block_records), plan),
-        Section("The plan", [plan.frame()]),
+        Section("The plan", [plan.frame(), *(["Notes: " + " | ".join(plan.notes)] if plan.notes else [])]),
         Section("Environment", [{**environment(), "device": records[0]["device"] if records else {},
                                  "threads": summary["threads"], "budget": summary["budget"],
+                                 "seeds": summary.get("seeds"),
                                  "study_seconds": summary["seconds"]}]),
     ]

@@ -1,0 +1,40 @@
+"""The lessons' rules say "does not hold" when the results contradict them (synthetic results test the
+rule; the notebooks' tests assert the measured lessons)."""
+
+import json
+
+import pandas as pd
+
+from workbench import lessons
+from workbench.plan import LayerPlan, Plan
+
+
+def _row(name, ms, lo, hi, note=""):
+    return {"name": name, "median_ms": ms, "ci_ms": [lo, hi], "numerics_ok": True, "note": note}
+
+
+def test_the_hybrid_lessons_fail_when_a_peer_is_clearly_faster_or_an_edge_goes_to_nnpack():
+    plan = Plan("m", {"first": LayerPlan("first", "tvm:direct_nchwc"), "mid": LayerPlan("mid", "nnpack:wt8x8:compute")})
+    fine = [_row("hybrid", 1.0, 0.9, 1.2), _row("onnxruntime", 1.1, 1.0, 1.3), _row("tvm_untuned", 9, 8, 10),
+            _row("tvm_only", 1.0, 0.9, 1.2, "the same executable as hybrid")]
+    assert all(lesson.holds for lesson in lessons.hybrid_lessons(fine, plan, ["first"]))
+    slow = [_row("hybrid", 2.0, 1.9, 2.2), *fine[1:]]
+    assert not lessons.hybrid_lessons(slow, plan, ["first"])[0].holds
+    assert "onnxruntime" in lessons.hybrid_lessons(slow, plan, ["first"])[0].evidence
+    assert not lessons.hybrid_lessons(fine, plan, ["first", "mid"])[3].holds
+
+
+def test_layer_lessons_fail_for_a_network_densest_at_its_edge():
+    table = pd.DataFrame({"name": ["a", "b", "c", "d"], "op": ["conv"] * 4, "intensity": [30.0, 10, 12, 5]})
+    found = lessons.layer_lessons(table, ["a", "d"], ridge=8.0)
+    assert [lesson.holds for lesson in found] == [False, False, True]
+
+
+def test_lessons_travel_through_a_notebook_output(tmp_path):
+    shown = [lessons.Lesson("a claim", True, "evidence", asserted=False)]
+    notebook = {"cells": [{"cell_type": "code", "outputs": [
+        {"output_type": "display_data", "data": {lessons.MIME: [vars(lesson) for lesson in shown]}}]}]}
+    path = tmp_path / "n.ipynb"
+    path.write_text(json.dumps(notebook))
+    assert lessons.from_notebook(path) == [{"claim": "a claim", "holds": True, "evidence": "evidence",
+                                            "asserted": False}]
