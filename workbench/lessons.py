@@ -232,6 +232,33 @@ def schedule_lessons(steps: list[dict], refused: bool, here: list[dict], records
             f"tuned {_fmt(stats.interval(tuned))}, default {_fmt(stats.interval(default))}",
             # A handful of trials is a random schedule: only a real budget makes this a claim.
             asserted=not quick))
+    lessons += _knob_tuner_lessons(here, quick)
+    return lessons
+
+
+def _knob_tuner_lessons(here: list[dict], quick: bool) -> list[Lesson]:
+    """The knob tuner's best point (tvm:hand_tuned) against the hand schedule's defaults and MetaSchedule."""
+    by_impl = {r["impl"]: r for r in here}
+    knob, tuned = by_impl.get("tvm:hand_tuned"), by_impl.get("tvm:tuned")
+    defaults = [r for r in here if r["impl"].startswith("tvm:") and r["impl"] not in
+                ("tvm:default", "tvm:tuned", "tvm:hand_tuned")]
+    if not knob or not defaults:
+        return []
+    hand = defaults[0]
+    disturbed = bool(knob.get("disturbed") or hand.get("disturbed"))
+    lessons = [Lesson(
+        "The knob tuner's best point is not slower than the hand schedule's default knobs by more than noise "
+        "(those defaults are among its starting points).",
+        _not_slower(knob, hand["impl"], hand),
+        f"knob tuner {_fmt(stats.interval(knob))} ({knob.get('config', '')}), {hand['impl']} defaults "
+        f"{_fmt(stats.interval(hand))}" + ("; a measurement was disturbed" if disturbed else ""),
+        asserted=not disturbed)]
+    if tuned:
+        lessons.append(Lesson(
+            "With the same trials, the knob tuner's best is not slower than MetaSchedule's by more than noise.",
+            _not_slower(knob, "tvm:tuned", tuned),
+            f"knob tuner {_fmt(stats.interval(knob))}, MetaSchedule {_fmt(stats.interval(tuned))}",
+            asserted=not quick))
     return lessons
 
 
