@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from workbench.kernels.base import Candidate
 from workbench import stats
 from workbench.measure import ConvCase, Measurement, TimingConfig, annotate, measure
 from workbench.plan import LayerPlan, choose_plan, tie_key
@@ -75,7 +76,7 @@ class _Running:
         return self.rounds[min(self.calls, len(self.rounds)) - 1]
 
 
-class _Candidate:
+class _Candidate(Candidate):
     impl, tolerance, note, alias_of, config = "fake:kernel", 1e-3, "", None, ""
 
     def __init__(self, running):
