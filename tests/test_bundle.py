@@ -156,3 +156,32 @@ def test_the_notebooks_parameters_are_read_from_their_parameters_cell():
         names = bundle.notebook_parameters(path)
         assert {"model_path", "quick", "threads"} <= names, path.name  # what execute_notebooks passes
         assert "work_dir" in names or path.name.startswith("01_"), path.name
+
+
+def test_the_diff_sees_knobs_and_fusion_and_says_when_it_cannot_tell(tmp_path, capsys):
+    from workbench.__main__ import main
+
+    def write(name, rows, notes=()):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "plan.json").write_text(json.dumps({"model": "m", "layers": rows, "notes": list(notes)}))
+        (root / "study.json").write_text("{}")
+        (root / "records.jsonl").write_text("")
+        return root
+
+    a = write("a", [{"layer": "c1", "impl": "tvm:hand_tuned", "knobs": {"schedule": "winograd_4"}},
+                    {"layer": "c2", "impl": "tvm:winograd_4", "fuse": ["relu"]},
+                    {"layer": "c3", "impl": "tvm:winograd_4"}])
+    b = write("b", [{"layer": "c1", "impl": "tvm:hand_tuned", "knobs": {"schedule": "direct_nchwc"}},
+                    {"layer": "c2", "impl": "tvm:winograd_4", "fuse": []},
+                    {"layer": "c3", "impl": "tvm:winograd_6"}])
+    diff = bundle.diff_bundles(a, b)
+    verdicts = {row["layer"]: (row["changed"], row["verdict"]) for row in diff["plan_changes"]}
+    assert verdicts == {"c1": (["knobs"], "same implementation, other knobs"),
+                        "c2": (["fuse"], "same implementation, other fuse"),
+                        "c3": (["impl"], "not measured in both")}  # no records: no verdict on noise
+    assert not diff["same_plan"] and not any(row["within_noise"] for row in diff["plan_changes"])
+    (b / "plan.json").write_text("{not json")
+    assert main(["report", "--compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot read") and "plan.json" in err[0]

@@ -134,6 +134,17 @@ def test_overlapping_intervals_tie_and_the_tie_break_decides(small_model):
     assert choose_plan(small_model, records[::-1]).layers == plan.layers
 
 
+def test_a_chain_of_overlaps_never_lets_a_clearly_slower_kernel_win(small_model):
+    # A overlaps B, B overlaps C, C lies wholly above A: whichever of A or B noise makes the
+    # fastest, C (fewest transforms) is clearly beaten and must not win the tie-break.
+    layer = small_model.convs[0].name
+    direct = "tvm:direct_nchw"
+    for a_median, b_median in ((1.05, 1.10), (1.12, 1.10)):
+        records = [_record(layer, W6, a_median, (1.00, 1.10)), _record(layer, W4, b_median, (1.08, 1.20)),
+                   _record(layer, direct, 1.20, (1.15, 1.30))]
+        assert choose_plan(small_model, records).impl(layer) == W4  # A and B tie; F(4x4) has fewer transforms
+
+
 def test_the_tie_break_order_is_fewer_transforms_then_the_id():
     order = sorted(["nnpack:ft16x16:compute", "tvm:winograd_6", "nnpack:wt8x8:compute", "tvm:winograd_2",
                     "nnpack:ft8x8:precompute", "tvm:direct_nchwc", "tvm:default", "nnpack:wt8x8:precompute"],

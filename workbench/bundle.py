@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import stats
+from . import knob_records, stats
 from .errors import WorkbenchError
 from .measure import usable
 from .paths import make_dir
@@ -108,14 +108,32 @@ def tuning_summary(tuning_dir: Path) -> dict:
                 entry["best_ms"][key] = min(ms, entry["best_ms"].get(key, float("inf")))
         for path in sorted(folder.glob("*.jsonl")):
             entry["other"][path.name] = {"lines": sum(1 for line in path.open("rb") if line.strip())}
+        knobs = _knob_summary(folder / "knobs.jsonl")
+        if knobs:
+            entry["knob_tuner"] = knobs
         summary[folder.name] = entry
     return summary
 
 
+def _knob_summary(path: Path) -> dict:
+    """conv shape -> the knob tuner's trials and its best good trial (implementation, knobs, ms)."""
+    shapes: dict = {}
+    for record in _json_lines(path):
+        if not isinstance(record, dict) or not record.get("workload"):
+            continue
+        shape = shapes.setdefault(record["workload"], {"trials": 0, "best": None})
+        shape["trials"] += 1
+        if knob_records.good(record) and (shape["best"] is None or record["median_ms"] < shape["best"]["median_ms"]):
+            shape["best"] = {k: record.get(k) for k in ("impl", "knobs", "median_ms", "ci_ms", "emulated")}
+    return shapes
+
+
 def tuned_layers(tuning_records: list[dict]) -> dict:
-    """layer -> trials and best time, from the study's newest tuning record of each layer."""
-    keys = ("trials", "new_trials", "best_ms", "seconds")
-    return {r["layer"]: {k: r.get(k) for k in keys} for r in tuning_records if r.get("layer")}
+    """"space:layer" -> trials and best time, from the study's newest tuning record of each (the knob
+    tuner's and MetaSchedule's results for one conv are kept apart)."""
+    keys = ("trials", "new_trials", "best_ms", "seconds", "best")
+    return {f"{r.get('space', 'metaschedule')}:{r['layer']}": {k: r.get(k) for k in keys}
+            for r in tuning_records if r.get("layer")}
 
 
 def _json_lines(path: Path) -> list:
@@ -189,13 +207,16 @@ def study_flags(summary: dict) -> list[str]:
     flags = ["--quick"] if budget.get("quick") else []
     flags += ["--trials", str(budget["trials"])] if "trials" in budget else []
     flags += ["--tune", budget["tune"]] if "tune" in budget else []
+    flags += ["--space", budget["space"]] if "space" in budget else []
     return flags + (["--threads", str(summary["threads"])] if summary.get("threads") else [])
 
 
 def reproduce_script(summary: dict, work_root: Path, out: Path) -> str:
-    # The key placeholder stays unquoted so the shell expands it from the environment.
-    flags = " ".join(f if "$WORKBENCH_RPC_KEY" in f else shlex.quote(f) for f in study_flags(summary))
-    work, bundle = shlex.quote(str(work_root)), shlex.quote(str(out))
+    # The key comes from the environment, quoted, and the script stops at once if it is not set.
+    key = '"${WORKBENCH_RPC_KEY:?set WORKBENCH_RPC_KEY to the device key}"'
+    flags = " ".join(f.replace("$WORKBENCH_RPC_KEY", key) if "$WORKBENCH_RPC_KEY" in f else shlex.quote(f)
+                     for f in study_flags(summary))
+    work, bundle = shlex.quote(str(Path(work_root).resolve())), shlex.quote(str(Path(out).resolve()))
     commit = git_commit()
     return "\n".join([
         "#!/bin/sh",
@@ -225,8 +246,10 @@ def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | Non
     summary = summary if summary is not None else json.loads((work.root / "study.json").read_text())
     command = summary.get("command") or []
     budget = summary.get("budget") or {}
+    # The notebooks' `trials` are per tuned layer (the study's are one budget for the model): they
+    # keep their own, or the quick one, and resume from the study's databases.
     wanted = {"work_dir": str(work.root.resolve()), "quick": bool(budget.get("quick")),
-              "trials": budget.get("trials"), "threads": summary.get("threads"),
+              "trials": 4 if budget.get("quick") else None, "threads": summary.get("threads"),
               "model_path": (str(Path(command[command.index("--model") + 1]).resolve())
                              if "--model" in command[:-1] else None)}
     out = Path(out)
@@ -237,13 +260,17 @@ def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | Non
         parameters = {k: v for k, v in wanted.items() if k in declared and v is not None}
         try:
             papermill.execute_notebook(str(path), str(out / path.name), parameters=parameters,
-                                       cwd=str(path.parent), kernel_name="python3", progress_bar=False)
+                                       cwd=str(path.parent), kernel_name="python3", progress_bar=False,
+                                       execution_timeout=CELL_TIMEOUT_S)
         except papermill.PapermillExecutionError as err:  # the notebook's own error, in one line
             raise BundleError(f"notebook {path.name} failed in cell {err.exec_count}: {err.ename}: "
                               f"{str(err.evalue).splitlines()[0] if err.evalue else ''} (executed copy: "
                               f"{out / path.name})") from None
         executed.append(out / path.name)
     return executed
+
+
+CELL_TIMEOUT_S = 3600  # one notebook cell; a hung device call ends the write-up instead of hanging it
 
 
 def notebook_parameters(path: Path) -> set[str]:
@@ -372,11 +399,23 @@ def read_bundle(path: str | Path) -> dict:
                           "`python -m workbench report --work-dir DIR --out BUNDLE`")
     records = RecordStore(path / "records.jsonl").read()
     environment_file = path / "environment.json"
-    return {"plan": json.loads((path / "plan.json").read_text()),
-            "study": json.loads((path / "study.json").read_text()),
-            "environment": json.loads(environment_file.read_text()) if environment_file.is_file() else {},
+    read = {"plan": _json(path / "plan.json"), "study": _json(path / "study.json"),
+            "environment": _json(environment_file) if environment_file.is_file() else {},
             "records": [r for r in records if r.get("kind") == RECORDS_KIND],
             "end_to_end": _latest_e2e(records)}
+    rows = read["plan"].get("layers") if isinstance(read["plan"], dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "layer" in r and "impl" in r for r in rows):
+        raise BundleError(f"{path / 'plan.json'} is not a plan (a 'layers' list of rows with 'layer' and 'impl'); "
+                          "write the bundle again with `python -m workbench report`")
+    return read
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read {path} ({err}); write the bundle again with `python -m workbench report`") \
+            from None
 
 
 def _latest_e2e(records: list[dict]) -> dict:
@@ -408,25 +447,54 @@ def _figure(record: dict | None) -> dict | None:
 
 
 def _ties(plan: dict) -> set[str]:
-    return {note.split(":", 1)[0] for note in plan.get("notes", []) if "tie (intervals overlap)" in note}
+    """Layers whose implementation was a tie (choice notes; a fold kept for a tie says "kept the 2018 groups")."""
+    return {note.split(":", 1)[0] for note in plan.get("notes", [])
+            if "tie (intervals overlap); chose" in note}
+
+
+ENTRY_PARTS = ("impl", "knobs", "fuse", "prologue")
+
+
+def _entries(plan: dict) -> dict[str, dict]:
+    """layer -> its plan entry's parts, a missing part as its empty value (older plans have no knobs)."""
+    empty = {"knobs": {}, "fuse": [], "prologue": []}
+    return {row["layer"]: {part: row.get(part) or empty.get(part, row.get(part)) for part in ENTRY_PARTS}
+            for row in plan["layers"]}
+
+
+def _verdict(layer: str, old: dict, new: dict | None, timed: list[dict], ties: list[set]) -> str:
+    """Why a plan entry differs: within noise (a tie, or the two implementations' intervals overlapped in
+    a run that measured both), clear, or not known (not measured in both, or only knobs or fusion changed)."""
+    if new is None:
+        return "missing in B"
+    if any(layer in t for t in ties):
+        return "within noise"
+    if old["impl"] == new["impl"]:
+        return "same implementation, other " + "/".join(p for p in ENTRY_PARTS[1:] if old[p] != new[p])
+    key_a, key_b = (layer, old["impl"]), (layer, new["impl"])
+    both = [t for t in timed if key_a in t and key_b in t]
+    if not both:
+        return "not measured in both"
+    overlapping = any(stats.overlap(stats.interval(t[key_a]), stats.interval(t[key_b])) for t in both)
+    return "within noise" if overlapping else "clear"
 
 
 def diff_bundles(a: str | Path, b: str | Path) -> dict:
-    """What differs between two bundles (A, then B): plan, per layer, end to end, environment."""
+    """What differs between two bundles (A, then B): plan (implementation, knobs, fusion), per layer,
+    end to end, environment."""
     first, second = read_bundle(a), read_bundle(b)
-    impls = [{row["layer"]: row["impl"] for row in bundle["plan"]["layers"]} for bundle in (first, second)]
+    entries = [_entries(bundle["plan"]) for bundle in (first, second)]
     timed = [_isolated(bundle["records"]) for bundle in (first, second)]
     ties = [_ties(bundle["plan"]) for bundle in (first, second)]
     changes, layers = [], []
-    for layer in impls[0]:
-        old, new = impls[0][layer], impls[1].get(layer)
-        row = {"layer": layer, "a": {"impl": old, **(_figure(timed[0].get((layer, old))) or {})},
-               "b": {"impl": new, **(_figure(timed[1].get((layer, new))) or {})}}
+    for layer, old in entries[0].items():
+        new = entries[1].get(layer)
+        row = {"layer": layer, "a": {**old, **(_figure(timed[0].get((layer, old["impl"]))) or {})},
+               "b": {**(new or {"impl": None}), **(_figure(timed[1].get((layer, (new or {}).get("impl")))) or {})}}
         if old != new:
-            # The flip is within noise when either run could not tell the two apart.
-            overlaps = [stats.overlap(stats.interval(t[(layer, old)]), stats.interval(t[(layer, new)]))
-                        for t in timed if (layer, old) in t and (layer, new) in t]
-            row["within_noise"] = any(overlaps) or layer in ties[0] or layer in ties[1]
+            row["changed"] = [p for p in ENTRY_PARTS if (new or {}).get(p) != old[p]]
+            row["verdict"] = _verdict(layer, old, new, timed, ties)
+            row["within_noise"] = row["verdict"] == "within noise"
             row["tie_in"] = [name for name, t in zip("ab", ties) if layer in t]
             changes.append(row)
         layers.append(row)
@@ -437,7 +505,9 @@ def diff_bundles(a: str | Path, b: str | Path) -> dict:
                            "ratio": y["median_ms"] / x["median_ms"] if x.get("median_ms") and y.get("median_ms")
                            else None,
                            "overlap": stats.overlap(stats.interval(x), stats.interval(y))})
-    return {"a": str(a), "b": str(b), "plan_changes": changes, "same_plan": not changes, "layers": layers,
+    models = [first["plan"].get("model"), second["plan"].get("model")]
+    return {"a": str(a), "b": str(b), "models": models, "same_model": models[0] == models[1],
+            "plan_changes": changes, "same_plan": not changes, "layers": layers,
             "end_to_end": end_to_end, "environment": _dict_diff(first["environment"], second["environment"])}
 
 
@@ -470,14 +540,18 @@ def format_diff(diff: dict) -> str:
         return text + (" DISTURBED" if side.get("disturbed") else "")
 
     lines = [f"A: {diff['a']}", f"B: {diff['b']}", ""]
+    if not diff.get("same_model", True):
+        lines += [f"WARNING: different models: {diff['models'][0]!r} and {diff['models'][1]!r}", ""]
     if diff["same_plan"]:
         lines.append("plan: the same in both")
     else:
         lines.append(f"plan: {len(diff['plan_changes'])} layer(s) changed")
+        shown = {"within noise": "within noise (a tie, or the intervals overlap)",
+                 "clear": "CLEAR (intervals apart)"}
         for row in diff["plan_changes"]:
-            verdict = "within noise (intervals overlap)" if row["within_noise"] else "CLEAR (intervals apart)"
+            verdict = shown.get(row["verdict"], row["verdict"])
             lines.append(f"  {row['layer']}: {row['a']['impl']} {figure(row['a'])} -> {row['b']['impl']} "
-                         f"{figure(row['b'])}: {verdict}")
+                         f"{figure(row['b'])} [{', '.join(row['changed'])}]: {verdict}")
     lines += ["", "per layer (chosen implementation: A -> B):"]
     lines += [f"  {row['layer']}: {figure(row['a'])} -> {figure(row['b'])}" for row in diff["layers"]]
     lines += ["", "end to end (A -> B):"]

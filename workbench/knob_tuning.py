@@ -60,7 +60,9 @@ class KnobTuningConfig:
     explore: float = 0.25  # share of each batch drawn at random from the pool
     samples: int = 200  # random valid points of each schedule scored per round
     min_fit: int = 8  # trials on the target before the cost model is trusted
-    timing: TimingConfig = field(default_factory=lambda: TimingConfig(number=1, repeat=3, min_repeat_ms=20))
+    # A search ranks points: a wide trial is not timed again (its spread is kept; the study re-measures the best).
+    timing: TimingConfig = field(default_factory=lambda: TimingConfig(number=1, repeat=3, min_repeat_ms=20,
+                                                                      extra_rounds=0))
     build_timeout_s: float = 120.0  # one build; past it the point is recorded failed
     seed: int = 0
     nnpack: bool = True  # NNPACK's algorithm x strategy as points of the space

@@ -35,6 +35,7 @@ class TimingConfig:
     number: int = 1  # calls per repeat (raised by the evaluator until min_repeat_ms is reached)
     repeat: int = 5
     min_repeat_ms: int = 50
+    extra_rounds: int = stats.EXTRA_ROUNDS  # rounds more for a wide interval (a search that only ranks: 0)
 
     @classmethod
     def quick(cls) -> "TimingConfig":
@@ -193,7 +194,7 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
         seconds = list(running.time(timing))
         # Wide interval: time again (bounded), pooling the repeats, before calling it disturbed
         # (a wrong kernel never wins: its time is shown, not worth more rounds).
-        while (ok and result.remeasured < stats.EXTRA_ROUNDS
+        while (ok and result.remeasured < timing.extra_rounds
                and stats.summarize([s * 1e3 for s in seconds])["spread"] > stats.SPREAD_LIMIT):
             seconds += list(running.time(timing))
             result.remeasured += 1

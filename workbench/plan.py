@@ -17,8 +17,8 @@ Fusion levels (`Plan.with_fusion`), the three builds of one plan the study compa
 
 Choosing with noise (`choose_plan`): every record has a confidence interval for its median
 (stats.interval). The fastest record wins outright only when its interval lies wholly below
-every other's. Otherwise the records whose intervals overlap the fastest's are a tie, and a
-fixed rule picks among them, so that noise cannot flip the choice back and forth: fewer
+every other's. Otherwise the records no other record clearly beats (each one's interval starts
+at or below the lowest interval's end) are a tie, and a fixed rule picks among them, so that noise cannot flip the choice back and forth: fewer
 transforms first (`transform_rank`: direct convolutions and implicit GEMM, then Winograd
 F(2x2), F(4x4), F(6x6) (NNPACK's wt8x8 is F(6x6)), then FFT 8x8, 16x16, then NNPACK's `auto`;
 a pre-transformed kernel (`precompute`) before one transformed per call), then the
@@ -390,7 +390,7 @@ class Choice:
     layer: str
     record: dict
     fastest: dict
-    tied: list = field(default_factory=list)  # records whose intervals overlap the fastest's
+    tied: list = field(default_factory=list)  # other records no record clearly beats (see choose)
     runner_up: dict | None = None  # the fastest record of another implementation
 
     @property
@@ -399,19 +399,27 @@ class Choice:
 
     @property
     def note(self) -> str:
-        names = sorted({r["impl"] for r in [self.fastest, *self.tied]}, key=lambda i: tie_key({"impl": i}))
+        names = list(dict.fromkeys(r["impl"] for r in sorted([self.fastest, *self.tied], key=tie_key)))
         listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
         return (f"{self.layer}: {listed} tie (intervals overlap); chose {self.record['impl']} by the tie-break "
                 f"(fewest transforms, then id); fastest median was {self.fastest['impl']} "
                 f"{stats.show(self.fastest)}")
 
 
+def _interval(record: dict) -> tuple[float, float]:
+    return stats.interval(record) or (record["median_ms"], record["median_ms"])
+
+
 def choose(layer: str, records: list[dict]) -> Choice:
     """The choice among one conv's usable records (see the module docstring)."""
     ranked = sorted(records, key=lambda r: (r["median_ms"], tie_key(r)))
-    fastest, span = ranked[0], stats.interval(ranked[0])
+    fastest = ranked[0]
     others = [r for r in ranked[1:] if r["impl"] != fastest["impl"]]
-    tied = [r for r in others if stats.overlap(span, stats.interval(r))]
+    # The contenders are the records no other record clearly beats: their interval starts at or below
+    # the lowest interval's end. A chain of overlaps (A with B, B with C, C clearly above A) never
+    # lets C in, whichever of A or B noise made the fastest.
+    ceiling = min(_interval(r)[1] for r in ranked)
+    tied = [r for r in others if _interval(r)[0] <= ceiling]
     runner_up = others[0] if others else None
     if not tied:
         return Choice(layer, fastest, fastest, runner_up=runner_up)

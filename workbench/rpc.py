@@ -302,7 +302,8 @@ class Device:
             return 1
 
     def describe(self) -> dict:
-        described = {"tracker": self.tracker, "key": self.shown_key, "target": self.target,
+        # Records and bundles get published: the key (a secret) only as its digest, which still tells devices apart.
+        described = {"tracker": self.tracker, "key": key_digest(self.key), "target": self.target,
                      "emulated": self.emulated}
         if self.info:  # what the measurements ran on, as the device itself reported it
             described.update(machine=self.info.get("machine"), cores=self.info.get("cores"))

@@ -293,15 +293,17 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     return summary
 
 
-def seeds() -> dict:
-    """The seeds a study uses (each function's default), recorded so a re-run can reuse them."""
+def seeds(config: StudyConfig | None = None) -> dict:
+    """The seeds a study uses, recorded so a re-run can reuse them: the inputs' and the layer cases'
+    (each function's default), and the tuners' searches (the study's seed)."""
     import inspect
 
     def default(fn, name="seed"):
         return inspect.signature(fn).parameters[name].default
 
+    tuner = (config or StudyConfig()).seed
     return {"input": default(sample_input), "layer_cases": default(compare.compare),
-            "tuning": tuning.TuningConfig().seed}
+            "knob_tuning": tuner, "metaschedule": tuner}
 
 
 def _end_to_end_rows(end_to_end) -> list[dict]:
@@ -335,7 +337,7 @@ def _summary(model, end_to_end, plan, config, threads, seconds) -> dict:
     return {
         "end_to_end": _end_to_end_rows(end_to_end),  # with intervals and disturbed flags
         "plan_notes": list(plan.notes),  # the ties and the folds, with their intervals
-        "seeds": seeds(),
+        "seeds": seeds(config),
         "command": _command(sys.argv),
         "model": model.name,
         "hybrid_ms": hybrid_ms,
@@ -453,7 +455,8 @@ def _noise_section(records, end_to_end, plan) -> Section:
     if len(hits):
         frame["disturbed_by"] = [", ".join(r.get("disturbed_by") or []) for r in hits]
     return Section("Noise, ties and disturbed measurements", [
-        f"Every time is a median with a distribution-free 95% interval from its repeats (with 5 repeats, min..max). "
+        f"Every time is a median with a distribution-free interval from its repeats: 95% from 6 repeats on; with fewer, "
+        f"min..max, covering the median with probability 1 - 2^(1-n) (94% for 5, 75% for 3: ci_coverage). "
         f"A measurement whose interval was wider than {SPREAD_LIMIT:.0%} of its median was timed again (bounded); "
         f"{remeasured} were (end-to-end times, measured in interleaved rounds, are flagged instead). The plan "
         "takes the fastest implementation only where its interval lies below all others'; where they overlap, the "
@@ -474,8 +477,8 @@ def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, 
     isolated = winners.rename(columns={"median_ms": "isolated_ms"})[["layer", "impl", "isolated_ms"]]
     return [
         Section("Summary", [
-            f"Hybrid {_with_interval(end_to_end, 'hybrid')} on {summary['threads']} threads (median and its 95% "
-            "interval); ratios below 1.0 mean the hybrid is faster. Every implementation's output was checked "
+            f"Hybrid {_with_interval(end_to_end, 'hybrid')} on {summary['threads']} threads (median and its "
+            "interval, see Noise); ratios below 1.0 mean the hybrid is faster. Every implementation's output was checked "
             "against the PyTorch reference before timing.",
             *_disturbed_warning(records, end_to_end),
             {k: summary[k] for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios")}]),
