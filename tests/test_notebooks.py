@@ -25,7 +25,7 @@ ASSERTED = {
     "02_nnpack_algorithms.ipynb": 4,
     "03_tvm_schedules_and_tuning.ipynb": 4,
     "04_fused_operators.ipynb": 3,
-    "05_hybrid_unet.ipynb": 4,
+    "05_hybrid_unet.ipynb": 3,  # against the peers is shown, not asserted, on the tests' tiny model
 }
 
 

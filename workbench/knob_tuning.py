@@ -375,8 +375,9 @@ class Builder:
             with self.gate.building():
                 build(ticket, candidate, case, self.device)
 
-    def close(self) -> None:
-        """Cancel the queued builds; the one in hand finishes on its own."""
+    def close(self, wait_s: float = 30.0) -> None:
+        """Cancel the queued builds and let the thread end after the one in hand (waited for, bounded):
+        a thread still inside TVM when the interpreter exits can abort the process."""
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -385,6 +386,7 @@ class Builder:
             if item is not None:
                 item[0].cancel()
         self._queue.put(None)
+        self._thread.join(wait_s)
 
 
 def build(ticket: BuildTicket, candidate: TVMCandidate, case, device) -> BuildTicket:

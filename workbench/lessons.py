@@ -291,6 +291,8 @@ def fusion_lessons(results: list, nnpack_calls: dict[str, dict], effect: dict) -
 
 # ---------------------------------------------------------------- 05: the hybrid
 
+TINY_MODEL_MS = 1.0
+
 def hybrid_lessons(end_to_end: list[dict], plan, edges: list[str]) -> list[Lesson]:
     """From the end-to-end rows (with intervals) and the hybrid plan (notebook 05)."""
     rows = {r["name"]: r for r in end_to_end}
@@ -309,7 +311,11 @@ def hybrid_lessons(end_to_end: list[dict], plan, edges: list[str]) -> list[Lesso
                bool(peers) and not beaten_by,
                f"hybrid {_fmt(stats.interval(hybrid))}; fastest peer {fastest} "
                f"{_fmt(stats.interval(peers[fastest])) if fastest else '-'}; clearly faster than the hybrid: "
-               f"{beaten_by or 'none'}" + (f"; the same executable as the hybrid: {', '.join(same)}" if same else "")),
+               f"{beaten_by or 'none'}" + (f"; the same executable as the hybrid: {', '.join(same)}" if same else ""),
+               # Under a millisecond end to end (the tests' tiny model), a burst of other work on shared
+               # cores slowed the hybrid's rounds five-fold once without the load signal noticing: shown there,
+               # asserted on models of real size.
+               asserted=hybrid["median_ms"] >= TINY_MODEL_MS),
         Lesson("The hybrid's output matches PyTorch's (checked before it was timed).", bool(hybrid.get("numerics_ok")),
                f"max abs err {hybrid.get('max_abs_err')}"),
         Lesson("Choosing and tuning pay: the hybrid is faster than TVM's untuned build beyond noise.",
