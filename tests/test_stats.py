@@ -205,4 +205,4 @@ def test_the_study_command_is_recorded_without_the_device_key():
     assert "s3cret" not in shown and shown[shown.index("--key") + 1] == study.KEY_PLACEHOLDER
     assert study._command(["/x/ipykernel_launcher.py"]) is None
     script = bundle.reproduce_script({"command": shown}, bundle.Path("/w"), bundle.Path("/b"))
-    assert "--key $WORKBENCH_RPC_KEY" in script and "--quick --tracker h:9190" in script and "--json" not in script
+    assert '--key "${WORKBENCH_RPC_KEY:?' in script and "--quick --tracker h:9190" in script and "--json" not in script
