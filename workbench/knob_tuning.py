@@ -513,8 +513,10 @@ class KnobTuner:
         self._case_lock = threading.Lock()
 
     def load(self) -> None:
-        """Every trial of these shapes already in the database (resume; or after other runs added some)."""
-        for record in self.db.trials():
+        """Every trial of these shapes already in the database (resume; or after other runs added some).
+        The database is read here only; trials measured later are added as they are kept."""
+        self.training = self.db.trials()
+        for record in self.training:
             if record.get("workload") in self.tasks:
                 self.tasks[record["workload"]].trials[point_of(record).key] = record
 
@@ -535,7 +537,7 @@ class KnobTuner:
 
     def _refit(self) -> None:
         rows, times = [], []
-        for record in self.db.trials():  # every workload of the target teaches, other models' too
+        for record in self.training:  # every workload of the target teaches, other models' too
             if good(record) and record.get("geometry"):
                 rows.append(features(ConvGeometry(**record["geometry"]), point_of(record), self.threads))
                 times.append(record["median_ms"])
@@ -701,6 +703,7 @@ class _TrialWork(Work):
         stored = self.tuner.db.add(record)
         with self._lock:
             trial.task.trials[trial.point.key] = stored
+            self.tuner.training.append(stored)
 
     def case(self, layer):
         return self.tuner.case(layer)

@@ -40,11 +40,11 @@ class HandTunedCandidate(TVMCandidate):
         if self.pinned is not None:
             knobs = dict(self.pinned)
             return HandSchedule(knobs.pop("schedule"), fixed=knobs)
-        best = self.best
         target = target or self.target
-        if best is None and self.tuning_dir is not None and target is not None:
-            best = knob_records.best_trials(self.tuning_dir, target, emulated=self.emulated)
-        trial = (best or {}).get(knob_records.workload_key(layer))
+        if self.best is None and self.tuning_dir is not None and target is not None:
+            self.target = target  # read once: a build asks for every conv
+            self.best = knob_records.best_trials(self.tuning_dir, target, emulated=self.emulated)
+        trial = (self.best or {}).get(knob_records.workload_key(layer))
         return None if trial is None else HandSchedule(trial["impl"].split(":", 1)[1], fixed=trial.get("knobs") or {})
 
     def pin(self, layer) -> dict:
