@@ -209,8 +209,10 @@ def schedule_lessons(steps: list[dict], refused: bool, here: list[dict], records
                _not_slower(last, "", first),
                f"unscheduled {_fmt(stats.interval(first))}, finished {_fmt(stats.interval(last))}"
                + ("; a measurement was disturbed" if first.get("disturbed") or last.get("disturbed") else ""),
-               # Two single kernels on a shared machine: a disturbed one (measure.py) decides nothing.
-               asserted=not (first.get("disturbed") or last.get("disturbed"))),
+               # Two single kernels on a shared machine: a disturbed one (measure.py) decides nothing. On a
+               # quick run's tiny layer the finished schedule's thread-pool launch outweighs the work it
+               # splits (0.048 against 0.018 ms once in CI): the claim is about layers of real size.
+               asserted=not (quick or first.get("disturbed") or last.get("disturbed"))),
         Lesson("The finished hand schedule is faster than its unscheduled compute, beyond noise.",
                stats.clearly_below(stats.interval(last), stats.interval(first)),
                f"unscheduled {_fmt(stats.interval(first))}, finished {_fmt(stats.interval(last))}",
