@@ -40,7 +40,8 @@ class ConvGeometry:
     """One convolution: batch 1, NCHW, float32, bias, the same stride along both axes.
 
     ``pad`` is (top, right, bottom, left); an int or a 2-tuple (vertical, horizontal) is
-    accepted and normalised.
+    accepted and normalised. ``groups`` splits the channels into independent convolutions
+    (groups == in_channels == out_channels: a depthwise conv).
     """
 
     in_channels: int
@@ -51,16 +52,20 @@ class ConvGeometry:
     kernel_w: int
     stride: int = 1
     pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    groups: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "pad", as_padding(self.pad))
-        for name in ("in_channels", "out_channels", "height", "width", "kernel_h", "kernel_w", "stride"):
+        for name in ("in_channels", "out_channels", "height", "width", "kernel_h", "kernel_w", "stride", "groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise GeometryError(f"conv {name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
         if min(self.pad) < 0:
             raise GeometryError(f"conv padding must be non-negative, got {self.pad}")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise GeometryError(f"groups={self.groups} must divide both channel counts "
+                                f"({self.in_channels} in, {self.out_channels} out)")
         # An empty output would make NNPACK wrap its size around and crash: refuse early.
         if self.out_height < 1 or self.out_width < 1:
             raise GeometryError(f"kernel {self.kernel_h}x{self.kernel_w} is larger than the padded input "
@@ -68,9 +73,9 @@ class ConvGeometry:
 
     @classmethod
     def square(cls, in_channels: int, out_channels: int, height: int, width: int, kernel: int = 3,
-               stride: int = 1, pad: int = 1) -> "ConvGeometry":
+               stride: int = 1, pad: int = 1, groups: int = 1) -> "ConvGeometry":
         """The common case: a square kernel and the same padding on every side."""
-        return cls(in_channels, out_channels, height, width, kernel, kernel, stride, pad)
+        return cls(in_channels, out_channels, height, width, kernel, kernel, stride, pad, groups)
 
     @classmethod
     def from_arrays(cls, x_shape: Sequence[int], w_shape: Sequence[int], padding: int | Sequence[int] = 0,
@@ -103,11 +108,20 @@ class ConvGeometry:
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.out_channels, self.in_channels, self.kernel_h, self.kernel_w)
+        return (self.out_channels, self.in_channels // self.groups, self.kernel_h, self.kernel_w)
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
         return (1, self.out_channels, self.out_height, self.out_width)
+
+    @property
+    def is_grouped(self) -> bool:
+        return self.groups > 1
+
+    @property
+    def is_depthwise(self) -> bool:
+        """One input channel per group (a multiplier of output channels per group is allowed)."""
+        return self.groups > 1 and self.groups == self.in_channels
 
     @property
     def is_square(self) -> bool:
@@ -131,7 +145,7 @@ class ConvGeometry:
     @property
     def macs(self) -> int:
         """Multiply-accumulates of the direct convolution."""
-        return (self.out_channels * self.in_channels * self.kernel_h * self.kernel_w
+        return (self.out_channels * (self.in_channels // self.groups) * self.kernel_h * self.kernel_w
                 * self.out_height * self.out_width)
 
     @property
@@ -142,8 +156,9 @@ class ConvGeometry:
     def describe(self) -> str:
         pad = f" pad {self.pad}" if any(self.pad) else ""
         stride = f" stride {self.stride}" if self.stride != 1 else ""
+        groups = (" depthwise" if self.is_depthwise else f" groups {self.groups}") if self.groups > 1 else ""
         return (f"{self.in_channels}->{self.out_channels} {self.height}x{self.width} "
-                f"kernel {self.kernel_h}x{self.kernel_w}{stride}{pad}")
+                f"kernel {self.kernel_h}x{self.kernel_w}{stride}{pad}{groups}")
 
 
 # ---------------------------------------------------------------- the families' rules, written once
@@ -168,6 +183,9 @@ def fft_rule(geometry: ConvGeometry, size: int) -> str | None:
 
 def family_rule(geometry: ConvGeometry, family: str) -> str | None:
     """The rule of an algorithm family by name: direct, implicit_gemm, winograd_f<m>x<m>, fft<size>."""
+    if geometry.is_grouped and family != "direct":
+        return (f"a grouped conv ({geometry.groups} groups) is {geometry.groups} small convs; "
+                f"{family} transforms one dense conv, use a direct (depthwise) kernel")
     if family.startswith("winograd"):
         return winograd_rule(geometry)
     if family.startswith("fft"):

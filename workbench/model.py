@@ -73,6 +73,11 @@ class Layer:
     stride: int = 1
     pad: int = 0  # symmetric padding on every side
     scale: int = 1  # resize: integer nearest-neighbour factor
+    groups: int = 1  # conv: channel groups (depthwise: groups == channels)
+
+    def extra_attributes(self) -> list[tuple[str, object]]:
+        """The attributes beyond the first release's, where they differ from their defaults."""
+        return [("groups", int(self.groups))] if self.groups != 1 else []
 
     @property
     def in_channels(self) -> int:
@@ -88,7 +93,7 @@ class Layer:
         if self.op != "conv":
             raise ModelError(f"layer {self.name!r} is a {self.op}, not a convolution")
         _, c, h, w = self.input_shape
-        return ConvGeometry.square(c, self.out_channels, h, w, self.kernel, self.stride, self.pad)
+        return ConvGeometry.square(c, self.out_channels, h, w, self.kernel, self.stride, self.pad, self.groups)
 
 
 @dataclass
@@ -121,8 +126,11 @@ class Model:
         position = {self.input_name: -1}
         for index, layer in enumerate(self.layers):
             wiring = tuple(position.get(src, src) for src in layer.inputs)
-            digest.update(repr((layer.op, wiring, _ints(layer.input_shape), _ints(layer.output_shape),
-                                int(layer.kernel), int(layer.stride), int(layer.pad), int(layer.scale))).encode())
+            described = (layer.op, wiring, _ints(layer.input_shape), _ints(layer.output_shape),
+                         int(layer.kernel), int(layer.stride), int(layer.pad), int(layer.scale))
+            # Attributes added later enter only when set, so earlier models keep their fingerprint.
+            described += tuple((key, value) for key, value in layer.extra_attributes())
+            digest.update(repr(described).encode())
             position[layer.name] = index
             for array in self.params.get(layer.name, ()):
                 array = np.ascontiguousarray(array, dtype=np.float32)
@@ -169,12 +177,15 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def conv_layer(name, src, shape, out_channels, kernel=3, stride=1, pad=1) -> Layer:
+def conv_layer(name, src, shape, out_channels, kernel=3, stride=1, pad=1, groups=1) -> Layer:
     n, _, h, w = shape
     out = (n, out_channels, _conv_out(h, kernel, stride, pad), _conv_out(w, kernel, stride, pad))
     if out[2] < 1 or out[3] < 1:
         raise ModelError(f"conv {name!r}: a {kernel}x{kernel} kernel does not fit input {shape}")
-    return Layer(name, "conv", (src,), shape, out, kernel=kernel, stride=stride, pad=pad)
+    if shape[1] % groups or out_channels % groups:
+        raise ModelError(f"conv {name!r}: group={groups} must divide its {shape[1]} input and {out_channels} "
+                         "output channels; fix the conv's group in the source model")
+    return Layer(name, "conv", (src,), shape, out, kernel=kernel, stride=stride, pad=pad, groups=groups)
 
 
 def pool_layer(name, src, shape, kernel=2, stride=2, pad=0) -> Layer:
@@ -242,8 +253,8 @@ def random_params(layers: list[Layer], seed: int = 0) -> dict[str, tuple[np.ndar
     for layer in layers:
         if layer.op != "conv":
             continue
-        fan_in = layer.in_channels * layer.kernel * layer.kernel
-        shape = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
+        fan_in = layer.in_channels // layer.groups * layer.kernel * layer.kernel
+        shape = (layer.out_channels, layer.in_channels // layer.groups, layer.kernel, layer.kernel)
         weight = rng.normal(0.0, math.sqrt(2.0 / fan_in), shape).astype(np.float32)
         bias = rng.uniform(-0.1, 0.1, layer.out_channels).astype(np.float32)
         params[layer.name] = (weight, bias)
@@ -287,7 +298,7 @@ def torch_module(model: Model):
         def _run(self, layer, args):
             if layer.op == "conv":
                 w, b = self.weights[symbol(layer.name) + "_w"], self.weights[symbol(layer.name) + "_b"]
-                return F.conv2d(args[0], w, b, stride=layer.stride, padding=layer.pad)
+                return F.conv2d(args[0], w, b, stride=layer.stride, padding=layer.pad, groups=layer.groups)
             if layer.op == "relu":
                 return F.relu(args[0])
             if layer.op == "maxpool":
@@ -359,7 +370,8 @@ def _onnx_nodes(layer: Layer, params, inits, fresh, helper, numpy_helper):
             weight_bias.append(fresh(name + suffix))
             inits.append(numpy_helper.from_array(value, weight_bias[-1]))
         return [helper.make_node("Conv", ins + weight_bias, out, name=name,
-                                 kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2)]
+                                 kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2,
+                                 **({"group": layer.groups} if layer.groups != 1 else {}))]
     if layer.op == "maxpool":
         return [helper.make_node("MaxPool", ins, out, name=name,
                                  kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2)]
