@@ -111,7 +111,16 @@ def _models(d: Path) -> dict[str, Path]:
                             inits, inputs=[_vi("x", [1, 3, 8, 8]), _vi("z", [1, 3, 8, 8])])
     m["int64_input"] = _save(d / "int.onnx", [conv], inits, inputs=[_vi("x", [1, 3, 8, 8], TensorProto.INT64)], check=False)
     grouped = helper.make_node("Conv", ["x", "g.w"], ["y"], name="dw", group=3, pads=[1] * 4)
-    m["grouped"] = _save(d / "grouped.onnx", [grouped], [_w("g.w", (3, 1, 3, 3))], outputs=[_vi("y", [1, 3, 8, 8])])
+    m["grouped"] = _save(d / "grouped.onnx", [grouped], [_w("g.w", (3, 2, 3, 3))], outputs=[_vi("y", [1, 3, 8, 8])],
+                         check=False)  # 2 input channels per group of a 3-channel input
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["n"], name="bn")
+    m["lone_batchnorm"] = _save(d / "bn.onnx", [bn, helper.make_node("Conv", ["n", "conv.w", "conv.b"], ["y"], name="conv",
+                                                                     pads=[1] * 4)],
+                                [_w(t, (3,)) for t in "sbmv"] + _conv()[1])
+    view = helper.make_node("Reshape", ["x", "shape5"], ["v5"], name="view")
+    m["reshape_5d"] = _save(d / "view.onnx", [view, helper.make_node("Relu", ["v5"], ["y"], name="relu")],
+                            [numpy_helper.from_array(np.array([1, 3, 1, 8, 8], np.int64), "shape5")],
+                            outputs=[_vi("y", [1, 3, 1, 8, 8])])
     nodes, inits = _conv_relu(dilations=[2, 2], pads=[2, 2, 2, 2])
     m["dilated"] = _save(d / "dilated.onnx", nodes, inits)
     nodes, inits = _conv_relu(pads=[1, 0, 1, 0])
@@ -124,8 +133,8 @@ def _models(d: Path) -> dict[str, Path]:
     scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
     linear = helper.make_node("Resize", ["c", "", "scales"], ["y"], name="up", mode="linear")
     m["resize_linear"] = _save(d / "linear.onnx", [conv, linear], inits + [scales], outputs=[_vi("y", [1, 4, 16, 16])])
-    pool = helper.make_node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
-    m["pool_ceil"] = _save(d / "ceil.onnx", [conv, pool], inits, outputs=[_vi("y", [1, 4, 4, 4])])
+    mean = helper.make_node("ReduceMean", ["c"], ["y"], name="mean", axes=[1])
+    m["channel_mean"] = _save(d / "mean.onnx", [conv, mean], inits, outputs=[_vi("y", [1, 1, 8, 8])])
     cat = helper.make_node("Concat", ["c", "c"], ["y"], name="cat", axis=2)
     m["concat_axis"] = _save(d / "cat.onnx", [conv, cat], inits, outputs=[_vi("y", [1, 4, 16, 8])])
     dynamic_weight = helper.make_node("Conv", ["x", "wx"], ["y"], name="conv", pads=[1] * 4)
@@ -258,9 +267,10 @@ MODEL_CASES = {
     "sigmoid": "'Sigmoid'", "float16": "float16", "float16_weights": "float16", "float64": "float64",
     "missing_initializer": "lacks the initializer 'conv.w'", "broadcast_add": "node '/Add' (Add): input 'shift'",
     "add_shapes": "same shape", "empty_graph": "graph has no nodes", "rank3": "static NCHW", "batch2": "batch size 2",
-    "dynamic_hw": "static NCHW", "two_inputs": "one input", "int64_input": "int64", "grouped": "grouped convolution",
+    "dynamic_hw": "static NCHW", "two_inputs": "one input", "int64_input": "int64", "grouped": "input channels per group",
+    "lone_batchnorm": "only right after a Conv", "reshape_5d": "channel shuffle",
     "dilated": "dilations", "asymmetric_pads": "symmetric pads", "auto_pad": "auto_pad", "resize_linear": "'linear'",
-    "pool_ceil": "ceil_mode", "concat_axis": "axis 2", "weight_input": "constant initializer", "no_conv": "no Conv",
+    "channel_mean": "height and width", "concat_axis": "axis 2", "weight_input": "constant initializer", "no_conv": "no Conv",
     "output_not_last": "last node", "relu_of_constant": "node 'r' (Relu): input 'conv.b' is a constant",
     "kernel_too_big": "does not fit", "unsorted": "topolog", "external_data_missing": "not a valid ONNX model",
     "pool_kernel_too_big": "node 'pool' (MaxPool): its 16x16 kernel does not fit", "pool_kernel_0": "kernel_shape [0, 0]",

@@ -107,12 +107,16 @@ def test_unsupported_op_names_the_op_and_the_node(tmp_path):
     assert "'Sigmoid'" in str(err.value) and "'gate'" in str(err.value) and "Conv" in str(err.value)
 
 
-def test_grouped_conv_is_refused_with_the_node_name(tmp_path):
-    weight = onnx.numpy_helper.from_array(np.zeros((3, 1, 3, 3), np.float32), "w")
+def test_a_depthwise_conv_imports_and_a_group_that_does_not_fit_is_refused_with_the_node_name(tmp_path):
+    weight = onnx.numpy_helper.from_array(np.ones((3, 1, 3, 3), np.float32), "w")
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=3, pads=[1, 1, 1, 1])
     path = tmp_path / "grouped.onnx"
     onnx.save(_graph_with(node, [weight]), str(path))
-    with pytest.raises(ModelError, match=r"node 'dw' \(Conv\): grouped convolution"):
+    conv = load_onnx(path).layer("dw")
+    assert conv.groups == 3 and conv.geometry.is_depthwise and conv.geometry.macs == 3 * 9 * 64
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=2, pads=[1, 1, 1, 1])
+    onnx.save(_graph_with(node, [weight]), str(path))
+    with pytest.raises(ModelError, match=r"node 'dw' \(Conv\): .*input channels per group"):
         load_onnx(path)
 
 

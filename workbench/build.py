@@ -57,6 +57,9 @@ def build_hybrid(model: Model, plan: Plan, target, candidates: list[Candidate] |
                     values[layer.name] = candidate.emit(bb, group, values, weight, bias, target_dict)
                 elif layer.name in hand:
                     values[layer.name] = fused.elementwise_kernel(hand[layer.name]).emit(bb, hand[layer.name], values)
+                elif layer.op == "gemm":
+                    expr = gemm_op(layer, values[layer.inputs[0]], *model.params[layer.name])
+                    values[layer.name] = bb.emit(expr, symbol(layer.name))
                 elif layer.name not in absorbed and layer.name not in in_hand:
                     expr = relax_op(layer, [values[s] for s in layer.inputs])
                     values[layer.name] = bb.emit(expr, symbol(layer.name))
@@ -90,7 +93,10 @@ def relax_op(layer: Layer, args: list):
     if layer.op == "relu":
         return relax.op.nn.relu(args[0])
     if layer.op == "maxpool":
-        return relax.op.nn.max_pool2d(args[0], pool_size=layer.kernel, strides=layer.stride, padding=layer.pad)
+        return relax.op.nn.max_pool2d(args[0], pool_size=layer.kernel, strides=layer.stride, padding=layer.pad,
+                                      ceil_mode=bool(layer.option("ceil", False)))
+    if layer.op in _WIDENED_OPS:
+        return _widened_op(layer, args)
     if layer.op == "resize":
         _, _, h, w = layer.output_shape
         return relax.op.image.resize2d(args[0], (h, w), method="nearest_neighbor",
@@ -100,6 +106,43 @@ def relax_op(layer: Layer, args: list):
     if layer.op == "concat":
         return relax.op.concat(args, axis=1)
     raise PlanError(f"layer {layer.name!r}: op {layer.op!r} has no Relax lowering here")
+
+
+_WIDENED_OPS = ("clip", "avgpool", "globalavgpool", "flatten", "gemm", "shuffle", "slice")
+
+
+def _widened_op(layer: Layer, args: list):
+    """The mobile networks' ops (onnx_family.py) as Relax ops; a gemm's weights become constants."""
+    from tvm import relax
+
+    x = args[0]
+    if layer.op == "clip":
+        low, high = layer.option("bounds")
+        return relax.op.clip(x, low, high)
+    if layer.op == "avgpool":
+        return relax.op.nn.avg_pool2d(x, pool_size=layer.kernel, strides=layer.stride, padding=layer.pad,
+                                      ceil_mode=bool(layer.option("ceil", False)),
+                                      count_include_pad=bool(layer.option("include_pad", False)))
+    if layer.op == "globalavgpool":
+        return relax.op.mean(x, axis=[2, 3], keepdims=len(layer.output_shape) == 4)
+    if layer.op == "flatten":
+        return relax.op.reshape(x, layer.output_shape)
+    if layer.op == "shuffle":
+        n, c, h, w = layer.input_shape
+        groups = layer.option("groups")
+        grouped = relax.op.reshape(x, (n, groups, c // groups, h, w))
+        return relax.op.reshape(relax.op.permute_dims(grouped, [0, 2, 1, 3, 4]), (n, c, h, w))
+    if layer.op == "slice":
+        start, stop = layer.option("channels")
+        return relax.op.strided_slice(x, axes=[1], begin=[start], end=[stop])
+    raise PlanError(f"layer {layer.name!r}: op {layer.op!r} needs its weights; see gemm_op")
+
+
+def gemm_op(layer: Layer, x, weight, bias):
+    """A fully connected layer: x @ weight.T + bias, the weights embedded as constants."""
+    from tvm import relax
+
+    return relax.op.linear(x, relax.const(weight), relax.const(bias))
 
 
 def compile_hybrid(mod, target=None, fuse_ops: bool | None = None):

@@ -31,11 +31,19 @@ def layer_flops(layer: Layer) -> int:
     out = _count(layer.output_shape)
     if layer.op == "conv":
         return 2 * macs(layer)
+    if layer.op == "gemm":
+        return 2 * layer.input_shape[1] * layer.output_shape[1]
     if layer.op == "maxpool":
         return (layer.kernel * layer.kernel - 1) * out  # comparisons
+    if layer.op == "avgpool":
+        return layer.kernel * layer.kernel * out  # adds and the division
+    if layer.op == "globalavgpool":
+        return _count(layer.input_shape)
     if layer.op in ("relu", "add"):
         return out
-    return 0  # resize and concat only move data
+    if layer.op == "clip":
+        return 2 * out  # a max and a min
+    return 0  # resize, concat, slice, shuffle and flatten only move data
 
 
 def layer_bytes(layer: Layer) -> int:
@@ -44,8 +52,13 @@ def layer_bytes(layer: Layer) -> int:
         moved = _count(layer.output_shape)  # every input channel read once
     moved += _count(layer.output_shape)
     if layer.op == "conv":
-        moved += layer.out_channels * layer.in_channels * layer.kernel ** 2 + layer.out_channels
+        moved += _count(layer.geometry.weight_shape) + layer.out_channels
+    if layer.op == "gemm":
+        moved += (layer.input_shape[1] + 1) * layer.output_shape[1]
     return FLOAT * moved
+
+
+_WINDOWED = ("conv", "maxpool", "avgpool")
 
 
 def layer_table(model: Model) -> pd.DataFrame:
@@ -59,8 +72,11 @@ def layer_table(model: Model) -> pd.DataFrame:
             "input_shape": list(layer.input_shape),
             "output_shape": list(layer.output_shape),
             "kernel": layer.kernel or None,
-            "stride": layer.stride if layer.op in ("conv", "maxpool") else None,
-            "pad": layer.pad if layer.op in ("conv", "maxpool") else None,
+            "stride": layer.stride if layer.op in _WINDOWED else None,
+            "pad": layer.pad if layer.op in _WINDOWED else None,
+            "groups": layer.groups if layer.op == "conv" else None,
+            # A BatchNormalization folded into the conv at import (its weights and bias absorbed it).
+            "folded": printable(model.folded.get(layer.name, "")),
             "flops": flops,
             "bytes": moved,
             "intensity": flops / moved,
@@ -110,7 +126,7 @@ def direct_arithmetic(layer: Layer) -> dict:
 def implicit_gemm_arithmetic(layer: Layer) -> dict:
     return _row(layer, "implicit_gemm", macs(layer), 0, 0,
                 f"GEMM M={layer.out_channels} N={layer.output_shape[2] * layer.output_shape[3]} "
-                f"K={layer.in_channels * layer.kernel ** 2}, im2col panels built on the fly")
+                f"K={layer.in_channels // layer.groups * layer.kernel ** 2}, im2col panels built on the fly")
 
 
 def winograd_arithmetic(layer: Layer, m: int) -> dict:

@@ -18,9 +18,14 @@ from .errors import WorkbenchError
 from .geometry import ConvGeometry
 from .names import symbol
 
-SUPPORTED_OPS = ("Conv", "Relu", "MaxPool", "Resize", "Add", "Concat")
-# ONNX ops that carry no computation of their own (constants feeding Resize, say).
-_PASSIVE_OPS = ("Constant", "Identity")
+SUPPORTED_OPS = ("Conv", "BatchNormalization", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
+                 "ReduceMean", "Resize", "Add", "Concat", "Flatten", "Gemm", "Split", "Slice", "Reshape", "Transpose")
+# ONNX ops that carry no computation of their own (constants feeding Resize, say; Dropout at inference).
+_PASSIVE_OPS = ("Constant", "Identity", "Dropout")
+# Shape arithmetic exporters write (Shape -> Gather -> Div -> Slice for a torch chunk, say): evaluated
+# at import when every input is known, so only the feature-map ops become layers.
+_FOLDABLE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub", "Mul", "Div", "Cast",
+                 "Slice", "Floor", "Ceil", "Reshape", "ConstantOfShape", "Range")
 # The standard operator set: an op of the same name in another domain is some other operator.
 _STANDARD_DOMAINS = ("", "ai.onnx")
 # The largest tensor (elements) accepted anywhere in a model: 8 GiB of float32.
@@ -74,10 +79,15 @@ class Layer:
     pad: int = 0  # symmetric padding on every side
     scale: int = 1  # resize: integer nearest-neighbour factor
     groups: int = 1  # conv: channel groups (depthwise: groups == channels)
+    # Op-specific settings as (key, value) pairs: clip bounds, a pool's ceil mode, a slice's channels...
+    options: tuple[tuple[str, object], ...] = ()
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
 
     def extra_attributes(self) -> list[tuple[str, object]]:
         """The attributes beyond the first release's, where they differ from their defaults."""
-        return [("groups", int(self.groups))] if self.groups != 1 else []
+        return ([("groups", int(self.groups))] if self.groups != 1 else []) + list(self.options)
 
     @property
     def in_channels(self) -> int:
@@ -107,6 +117,7 @@ class Model:
     input_name: str = "input"
     source: str = "spec"
     notes: list[str] = field(default_factory=list)
+    folded: dict[str, str] = field(default_factory=dict)  # conv layer -> the BatchNormalization folded into it
 
     @property
     def output_name(self) -> str:
@@ -115,6 +126,10 @@ class Model:
     @property
     def convs(self) -> list[Layer]:
         return [layer for layer in self.layers if layer.op == "conv"]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.layers[-1].output_shape
 
     @property
     def fingerprint(self) -> str:
@@ -132,7 +147,7 @@ class Model:
             described += tuple((key, value) for key, value in layer.extra_attributes())
             digest.update(repr(described).encode())
             position[layer.name] = index
-            for array in self.params.get(layer.name, ()):
+            for array in self.params.get(layer.name, ()):  # conv and gemm weights
                 array = np.ascontiguousarray(array, dtype=np.float32)
                 digest.update(repr(array.shape).encode())
                 digest.update(array.tobytes())
@@ -213,6 +228,56 @@ def concat_layer(name, srcs, shapes) -> Layer:
     return Layer(name, "concat", tuple(srcs), shapes[0], (n, channels, h, w))
 
 
+def _pool_out(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
+    if not ceil:
+        return _conv_out(size, kernel, stride, pad)
+    out = -(-(size + 2 * pad - kernel) // stride) + 1
+    # A last window that would start in the padding is dropped (ONNX's and torch's rule).
+    return out - 1 if (out - 1) * stride >= size + pad else out
+
+
+def window_layer(name, op, src, shape, kernel, stride, pad, ceil=False, include_pad=False) -> Layer:
+    """A max or average pool; `ceil` rounds the output size up, `include_pad` averages over padding too."""
+    n, c, h, w = shape
+    out = (n, c, _pool_out(h, kernel, stride, pad, ceil), _pool_out(w, kernel, stride, pad, ceil))
+    options = (("ceil", True),) if ceil else ()
+    if op == "avgpool" and include_pad and pad:
+        options += (("include_pad", True),)
+    return Layer(name, op, (src,), shape, out, kernel=kernel, stride=stride, pad=pad, options=options)
+
+
+def clip_layer(name, src, shape, low: float, high: float) -> Layer:
+    """min(max(x, low), high): ReLU6 is clip(0, 6). A clip at 0 with no upper bound is a ReLU."""
+    if low == 0 and high == math.inf:
+        return unary_layer(name, "relu", src, shape)
+    return Layer(name, "clip", (src,), shape, shape, options=(("bounds", (float(low), float(high))),))
+
+
+def global_pool_layer(name, src, shape, keepdims=True) -> Layer:
+    out = (shape[0], shape[1], 1, 1) if keepdims else (shape[0], shape[1])
+    return Layer(name, "globalavgpool", (src,), shape, out)
+
+
+def flatten_layer(name, src, shape) -> Layer:
+    return Layer(name, "flatten", (src,), shape, (shape[0], math.prod(shape[1:])))
+
+
+def gemm_layer(name, src, shape, out_features: int) -> Layer:
+    """A fully connected layer on a (1, features) input; its weight is (out, in) like torch's Linear."""
+    return Layer(name, "gemm", (src,), shape, (shape[0], out_features))
+
+
+def shuffle_layer(name, src, shape, groups: int) -> Layer:
+    """ShuffleNet's channel shuffle: channels viewed as (groups, C / groups), transposed, flattened."""
+    return Layer(name, "shuffle", (src,), shape, shape, options=(("groups", int(groups)),))
+
+
+def slice_layer(name, src, shape, start: int, stop: int) -> Layer:
+    """Channels [start, stop) of a feature map (one output of a Split, a torch chunk)."""
+    n, _, h, w = shape
+    return Layer(name, "slice", (src,), shape, (n, stop - start, h, w), options=(("channels", (start, stop)),))
+
+
 # ---------------------------------------------------------------- the reference UNet
 
 def unet_layers(spec: UNetSpec) -> list[Layer]:
@@ -251,6 +316,10 @@ def random_params(layers: list[Layer], seed: int = 0) -> dict[str, tuple[np.ndar
     rng = np.random.default_rng(seed)
     params = {}
     for layer in layers:
+        if layer.op == "gemm":
+            fan_in = layer.input_shape[1]
+            weight = rng.normal(0.0, math.sqrt(1.0 / fan_in), (layer.output_shape[1], fan_in)).astype(np.float32)
+            params[layer.name] = (weight, rng.uniform(-0.1, 0.1, layer.output_shape[1]).astype(np.float32))
         if layer.op != "conv":
             continue
         fan_in = layer.in_channels // layer.groups * layer.kernel * layer.kernel
@@ -302,7 +371,26 @@ def torch_module(model: Model):
             if layer.op == "relu":
                 return F.relu(args[0])
             if layer.op == "maxpool":
-                return F.max_pool2d(args[0], layer.kernel, layer.stride, layer.pad)
+                return F.max_pool2d(args[0], layer.kernel, layer.stride, layer.pad, ceil_mode=layer.option("ceil", False))
+            if layer.op == "clip":
+                return torch.clamp(args[0], *layer.option("bounds"))
+            if layer.op == "avgpool":
+                return F.avg_pool2d(args[0], layer.kernel, layer.stride, layer.pad, ceil_mode=layer.option("ceil", False),
+                                    count_include_pad=layer.option("include_pad", False))
+            if layer.op == "globalavgpool":
+                return args[0].mean((2, 3), keepdim=len(layer.output_shape) == 4)
+            if layer.op == "flatten":
+                return torch.flatten(args[0], 1)
+            if layer.op == "gemm":
+                w, b = self.weights[symbol(layer.name) + "_w"], self.weights[symbol(layer.name) + "_b"]
+                return F.linear(args[0], w, b)
+            if layer.op == "shuffle":
+                n, c, h, w = args[0].shape
+                groups = layer.option("groups")
+                return args[0].reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+            if layer.op == "slice":
+                start, stop = layer.option("channels")
+                return args[0][:, start:stop]
             if layer.op == "resize":
                 return F.interpolate(args[0], scale_factor=layer.scale, mode="nearest")
             if layer.op == "add":
@@ -337,7 +425,7 @@ def to_onnx(model: Model, opset: int = 17):
         nodes,
         model.name,
         [helper.make_tensor_value_info(model.input_name, TensorProto.FLOAT, model.input_shape)],
-        [helper.make_tensor_value_info(model.output_name, TensorProto.FLOAT, model.layers[-1].output_shape)],
+        [helper.make_tensor_value_info(model.output_name, TensorProto.FLOAT, model.output_shape)],
         inits,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="workbench")
@@ -372,9 +460,20 @@ def _onnx_nodes(layer: Layer, params, inits, fresh, helper, numpy_helper):
         return [helper.make_node("Conv", ins + weight_bias, out, name=name,
                                  kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2,
                                  **({"group": layer.groups} if layer.groups != 1 else {}))]
-    if layer.op == "maxpool":
-        return [helper.make_node("MaxPool", ins, out, name=name,
-                                 kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2)]
+    if layer.op in ("maxpool", "avgpool"):
+        extra = {"ceil_mode": 1} if layer.option("ceil") else {}
+        if layer.op == "avgpool":
+            extra["count_include_pad"] = int(layer.option("include_pad", False))
+        return [helper.make_node("MaxPool" if layer.op == "maxpool" else "AveragePool", ins, out, name=name,
+                                 kernel_shape=[layer.kernel] * 2, pads=[p] * 4, strides=[layer.stride] * 2, **extra)]
+    if layer.op in ("clip", "gemm", "shuffle", "slice"):
+        return _onnx_nodes_new(layer, params, inits, fresh, helper, numpy_helper)
+    if layer.op == "globalavgpool":
+        if len(layer.output_shape) == 4:
+            return [helper.make_node("GlobalAveragePool", ins, out, name=name)]
+        return [helper.make_node("ReduceMean", ins, out, name=name, axes=[2, 3], keepdims=0)]
+    if layer.op == "flatten":
+        return [helper.make_node("Flatten", ins, out, name=name, axis=1)]
     if layer.op == "resize":
         scales = np.array([1, 1, layer.scale, layer.scale], np.float32)
         scales_name = fresh(name + "_scales")
@@ -384,6 +483,35 @@ def _onnx_nodes(layer: Layer, params, inits, fresh, helper, numpy_helper):
     op = {"relu": "Relu", "add": "Add", "concat": "Concat"}[layer.op]
     extra = {"axis": 1} if layer.op == "concat" else {}
     return [helper.make_node(op, ins, out, name=name, **extra)]
+
+
+def _onnx_nodes_new(layer: Layer, params, inits, fresh, helper, numpy_helper):
+    """The ops of the widened family whose ONNX form needs constants beside the node."""
+    ins, out, name = list(layer.inputs), [layer.name], layer.name
+
+    def constant(value, suffix: str) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), fresh(name + suffix)))
+        return inits[-1].name
+
+    if layer.op == "clip":
+        low, high = (np.float32(v) for v in layer.option("bounds"))
+        return [helper.make_node("Clip", ins + [constant(low, "_min"), constant(high, "_max")], out, name=name)]
+    if layer.op == "gemm":
+        weight, bias = params[name]
+        return [helper.make_node("Gemm", ins + [constant(weight, "_w"), constant(bias, "_b")], out, name=name, transB=1)]
+    if layer.op == "slice":
+        start, stop = layer.option("channels")
+        return [helper.make_node("Slice", ins + [constant(np.array([start], np.int64), "_starts"),
+                                                 constant(np.array([stop], np.int64), "_ends"),
+                                                 constant(np.array([1], np.int64), "_axes")], out, name=name)]
+    # shuffle: the Reshape -> Transpose -> Reshape ShuffleNet writes
+    n, c, h, w = layer.input_shape
+    groups = layer.option("groups")
+    viewed, swapped = fresh(name + "_grouped"), fresh(name + "_swapped")
+    return [helper.make_node("Reshape", ins + [constant(np.array([n, groups, c // groups, h, w], np.int64), "_shape5")],
+                             [viewed], name=fresh(name + "_view")),
+            helper.make_node("Transpose", [viewed], [swapped], name=fresh(name + "_transpose"), perm=[0, 2, 1, 3, 4]),
+            helper.make_node("Reshape", [swapped, constant(np.array([n, c, h, w], np.int64), "_shape4")], out, name=name)]
 
 
 def save_onnx(model: Model, path: str | Path) -> Path:
@@ -492,45 +620,76 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
     _check_float32(real_inputs[0], graph.output[0])
     input_name = real_inputs[0].name
     input_shape = _static_shape(real_inputs[0])
-    shapes = {input_name: input_shape}
-    alias: dict[str, str] = {}  # tensor name -> producing layer name
+    from . import onnx_family
+
+    state = onnx_family.GraphState(consts, {input_name: input_shape}, {}, {}, onnx_family.readers_of(graph),
+                                   _default_opset(proto))
     names = _LayerNames(graph, input_name)
-    opset = _default_opset(proto)
-    layers, params = [], {}
     for index, node in enumerate(graph.node):
-        if node.op_type in _PASSIVE_OPS:
-            try:
-                _passive(node, consts, alias)
-            except ModelError as err:
-                raise ModelError(f"node {node.name or index!r} ({node.op_type}): {err}") from None
-            continue
+        try:
+            if node.op_type in _PASSIVE_OPS:
+                _passive(node, consts, state.alias)
+                continue
+            if onnx_family.fold(node, state):
+                continue
+        except (ModelError, ValueError, IndexError, KeyError) as err:
+            raise ModelError(f"node {node.name or index!r} ({node.op_type}): {err}") from None
         node_name = names.take(node, index)
         try:
-            srcs = _data_inputs(node, consts, alias, shapes)
-            layer = _layer_from_node(node, node_name, srcs, shapes, consts, params, opset)
-            _check_output(layer)
+            made = _node_layers(node, node_name, state, names)
+            for layer in made:
+                _check_output(layer)
         except ModelError as err:
             raise ModelError(f"node {node_name!r} ({node.op_type}): {err}") from None
-        layers.append(layer)
-        shapes[layer.name] = layer.output_shape
-        alias[node.output[0]] = layer.name
-    out = alias.get(graph.output[0].name)
+        for tensor, layer in zip(node.output, made):
+            state.layers.append(layer)
+            state.shapes[layer.name] = layer.output_shape
+            state.alias[tensor] = layer.name
+    layers = state.layers
+    out = state.alias.get(graph.output[0].name)
     if not layers or out != layers[-1].name:
         raise ModelError("the graph output must be produced by the last node; re-export the model in topological order")
     if not any(layer.op == "conv" for layer in layers):
         raise ModelError("the model has no Conv node; the workbench studies convolutional networks")
-    return Model(name, layers, params, input_shape, input_name=input_name, source=source, notes=names.notes)
+    notes = names.notes + [f"BatchNormalization {bn!r} is folded into conv {conv!r}" for conv, bn in state.folded.items()]
+    return Model(name, layers, state.params, input_shape, input_name=input_name, source=source, notes=notes,
+                 folded=dict(state.folded))
+
+
+def _node_layers(node, node_name: str, state, names) -> list[Layer]:
+    """The layers one node makes: one for most ops, one per output of a Split, none for a folded
+    BatchNormalization or the first steps of a channel shuffle."""
+    from . import onnx_family
+
+    if node.op_type not in SUPPORTED_OPS:  # shape arithmetic that reads a feature map
+        raise UnsupportedOpError(
+            f"op type {node.op_type!r} is read only as shape arithmetic on constants, and this one computes on a "
+            f"feature map; supported feature-map ops: {', '.join(SUPPORTED_OPS)}. Replace it in the source model")
+    if node.input and node.input[0] in state.views:
+        return onnx_family.layers_from_node(node, node_name, [], state, names.fresh)
+    srcs = _data_inputs(node, state.consts, state.alias, state.shapes)
+    made = onnx_family.layers_from_node(node, node_name, srcs, state, names.fresh)
+    if made is not None:
+        return made
+    return [_layer_from_node(node, node_name, srcs, state.shapes, state.consts, state.params, state.opset)]
 
 
 def _passive(node, consts, alias) -> None:
-    """A Constant adds a constant, an Identity forwards a tensor: neither becomes a layer."""
-    if len(node.output) != 1 or not node.output[0]:
-        raise ModelError(f"it has {len(node.output)} outputs, not one; re-export the model")
+    """A Constant adds a constant, an Identity (or an inference Dropout) forwards a tensor: none
+    becomes a layer."""
+    if node.op_type == "Dropout":
+        if _attrs(node).get("is_test", 1) == 0 or len(node.input) > 2 and node.input[2]:
+            raise ModelError("a Dropout in training mode; export the model in eval mode (model.eval())")
+        node_input, node_output = node.input[:1], node.output[:1]  # its mask output is never read
+    else:
+        node_input, node_output = node.input, node.output
+    if len(node_output) != 1 or not node_output[0]:
+        raise ModelError(f"it has {len(node_output)} outputs, not one; re-export the model")
     if node.op_type == "Constant":
         consts[node.output[0]] = _constant_value(node)
         return
-    if len(node.input) != 1 or not node.input[0]:
-        raise ModelError(f"Identity needs one input, it has {len(node.input)}; re-export the model")
+    if len(node_input) != 1 or not node_input[0]:
+        raise ModelError(f"{node.op_type} needs one input, it has {len(node_input)}; re-export the model")
     src = node.input[0]
     if src in consts:
         consts[node.output[0]] = consts[src]
@@ -567,7 +726,7 @@ def _constant_value(node) -> np.ndarray:
 def _check_output(layer: Layer) -> None:
     """Every layer's output is a real tensor the device can hold."""
     shape = list(layer.output_shape)
-    if len(shape) != 4 or any(d < 1 for d in shape):
+    if len(shape) not in (2, 4) or any(d < 1 for d in shape):
         raise ModelError(f"its output shape would be {shape}, with a dimension below 1; check the "
                          "kernel, strides, pads and scales of this node against its input "
                          f"{list(layer.input_shape)}")
@@ -622,6 +781,12 @@ class _LayerNames:
         self.used.add(name)
         return name
 
+    def fresh(self, base: str) -> str:
+        """A free name for a node's second output (a Split's)."""
+        name = self._free(base)
+        self.used.add(name)
+        return name
+
     def _free(self, base: str) -> str:
         """`base` if no layer has it and no node is named it, else the first such `base_<k>`."""
         if base not in self.used and base not in self.wanted:
@@ -634,7 +799,7 @@ class _LayerNames:
 
 def _data_inputs(node, consts, alias, shapes) -> list[str]:
     """The layers (or the graph input) a node reads, failing on inputs the family cannot take."""
-    data = list(node.input[:1]) if node.op_type in ("Conv", "MaxPool", "Relu", "Resize") else list(node.input)
+    data = list(node.input) if node.op_type in ("Add", "Concat") else list(node.input[:1])
     srcs = []
     for tensor in data:
         if not tensor:
@@ -682,7 +847,7 @@ def _check_supported(graph):
                 f"{node.domain!r}, which the workbench does not support: only the standard ONNX operators "
                 f"({', '.join(SUPPORTED_OPS)}) are. Replace it with the standard op (domain '') in the source model"
             )
-        if node.op_type not in SUPPORTED_OPS + _PASSIVE_OPS:
+        if node.op_type not in SUPPORTED_OPS + _PASSIVE_OPS + _FOLDABLE_OPS:
             raise UnsupportedOpError(
                 f"node {node.name or index!r} has op type {node.op_type!r}, which the workbench does not "
                 f"support; supported op types: {', '.join(SUPPORTED_OPS)}. Remove or replace that operator "
@@ -766,13 +931,13 @@ def _layer_from_node(node, name, srcs, shapes, consts, params, opset: int = 0) -
     if op == "Conv":
         return _conv_from_node(node, name, srcs, shapes, consts, params, attrs)
     if op == "MaxPool":
-        if attrs.get("ceil_mode", 0):
-            raise ModelError("ceil_mode=1 is not supported")
         kernel, stride, pad = _window_attrs(attrs, "MaxPool")
         if 2 * pad > kernel:
             raise ModelError(f"pads of {pad} are more than half its {kernel}x{kernel} kernel (windows of padding "
                              f"only); use pads of at most {kernel // 2}")
         _check_window_fits("MaxPool", shapes[srcs[0]], kernel, stride, pad)
+        if attrs.get("ceil_mode", 0):  # SqueezeNet's pools round up
+            return window_layer(name, "maxpool", srcs[0], shapes[srcs[0]], kernel, stride, pad, ceil=True)
         return pool_layer(name, srcs[0], shapes[srcs[0]], kernel, stride, pad)
     if op == "Relu":
         return unary_layer(name, "relu", srcs[0], shapes[srcs[0]])
@@ -799,8 +964,9 @@ def _layer_from_node(node, name, srcs, shapes, consts, params, opset: int = 0) -
 
 
 def _conv_from_node(node, name, srcs, shapes, consts, params, attrs) -> Layer:
-    if attrs.get("group", 1) != 1:
-        raise ModelError(f"grouped convolution (group={attrs['group']}) is not supported")
+    groups = int(attrs.get("group", 1))
+    if groups < 1:
+        raise ModelError(f"group={groups} must be at least 1; fix the conv's group in the source model")
     if len(node.input) < 2 or node.input[1] not in consts:
         raise ModelError("the conv weight must be a constant initializer")
     weight = _float32_param(node.input[1], consts)
@@ -822,10 +988,13 @@ def _conv_from_node(node, name, srcs, shapes, consts, params, attrs) -> Layer:
     kernel = _square(weight.shape[2:], "kernel size")
     _, stride, pad = _window_attrs(attrs, "Conv", kernel_default=list(weight.shape[2:]))
     shape = shapes[srcs[0]]
-    if weight.shape[1] != shape[1]:
-        raise ModelError(f"weight has {weight.shape[1]} input channels but the input has {shape[1]}")
+    if len(shape) != 4:
+        raise ModelError(f"a 2-D conv needs an NCHW input, this one has shape {list(shape)}")
+    if weight.shape[1] * groups != shape[1]:
+        raise ModelError(f"weight has {weight.shape[1]} input channels per group ({groups} group(s)) but the input "
+                         f"has {shape[1]}")
     _check_window_fits("Conv", shape, kernel, stride, pad)
-    layer = conv_layer(name, srcs[0], shape, weight.shape[0], kernel, stride, pad)
+    layer = conv_layer(name, srcs[0], shape, weight.shape[0], kernel, stride, pad, groups)
     params[name] = (np.ascontiguousarray(weight), np.ascontiguousarray(bias, dtype=np.float32))
     return layer
 
