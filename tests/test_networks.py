@@ -1,0 +1,115 @@
+"""The other networks: MobileNetV2, SqueezeNet 1.1 and ShuffleNetV2 read through the ONNX importer
+compute what their PyTorch definitions compute; the widened op family imports from files torch
+writes; the layer table shows what is special about them."""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+from workbench import intensity, networks
+from workbench.model import ModelError, from_onnx_proto, reference_output, sample_input, to_onnx
+
+# torchvision's counts: every conv of the architecture, BatchNormalization after all but SqueezeNet's.
+CONVS = {"mobilenet_v2": 52, "squeezenet": 26, "shufflenet_v2": 56}
+FOLDED = {"mobilenet_v2": 52, "squeezenet": 0, "shufflenet_v2": 56}
+
+
+@pytest.mark.parametrize("name", networks.NETWORKS)
+def test_each_network_imports_and_computes_what_its_torch_definition_computes(name):
+    import torch
+
+    model = networks.network(name, resolution=96)
+    assert len(model.convs) == CONVS[name] and len(model.folded) == FOLDED[name]
+    assert model.output_shape == (1, 1000)
+    x = sample_input(model)
+    with torch.no_grad():
+        expected = networks.torch_network(name)(torch.from_numpy(x)).numpy()
+    got = reference_output(model, x)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert got.argmax() == expected.argmax()
+    # Written back to ONNX and read again, it is the same model.
+    assert from_onnx_proto(to_onnx(model)).fingerprint == model.fingerprint
+
+
+def test_the_layer_table_says_what_was_folded_and_depthwise_convs_have_the_lowest_intensity():
+    model = networks.network("mobilenet_v2")
+    table = intensity.layer_table(model)
+    convs = table[table.op == "conv"]
+    assert (convs.folded != "").all() and convs.folded.str.contains("BatchNormalization").all()
+    depthwise = convs[convs.groups > 1]
+    dense = convs[convs.groups == 1]
+    assert len(depthwise) == 17
+    assert depthwise.intensity.median() < dense.intensity.min()
+    # 300 million multiply-accumulates, as the paper counts MobileNetV2 at 224x224.
+    assert 2.9e8 < convs.flops.sum() / 2 < 3.1e8
+
+
+def test_unknown_network_and_bad_resolution_fail_clearly():
+    with pytest.raises(networks.NetworkError, match="choose one of mobilenet_v2"):
+        networks.network("resnet50")
+    with pytest.raises(networks.NetworkError, match="multiple of 32"):
+        networks.network("squeezenet", resolution=100)
+
+
+def _exported(module, shape, **kwargs) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros(shape),), buffer, dynamo=False, opset_version=17, **kwargs)
+    return buffer.getvalue()
+
+
+def test_a_torch_export_with_folding_on_imports_its_split_flatten_and_pools():
+    """What torch writes by default (BatchNormalization already folded, constants folded): Split for a chunk,
+    ReduceMean for a mean, Flatten, AveragePool with ceil_mode, a Clip at 0 alone (a ReLU)."""
+    import onnx
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+            self.dw = nn.Conv2d(4, 4, 3, 1, 1, groups=4)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            a, b = self.conv(x).chunk(2, dim=1)
+            x = torch.cat([a.clamp(min=0), self.dw(b)], 1)
+            x = nn.functional.avg_pool2d(x, 3, 2, ceil_mode=True)
+            return self.fc(x.mean([2, 3]))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    model = from_onnx_proto(onnx.load_from_string(_exported(net, (1, 3, 20, 20))))
+    ops = [layer.op for layer in model.layers]
+    assert ops.count("slice") == 2 and "avgpool" in ops and "globalavgpool" in ops and "gemm" in ops
+    assert "relu" in ops  # clamp(min=0) is a ReLU
+    x = sample_input(model)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.allclose(reference_output(model, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_reshape_that_is_no_channel_shuffle_is_refused_with_the_node_name():
+    import onnx
+    import torch
+    import torch.nn as nn
+
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            n, c, h, w = x.shape
+            y = self.conv(x).view(n, 2, c // 2, h, w).transpose(3, 4)  # not the shuffle's transpose
+            return y.reshape(n, c, w, h)
+
+    proto = onnx.load_from_string(_exported(Wrong(), (1, 4, 6, 6)))
+    with pytest.raises(ModelError, match=r"Transpose.*perm \[0, 1, 2, 4, 3\].*channel shuffle"):
+        from_onnx_proto(proto)
