@@ -12,6 +12,7 @@ _API = {
     "UNetSpec": ("model", "UNetSpec"),
     "reference_unet": ("model", "reference_unet"),
     "load_onnx": ("model", "load_onnx"),
+    "network": ("networks", "network"),
     "layer_table": ("intensity", "layer_table"),
     # devices
     "open_device": ("rpc", "open_device"),

@@ -17,9 +17,17 @@ log = logging.getLogger("workbench")
 DEVICE_COMMANDS = ("ceilings", "compare", "tune", "study")
 
 
-def _load_model(path: str | None):
+def _load_model(path: str | None, network: str | None = None, resolution: int | None = None):
     from .model import load_onnx, reference_unet
+    from .networks import RESOLUTION, network as defined_network
 
+    if path is not None and network is not None:
+        raise UserError("--model and --network both name a model; pass one of them")
+    if resolution is not None and network is None:
+        raise UserError("--resolution sizes a --network (the UNet and ONNX files carry their own size); "
+                        "pass --network too, or leave --resolution out")
+    if network is not None:
+        return defined_network(network, resolution or RESOLUTION)
     # Only a missing --model means the reference UNet: an empty path is an error, not a default.
     model = load_onnx(path) if path is not None else reference_unet()
     for note in model.notes:  # renamed layers, say: the names the user will see in results
@@ -49,8 +57,14 @@ COMMON = {
 
 
 def _common(parser, *names) -> None:
+    from .networks import NETWORKS
+
     for name in names:
         parser.add_argument(name, **COMMON[name])
+        if name == "--model":  # a network the workbench defines, instead of a file
+            parser.add_argument("--network", choices=NETWORKS,
+                                help="MobileNetV2, SqueezeNet 1.1 or ShuffleNetV2 x1.0, defined here (instead of --model)")
+            parser.add_argument("--resolution", type=int, help="the --network's input size (default 224)")
 
 
 def _device_args(parser, farm: bool = False) -> None:
@@ -155,7 +169,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_layers(args) -> None:
     from .intensity import layer_table, table_records
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.network, args.resolution)
     table = layer_table(model)
     _emit(args, table_records(table), lambda: table.to_string(index=False))
 
@@ -180,7 +194,7 @@ def cmd_compare(args) -> None:
     from .report import device_line
     from .rpc import open_device
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.network, args.resolution)
     layers = _layer_names(args.layers)
     model.select_convs(layers)  # fail on unknown names before starting a device
     timing = TimingConfig.quick() if args.quick else TimingConfig()
@@ -200,7 +214,7 @@ def cmd_tune(args) -> None:
     from .report import device_line
     from .rpc import open_device
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.network, args.resolution)
     layers = _layer_names(args.layers)
     model.select_convs(layers)
     work = WorkDir.at(args.work_dir)
@@ -245,7 +259,7 @@ def cmd_study(args) -> None:
     from .rpc import open_device
     from .study import StudyConfig, run_study
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.network, args.resolution)
     config = StudyConfig.quick_run() if args.quick else StudyConfig()
     if args.trials is not None:
         config.trials = args.trials
@@ -268,7 +282,7 @@ def cmd_export(args) -> None:
     from .records import WorkDir
     from .rpc import host_target
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.network, args.resolution)
     work = WorkDir.at(args.work_dir)
     check_export_dir(args.out, args.force)  # before the plan and the build: fail fast, write nothing
     plan_path = work.hybrid / "plan.json"

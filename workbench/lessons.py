@@ -330,3 +330,47 @@ def hybrid_lessons(end_to_end: list[dict], plan, edges: list[str]) -> list[Lesso
                f"edge convs: {', '.join(f'{layer} {plan.impl(layer)}' for layer in edges)}"),
     ]
     return lessons
+
+
+# ---------------------------------------------------------------- 06: the other networks
+
+def network_lessons(shares: pd.DataFrame, winners: pd.DataFrame, records: list[dict], end_to_end: dict[str, list[dict]],
+                    quick: bool) -> list[Lesson]:
+    """From families.flop_shares and winners_by_class of every network, their conv records, and each
+    network's end-to-end rows (notebook 06)."""
+    dense = shares[shares["class"] == "3x3 stride 1"].set_index("network")["share"]
+    by_class = shares.dropna(subset=["median_intensity"]).groupby("class")["median_intensity"].median()
+    depthwise = winners[winners["class"] == "depthwise"]
+    nnpack_on_depthwise = [r for r in records if r["impl"].startswith("nnpack:")
+                           and r.get("layer") in set(depthwise.layer)]
+    lessons = [
+        Lesson("Winograd's ground, dense 3x3 stride-1 convs, holds less than a tenth of the conv FLOPs in the mobile "
+               "networks with depthwise convs.",
+               all(dense.get(n, 0) < 0.1 for n in set(shares.network) if _has_depthwise(shares, n)),
+               ", ".join(f"{n}: {100 * s:.0f}%" for n, s in dense.items())),
+        Lesson("Depthwise convs have the lowest arithmetic intensity of the conv classes: they are memory-bound.",
+               "depthwise" not in by_class or by_class.idxmin() == "depthwise",
+               ", ".join(f"{c}: {v:.1f} FLOP/B" for c, v in by_class.items())),
+        Lesson("NNPACK never runs a depthwise conv: every NNPACK record there is 'not applicable', with the reason.",
+               all(r.get("status") == "not_applicable" and r.get("note") for r in nnpack_on_depthwise),
+               f"{len(nnpack_on_depthwise)} NNPACK records on {len(depthwise)} depthwise convs"
+               + (f"; e.g. {nnpack_on_depthwise[0].get('note')!r}" if nnpack_on_depthwise else "")),
+        _checked_before_timed(records),
+    ]
+    for network, rows in end_to_end.items():
+        by_name = {r["name"]: r for r in rows}
+        hybrid = by_name.get("hybrid")
+        singles = [by_name[n] for n in ("tvm_only", "nnpack_everywhere") if n in by_name and by_name[n].get("numerics_ok")]
+        if hybrid and singles:
+            fastest = min(singles, key=lambda r: r["median_ms"])
+            lessons.append(Lesson(
+                f"{network}: the hybrid is not slower than its fastest single library by more than noise.",
+                _not_slower(hybrid, fastest["name"], fastest),
+                f"hybrid {_fmt(hybrid.get('ci_ms'))}, {fastest['name']} {_fmt(fastest.get('ci_ms'))}",
+                asserted=not quick))  # whole models on a shared machine: a real budget decides
+    return lessons
+
+
+def _has_depthwise(shares: pd.DataFrame, network: str) -> bool:
+    row = shares[(shares.network == network) & (shares["class"] == "depthwise")]
+    return bool(len(row)) and int(row.convs.iloc[0]) > 0

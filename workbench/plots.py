@@ -164,3 +164,13 @@ def model_estimate(history: list[tuple[int, float]], title: str = "Knob tuning: 
         fig.add_trace(go.Scatter(x=trials, y=ms, mode="lines+markers", name="sum of the convs' best"))
     fig.update_layout(title=title, xaxis_title="trials (all convs)", yaxis_title="ms", height=350)
     return fig
+
+
+def flop_share_bars(shares: pd.DataFrame, title: str = "Where each network's conv FLOPs are") -> go.Figure:
+    """Per network, the share of its convs' FLOPs in each conv class (families.flop_shares rows)."""
+    fig = go.Figure()
+    for cls, part in shares.groupby("class", sort=False):
+        fig.add_trace(go.Bar(x=part["network"], y=100 * part["share"], name=cls,
+                             text=[f"{100 * s:.0f}%" if s > 0.02 else "" for s in part["share"]]))
+    fig.update_layout(title=title, barmode="stack", yaxis_title="% of conv FLOPs", template="plotly_white")
+    return fig

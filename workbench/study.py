@@ -285,7 +285,7 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     summary["fusion"] = fusion_figures(end_to_end, chosen["hybrid"], measured.records)
     summary["tuning"] = tuning_summary(model, device, work, config, measured.tuning)
     summary.update(device=device.describe(), emulated=device.describe()["emulated"])  # never a board's speed if true
-    write_report(work.report, f"UNet study: {model.name}",
+    write_report(work.report, f"Study: {model.name}",
                  _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
                            in_model, summary, measured.blocks), device=device.describe())
     (work.root / "study.json").write_text(json.dumps(summary, indent=1, default=str))
