@@ -44,7 +44,7 @@ def layer_bytes(layer: Layer) -> int:
         moved = _count(layer.output_shape)  # every input channel read once
     moved += _count(layer.output_shape)
     if layer.op == "conv":
-        moved += layer.out_channels * layer.in_channels * layer.kernel ** 2 + layer.out_channels
+        moved += math.prod(layer.geometry.weight_shape) + layer.out_channels  # grouped: C / groups per filter
     return FLOAT * moved
 
 
