@@ -152,3 +152,28 @@ def test_tvm_candidates_follow_theirs(sweep):
     assert "groups" in by[("grouped", "tvm:direct_nchwc")]["note"]
     assert "no knob-tuning trial" in by[("dw_s1", "tvm:hand_tuned")]["note"]
     assert by[("dw_s1", "tvm:tuned")]["status"] == "not_applicable"
+
+
+def test_the_knob_tuner_searches_depthwise_knobs_and_skips_what_has_no_point(device, tmp_path):
+    from workbench import knob_tuning
+    from workbench.kernels.hand_tuned import HandTunedCandidate
+    from workbench.knob_tuning import KnobSpace, KnobTuningConfig
+
+    model = _mobile_model()
+    spaces = {layer.name: KnobSpace(layer, threads=2) for layer in model.convs}
+    assert spaces["dw_s2"].schedules == ["depthwise"] and not spaces["dw_s2"].nnpack
+    assert not spaces["grouped"].schedules and not spaces["grouped"].starting_points()  # nothing to search
+    assert {p.impl for p in spaces["strided"].nnpack} == {"nnpack:implicit_gemm:compute",
+                                                          "nnpack:implicit_gemm:precompute"}
+    points = spaces["dw_s1"].sample(np.random.default_rng(0), 40)
+    assert {dict(p.knobs)["layout"] for p in points} == {"nchw", "nchwc"} and all(map(spaces["dw_s1"].valid, points))
+    layers = ["dw_s1", "dw_s2", "grouped"]
+    results = knob_tuning.tune_knobs(model, device, 6, tmp_path, layers=layers, progress=False,
+                                     config=KnobTuningConfig(batch=3, samples=30))
+    by = {r.layer: r for r in results}
+    assert by["grouped"].trials == 0 and by["dw_s1"].best["impl"] == "tvm:depthwise"
+    records = compare(model, device, layers, candidates=[HandTunedCandidate(tmp_path, device.target)],
+                      timing=QUICK, progress=False)
+    status = {r["layer"]: r for r in records}
+    assert all(status[name]["status"] == "ok" and status[name]["numerics_ok"] for name in ("dw_s1", "dw_s2"))
+    assert status["grouped"]["status"] == "not_applicable"

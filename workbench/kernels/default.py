@@ -90,7 +90,7 @@ def _conv(layer, data=None, conv_input=None):
 
 class DefaultCandidate(TVMCandidate):
     impl = "tvm:default"
-    note = "unscheduled topi conv2d_nchw"
+    note = "unscheduled topi conv2d (NCHW; grouped: topi.nn.conv with groups)"
     fusible = ("relu", "resize", "add")
     prologue_fusible = ("maxpool", "relu")
 
