@@ -32,6 +32,9 @@ SHAPES = {
     "kernel_1x3": ConvShape(4, 4, 9, 9, 1, 3, 1, (0, 1, 0, 1)),
     "kernel_9x9": ConvShape(3, 4, 20, 20, 9, 9, 1, 4),
     "stride_2": ConvShape(6, 4, 15, 15, 3, 3, 2, 1),
+    "stride_2_even": ConvShape(8, 16, 14, 14, 3, 3, 2, 1),  # MobileNet-style downsampling
+    "stride_2_no_pad": ConvShape(8, 16, 13, 13, 3, 3, 2, 0),
+    "stride_2_1x1": ConvShape(8, 16, 14, 14, 1, 1, 2, 0),  # ShuffleNet/ResNet-style shortcut
 }
 
 
@@ -170,6 +173,31 @@ def test_why_not_applicable_reasons():
     assert nnpack.applicable_algorithms(big_pad) == []
     with pytest.raises(ValueError, match="unknown NNPACK algorithm"):
         nnpack.why_not_applicable(big_pad, "winograd")
+
+
+def test_strided_convs_take_implicit_gemm_only_and_1x1_also_direct_and_fft():
+    for name in ("stride_2", "stride_2_even", "stride_2_no_pad", "stride_2_1x1"):
+        for strategy in nnpack.STRATEGIES:
+            assert nnpack.applicable_algorithms(SHAPES[name], strategy) == ["auto", "implicit_gemm"], name
+    assert "stride 1" in nnpack.why_not_applicable(SHAPES["stride_2_1x1"], "direct")
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_grouped_and_depthwise_convs_are_never_applicable_and_are_refused_before_nnpack(bridge, groups):
+    from workbench.kernels.nnpack import nnpack_candidates
+    from workbench.model import conv_layer
+
+    shape = ConvShape(8, 8, 12, 12, 3, 3, 1, 1, groups)
+    for strategy in nnpack.STRATEGIES:
+        assert nnpack.applicable_algorithms(shape, strategy) == []
+    assert "no grouped convolution" in nnpack.why_not_applicable(shape, "implicit_gemm")
+    x, w, b = make_data(shape)
+    with pytest.raises(nnpack.NotApplicableError, match="no grouped convolution"):
+        bridge.convolution(x, w, b, shape, algorithm="implicit_gemm")
+    layer = conv_layer("g", "input", (1, 8, 12, 12), 8, 3, 1, 1, groups)
+    for candidate in nnpack_candidates(1):  # called anyway, setup refuses before any buffer or session
+        with pytest.raises(nnpack.NotApplicableError, match="no grouped convolution"):
+            candidate.setup(None, type("Case", (), {"layer": layer})(), None)
 
 
 def test_conv_shape_normalises_and_refuses_empty_outputs():

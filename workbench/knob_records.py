@@ -24,10 +24,12 @@ DATABASE_FILE = "knobs.jsonl"
 
 
 def workload_key(layer: Layer) -> str:
-    """The conv's geometry as text: layers of one shape share their trials."""
+    """The conv's geometry as text: layers of one shape share their trials. Groups are named when
+    there are any (a depthwise conv must never reuse a dense conv's trials; dense keys are unchanged)."""
     g = layer.geometry
+    groups = f" g{g.groups}" if g.groups > 1 else ""
     return (f"conv {g.in_channels}->{g.out_channels} {g.height}x{g.width} k{g.kernel_h}x{g.kernel_w} "
-            f"s{g.stride} p{','.join(map(str, g.pad))}")
+            f"s{g.stride} p{','.join(map(str, g.pad))}{groups}")
 
 
 def geometry_dict(g: ConvGeometry) -> dict:

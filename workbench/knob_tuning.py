@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import nnpack, schedules
+from . import depthwise, nnpack, schedules
 from .compare import Work, measure_work
 from .errors import WorkbenchError
 from .kernels.base import Candidate, Running
@@ -115,7 +115,7 @@ class KnobSpace:
     def __init__(self, layer: Layer, threads: int, with_nnpack: bool = True):
         self.layer, self.threads = layer, threads
         self.conv = schedules.ConvLayer.of(layer)
-        self.schedules = [s for s in schedules.IMPLEMENTATIONS if schedules.applicable(s, self.conv) is None]
+        self.schedules = [s for s in schedules.SCHEDULES if schedules.applicable(s, self.conv) is None]
         self.ranges = {s: schedules.knob_space(s, self.conv) for s in self.schedules}
         self.nnpack = [Point(c.impl) for c in _nnpack_choices(layer, threads)] if with_nnpack else []
 
@@ -185,11 +185,12 @@ def _nnpack_choices(layer: Layer, threads: int) -> list[NNPACKCandidate]:
 
 # ---------------------------------------------------------------- the cost model
 
-FAMILIES = schedules.IMPLEMENTATIONS + tuple(f"nnpack:{a}" for a in nnpack.ALGORITHMS)
+FAMILIES = schedules.SCHEDULES + tuple(f"nnpack:{a}" for a in nnpack.ALGORITHMS)
 NUMERIC_KNOBS = ("oc_bn", "ow_bn", "ic_bn", "tile_bn", "vec")
 CHOICE_KNOBS = {"parallel": tuple(dict.fromkeys(schedules.PARALLEL_DIRECT + schedules.PARALLEL_WINOGRAD)),
                 "pad": tuple(dict.fromkeys(schedules.PAD_DIRECT + schedules.PAD_WINOGRAD)),
-                "epilogue": tuple(dict.fromkeys(schedules.EPILOGUE_DIRECT + schedules.EPILOGUE_WINOGRAD))}
+                "epilogue": tuple(dict.fromkeys(schedules.EPILOGUE_DIRECT + schedules.EPILOGUE_WINOGRAD)),
+                "layout": depthwise.LAYOUTS}
 
 
 def features(g: ConvGeometry, point: Point, threads: int) -> list[float]:
@@ -198,7 +199,7 @@ def features(g: ConvGeometry, point: Point, threads: int) -> list[float]:
     family = point.impl.rsplit(":", 1)[0] if point.is_nnpack else point.schedule
     row = [float(family == f) for f in FAMILIES]
     row.append(float(point.impl.endswith(":precompute")))
-    row += [math.log2(v) for v in (g.in_channels, g.out_channels, g.out_height, g.out_width, g.flops)]
+    row += [math.log2(v) for v in (g.in_channels, g.out_channels, g.out_height, g.out_width, g.flops, g.groups)]
     row += [math.log2(knobs[k]) if k in knobs else -1.0 for k in NUMERIC_KNOBS]
     row.append(float(knobs["unroll_kw"]) if "unroll_kw" in knobs else -1.0)
     for name, choices in CHOICE_KNOBS.items():
@@ -215,6 +216,10 @@ def _register_tile_and_tasks(g: ConvGeometry, point: Point) -> tuple[float, floa
         return 1.0, 1.0
     k = point.knob_dict()
     blocks = g.out_channels / k["oc_bn"]
+    if point.schedule == schedules.DEPTHWISE:  # one channel's row tile (nchw), or ow_bn x oc_bn (nchwc)
+        tile = k["ow_bn"] * (k["oc_bn"] if k["layout"] == "nchwc" else 1) / k["vec"]
+        loops = {"fused": blocks * g.out_height, "oc": blocks, "oh": g.out_height, "none": 1.0}
+        return tile, loops[k["parallel"]]
     if point.schedule.startswith("direct"):
         tile = k["oc_bn"] * k["ow_bn"] / k["vec"]  # either layout: oc_bn x ow_bn outputs, vec per register
         loops = {"fused": blocks * g.out_height, "oc": blocks, "oh": g.out_height, "none": 1.0}

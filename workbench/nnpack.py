@@ -34,6 +34,10 @@ Facts about the library that shaped this code (verified against the library in t
   ft16x16 above 16x16, direct with a non-1x1 kernel or stride > 1: status 26
   (``nnp_status_unsupported_algorithm``).  direct with precompute: status 27.
 - ``wt8x8_fp16`` silently runs ``wt8x8`` unless the CPU has ARM NEON-FP16.
+- Stride goes in as ``output_subsampling``: implicit_gemm (and auto, which picks it) match
+  PyTorch on 3x3 and 1x1 convs with stride 2; ft8x8/ft16x16 also run 1x1 stride-1 convs
+  (checked against PyTorch, relative error about 2e-7).
+- NNPACK has no ``groups`` argument: a grouped or depthwise conv is never applicable.
 """
 
 from __future__ import annotations
@@ -285,6 +289,10 @@ def _direct_rule(shape: ConvGeometry, strategy: str) -> str | None:
 def why_not_applicable(shape: ConvGeometry, algorithm: str, strategy: str = "compute") -> str | None:
     """A sentence saying why NNPACK cannot run ``shape`` this way, or None if it can."""
     _check_names(algorithm, strategy)
+    if shape.is_grouped:
+        kind = "a depthwise conv" if shape.is_depthwise else f"a conv of {shape.groups} groups"
+        return (f"NNPACK has no grouped convolution; this is {kind} and nnp_convolution_inference "
+                "computes one dense conv over all channels")
     top, right, bottom, left = shape.pad
     if max(top, bottom) >= shape.kernel_h or max(left, right) >= shape.kernel_w:
         return (f"NNPACK rejects padding >= kernel size (nnp_status_invalid_input_padding): "

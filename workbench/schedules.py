@@ -12,6 +12,11 @@ resize [+ add of a skip] [+ ReLU] computed by the output stage):
 - ``winograd_2/4/6``: Winograd F(m x m, 3x3) for 3x3 stride-1 layers. The kernel transform is
   done once (``pack_weight`` / the weight prim func); the main function does the input
   transform, the batched GEMM over the alpha x alpha points and the output transform.
+- ``depthwise``: depthwise convs (groups == input channels), in workbench/depthwise.py; the
+  functions here dispatch to it. The dense schedules above refuse grouped convs.
+
+``IMPLEMENTATIONS`` are the dense schedules; ``SCHEDULES`` adds the depthwise one (the hand
+candidates and the knob tuner search all of them).
 
 Every main function has the same argument order (see ``arg_specs``)::
 
@@ -44,9 +49,11 @@ from tvm import te
 from . import tvm_compat
 from .errors import WorkbenchError
 from .fusion import Fusion
-from .geometry import ConvGeometry, winograd_rule
+from .geometry import ConvGeometry, family_rule
 
 IMPLEMENTATIONS = ("direct_nchw", "direct_nchwc", "winograd_2", "winograd_4", "winograd_6")
+DEPTHWISE = "depthwise"
+SCHEDULES = IMPLEMENTATIONS + (DEPTHWISE,)
 ARG_NAMES = ("data", "weight", "bias", "output")
 
 PARALLEL_DIRECT = ("fused", "oc", "oh", "none")
@@ -75,8 +82,9 @@ class ConvLayer:
 
     @classmethod
     def square(cls, name: str, in_channels: int, out_channels: int, height: int, width: int, kernel: int = 3,
-               stride: int = 1, pad: int = 1, relu: bool = False, fusion: Fusion | None = None) -> "ConvLayer":
-        geometry = ConvGeometry.square(in_channels, out_channels, height, width, kernel, stride, pad)
+               stride: int = 1, pad: int = 1, relu: bool = False, fusion: Fusion | None = None,
+               groups: int = 1) -> "ConvLayer":
+        geometry = ConvGeometry.square(in_channels, out_channels, height, width, kernel, stride, pad, groups)
         return cls(name, geometry, fusion if fusion is not None else Fusion(relu=relu))
 
     @classmethod
@@ -123,8 +131,15 @@ class ScheduleError(WorkbenchError, ValueError):
 
 
 def _check_impl(impl: str) -> None:
-    if impl not in IMPLEMENTATIONS:
-        raise ScheduleError(f"unknown implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if impl not in SCHEDULES:
+        raise ScheduleError(f"unknown implementation {impl!r}; choose one of {SCHEDULES}")
+
+
+def _depthwise():
+    """workbench.depthwise, imported when first needed (it builds on this module)."""
+    from . import depthwise
+
+    return depthwise
 
 
 def winograd_m(impl: str) -> int:
@@ -137,7 +152,17 @@ def applicable(impl: str, layer: ConvLayer) -> str | None:
     _check_impl(impl)
     if not layer.geometry.is_square:
         return "the hand schedules handle square kernels padded equally on every side"
-    return fusion_problem(layer) or (winograd_rule(layer.geometry) if impl.startswith("winograd") else None)
+    return fusion_problem(layer) or _family_problem(impl, layer.geometry)
+
+
+def _family_problem(impl: str, geometry: ConvGeometry) -> str | None:
+    """The schedule's own rule: depthwise convs only, or dense ones (Winograd: 3x3 stride 1 too)."""
+    if impl == DEPTHWISE:
+        return _depthwise().rule(geometry)
+    if geometry.is_grouped:
+        return (f"{impl} sums over every input channel of a dense conv; this conv has {geometry.groups} groups "
+                "(depthwise convs: tvm:depthwise; other grouped convs: tvm:default)")
+    return family_rule(geometry, "winograd") if impl.startswith("winograd") else None
 
 
 def fusion_problem(layer: ConvLayer) -> str | None:
@@ -212,6 +237,8 @@ Knobs = DirectNCHWKnobs | DirectNCHWcKnobs | WinogradKnobs
 
 def knobs_class(impl: str) -> type:
     _check_impl(impl)
+    if impl == DEPTHWISE:
+        return _depthwise().DepthwiseKnobs
     if impl == "direct_nchw":
         return DirectNCHWKnobs
     if impl == "direct_nchwc":
@@ -251,6 +278,8 @@ def winograd_tiles(layer: ConvLayer, m: int) -> tuple[int, int]:
 def default_knobs(impl: str, layer: ConvLayer) -> Knobs:
     """Knobs tuned on this machine (2 cores, AVX-512), adjusted to divide the layer's sizes."""
     _require_applicable(impl, layer)
+    if impl == DEPTHWISE:
+        return _depthwise().default_knobs(layer)
     pad = "separate" if layer.pad or (layer.fusion.pool and impl.startswith("winograd")) else "inline"
     if impl == "direct_nchw":
         ow_bn = _pick_block(layer.out_width, (16, 24, 32, 8, 12))
@@ -293,6 +322,8 @@ def knob_space(impl: str, layer: ConvLayer) -> dict[str, tuple]:
     before anything is built.
     """
     _require_applicable(impl, layer)
+    if impl == DEPTHWISE:
+        return _depthwise().knob_space(layer)
     blocks = lambda n, limit=BLOCK_LIMIT: tuple(d for d in divisors(n) if d <= limit)  # noqa: E731
     space: dict[str, tuple] = {"oc_bn": blocks(layer.out_channels), "vec": VECTOR_WIDTHS}
     if impl == "direct_nchw":
@@ -332,6 +363,9 @@ def validate_knobs(impl: str, layer: ConvLayer, knobs: Knobs) -> None:
         value = getattr(knobs, knob.name)
         if isinstance(knob.default, bool) and not isinstance(value, bool):
             raise _knob_error(knob.name, value, "must be true or false", [False, True])
+    if impl == DEPTHWISE:
+        _depthwise().validate_knobs(layer, knobs)
+        return
     _check_divides("oc_bn", knobs.oc_bn, layer.out_channels, "out_channels")
     if impl == "direct_nchw":
         _check_divides("ow_bn", knobs.ow_bn, layer.out_width, "out_width")
@@ -369,6 +403,8 @@ def _resolve_knobs(impl: str, layer: ConvLayer, knobs: Knobs | None) -> Knobs:
 
 def packed_weight_shape(impl: str, layer: ConvLayer, knobs: Knobs) -> tuple[int, ...]:
     """Shape of the weight argument of the main function."""
+    if impl == DEPTHWISE:
+        return _depthwise().packed_weight_shape(layer, knobs)
     k, c, r = layer.out_channels, layer.in_channels, layer.kernel
     if impl == "direct_nchw":
         return (k, c, r, r)
@@ -408,8 +444,10 @@ def pack_weight(impl: str, layer: ConvLayer, knobs: Knobs | None, weight: np.nda
     knobs = _resolve_knobs(impl, layer, knobs)
     weight = np.asarray(weight, dtype=np.float32)
     k, c, r = layer.out_channels, layer.in_channels, layer.kernel
-    if weight.shape != (k, c, r, r):
-        raise ValueError(f"weight shape {weight.shape} != {(k, c, r, r)} for layer {layer.name!r}")
+    if weight.shape != layer.geometry.weight_shape:
+        raise ValueError(f"weight shape {weight.shape} != {layer.geometry.weight_shape} for layer {layer.name!r}")
+    if impl == DEPTHWISE:
+        return _depthwise().pack_weight(layer, knobs, weight)
     if impl == "direct_nchw":
         return np.ascontiguousarray(weight)
     if impl == "direct_nchwc":
@@ -615,7 +653,9 @@ def conv_prim_func(impl: str, layer: ConvLayer, knobs: Knobs | None = None) -> t
     from the prim func of the same knobs (default knobs when None).
     """
     knobs = _resolve_knobs(impl, layer, knobs)
-    if impl == "direct_nchw":
+    if impl == DEPTHWISE:
+        tensors = _depthwise().compute(layer, knobs)
+    elif impl == "direct_nchw":
         tensors = _compute_direct_nchw(layer, knobs)
     elif impl == "direct_nchwc":
         tensors = _compute_direct_nchwc(layer, knobs)
@@ -630,6 +670,8 @@ def weight_prim_func(impl: str, layer: ConvLayer, knobs: Knobs | None = None) ->
     Same result as ``pack_weight`` (Winograd in float32 here, float64 there).
     """
     knobs = _resolve_knobs(impl, layer, knobs)
+    if impl == DEPTHWISE:
+        return _depthwise().weight_prim_func(layer, knobs)
     if impl == "direct_nchw":
         return None
     k, c, r = layer.out_channels, layer.in_channels, layer.kernel
@@ -895,6 +937,8 @@ def _schedule_winograd(sch, layer: ConvLayer, knobs: WinogradKnobs, impl: str) -
 
 
 def _schedule_steps(impl: str, sch, layer: ConvLayer, knobs: Knobs) -> Iterator[str]:
+    if impl == DEPTHWISE:
+        return _depthwise().schedule_steps(sch, layer, knobs)
     if impl == "direct_nchw":
         return _schedule_direct_nchw(sch, layer, knobs)
     if impl == "direct_nchwc":

@@ -1,4 +1,5 @@
-"""TVM's untuned conv (`tvm:default`): topi's NCHW compute, what Relax legalises a conv2d into.
+"""TVM's untuned conv (`tvm:default`): topi's NCHW compute, what Relax legalises a conv2d into
+(grouped and depthwise convs included: topi's general conv with `groups`).
 
 It also absorbs the ops around a conv as plain TE stages: the encoder's MaxPool [-> ReLU]
 before it (computed from the pre-pool tensor) and the decoder's ResizeNearest -> Add(skip)
@@ -79,13 +80,17 @@ def _conv(layer, data=None, conv_input=None):
     data = te.placeholder(g.input_shape, "float32", name="data") if data is None else data
     weight = te.placeholder(g.weight_shape, "float32", name="weight")
     bias = te.placeholder((g.out_channels,), "float32", name="bias")
-    conv = topi.nn.conv2d_nchw(data if conv_input is None else conv_input, weight, g.stride, g.symmetric_pad, 1)
+    source = data if conv_input is None else conv_input
+    if g.is_grouped:  # what Relax legalises a grouped conv2d into (topi's general conv, OIHW weights)
+        conv = topi.nn.conv(source, weight, g.stride, g.symmetric_pad, 1, g.groups, "NCHW", "OIHW")
+    else:  # kept for ungrouped convs: MetaSchedule's stored workloads are this compute
+        conv = topi.nn.conv2d_nchw(source, weight, g.stride, g.symmetric_pad, 1)
     return data, weight, bias, conv
 
 
 class DefaultCandidate(TVMCandidate):
     impl = "tvm:default"
-    note = "unscheduled topi conv2d_nchw"
+    note = "unscheduled topi conv2d (NCHW; grouped: topi.nn.conv with groups)"
     fusible = ("relu", "resize", "add")
     prologue_fusible = ("maxpool", "relu")
 

@@ -1,4 +1,5 @@
-"""The hand-written TensorIR schedules (`tvm:direct_nchw`, `tvm:direct_nchwc`, `tvm:winograd_<m>`).
+"""The hand-written TensorIR schedules (`tvm:direct_nchw`, `tvm:direct_nchwc`, `tvm:winograd_<m>`, and
+`tvm:depthwise` for depthwise convs).
 
 The schedules themselves, with their knobs, are in workbench/schedules.py; this module makes
 each one a candidate. Knobs come from `knobs_for(layer)` when given, else the schedule's
@@ -58,7 +59,7 @@ class HandSchedule(TVMCandidate):
 
 
 def hand_candidates() -> list[HandSchedule]:
-    return [HandSchedule(name) for name in schedules.IMPLEMENTATIONS]
+    return [HandSchedule(name) for name in schedules.SCHEDULES]
 
 
 def step_candidate(schedule: str, step: str, sch, knobs=None) -> FactoryCandidate:

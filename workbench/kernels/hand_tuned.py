@@ -84,8 +84,8 @@ class HandTunedCandidate(TVMCandidate):
     def with_knobs(self, knobs: dict) -> "HandTunedCandidate":
         """Pinned to {"schedule": one of the hand schedules, and knobs of that schedule}."""
         schedule = knobs.get("schedule")
-        if schedule not in schedules.IMPLEMENTATIONS:
-            raise KnobsError(f"{self.impl} knobs need 'schedule', one of {list(schedules.IMPLEMENTATIONS)}, "
+        if schedule not in schedules.SCHEDULES:
+            raise KnobsError(f"{self.impl} knobs need 'schedule', one of {list(schedules.SCHEDULES)}, "
                              f"with that schedule's knobs; got {knobs!r}")
         rest = {k: v for k, v in knobs.items() if k != "schedule"}
         HandSchedule(schedule).with_knobs(rest)  # names every unknown knob

@@ -31,7 +31,14 @@ class NNPACKCandidate(Candidate):
     def why_not_applicable(self, layer):
         return nnpack.why_not_applicable(layer.geometry, self.algorithm, self.strategy)
 
+    def require_applicable(self, layer) -> None:
+        """Refuse a layer NNPACK cannot run with its rule's sentence, before any buffer is touched."""
+        reason = self.why_not_applicable(layer)
+        if reason is not None:
+            raise nnpack.NotApplicableError(layer.geometry, self.algorithm, self.strategy, reason, layer.name)
+
     def setup(self, session, case, device) -> Running:
+        self.require_applicable(case.layer)
         return NNPACKRunning(self, session, case)
 
     def emit(self, bb, group, values, weight, bias, target):
@@ -40,6 +47,7 @@ class NNPACKCandidate(Candidate):
         from ..names import symbol
 
         conv = group.conv
+        self.require_applicable(conv)
         attrs = call_attributes(conv.geometry, self.algorithm, self.strategy, group.relu)
         args = [values[conv.inputs[0]], relax.const(weight), relax.const(bias),
                 *(relax.prim_value(int(a)) for a in attrs)]
