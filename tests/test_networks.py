@@ -113,3 +113,28 @@ def test_a_reshape_that_is_no_channel_shuffle_is_refused_with_the_node_name():
     proto = onnx.load_from_string(_exported(Wrong(), (1, 4, 6, 6)))
     with pytest.raises(ModelError, match=r"Transpose.*perm \[0, 1, 2, 4, 3\].*channel shuffle"):
         from_onnx_proto(proto)
+
+
+def test_study_quick_on_a_network_writes_a_report(cluster, tmp_path):
+    """`study --quick --network mobilenet_v2` end to end on a real local cluster (at 32x32 to stay small): the
+    hybrid is checked against PyTorch, the peers ran, the depthwise convs say why NNPACK does not apply."""
+    import json
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "workbench", "study", "--quick", "--network", "mobilenet_v2",
+                           "--resolution", "32", "--work-dir", str(work), "--tracker", f"127.0.0.1:{cluster.port}",
+                           "--key", cluster.key, "--json"], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["numerics_ok"] and {"onnxruntime", "torch", "tvm_only"} <= set(summary["baselines"])
+    report = (work / "report.html").read_text()
+    assert "mobilenet_v2-32" in report
+    records = [json.loads(line) for line in (work / "results" / "records.jsonl").read_text().splitlines()]
+    model = networks.network("mobilenet_v2", 32)
+    depthwise = {layer.name for layer in model.convs if layer.geometry.is_depthwise}
+    refused = [r for r in records if r.get("layer") in depthwise and r.get("impl", "").startswith("nnpack:")]
+    assert refused and all(r["status"] == "not_applicable" and "group" in r["note"] for r in refused)
+    assert any(r.get("layer") in depthwise and r.get("impl") == "tvm:depthwise" and r.get("numerics_ok")
+               for r in records)

@@ -16,6 +16,7 @@ PARAMETERS = {
     "03_tvm_schedules_and_tuning.ipynb": {**SMALL, "work_dir": None, "trials": 4},
     "04_fused_operators.ipynb": {**SMALL, "work_dir": None},
     "05_hybrid_unet.ipynb": {**SMALL, "work_dir": None, "trials": 4},
+    "06_other_networks.ipynb": {"resolution": 32, "quick": True, "work_dir": None, "trials": 4},
 }
 # How many lessons each notebook asserts at least at these budgets (claims that noise can overturn at
 # a small budget, or that rest on a measurement flagged disturbed, are shown but not asserted:
@@ -26,6 +27,7 @@ ASSERTED = {
     "03_tvm_schedules_and_tuning.ipynb": 4,
     "04_fused_operators.ipynb": 3,
     "05_hybrid_unet.ipynb": 3,  # against the peers is shown, not asserted, on the tests' tiny model
+    "06_other_networks.ipynb": 4,  # the hybrid against a single library is shown, not asserted, at 32x32
 }
 
 

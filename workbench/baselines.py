@@ -134,15 +134,22 @@ def _torch_conv_path(run) -> str:
 # ---------------------------------------------------------------- TVM-built
 
 def nnpack_everywhere_plan(model: Model) -> Plan:
-    """Every conv on NNPACK auto, precompute where it applies (compute otherwise), ReLU fused."""
+    """Every conv NNPACK can run on NNPACK auto, precompute where it applies (compute otherwise), ReLU
+    fused; a conv NNPACK cannot run (a grouped or depthwise conv) on TVM's default kernel, as a
+    Caffe2+NNPACK deployment runs those on its own kernels."""
     from . import nnpack
 
-    overrides = {}
+    overrides, elsewhere = {}, []
     for conv in model.convs:
+        if nnpack.why_not_applicable(conv.geometry, "auto", "compute") is not None:
+            overrides[conv.name] = "tvm:default"
+            elsewhere.append(conv.name)
+            continue
         precompute_ok = nnpack.why_not_applicable(conv.geometry, "auto", "precompute") is None
         overrides[conv.name] = "nnpack:auto:precompute" if precompute_ok else "nnpack:auto:compute"
     plan = Plan.uniform(model, "nnpack:auto:precompute", overrides=overrides)
-    plan.notes.append("nnpack_everywhere: NNPACK auto on every conv, ReLU fused")
+    plan.notes.append("nnpack_everywhere: NNPACK auto on every conv it can run, ReLU fused"
+                      + (f"; {len(elsewhere)} conv(s) NNPACK cannot run (grouped) on tvm:default" if elsewhere else ""))
     return plan
 
 
@@ -154,7 +161,8 @@ def _tvm_executable(name: str, model: Model, target):
     if name == "nnpack_everywhere":
         plan = nnpack_everywhere_plan(model)
         return compile_hybrid(build_hybrid(model, plan, target), target), \
-            "build_hybrid, every conv nnpack:auto (precompute), ReLU fused, Relax FuseOps on"
+            "build_hybrid, every conv nnpack:auto (precompute), ReLU fused, Relax FuseOps on" + \
+            "".join(f"; {note}" for note in plan.notes[-1:] if "cannot run" in note)
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     return tvm.compile(relax_module(model), target=target), \
         "TVM ONNX importer + tvm.compile default pipeline: no schedules, no fusion"

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from . import baselines, blocks, compare, hybrid, intensity, knob_records, knob_tuning, plots, tuning
+from . import baselines, blocks, compare, families, hybrid, intensity, knob_records, knob_tuning, plots, tuning
 from .build import build_hybrid, compile_hybrid
 from .ceilings import measure_ceilings
 from .errors import UserError
@@ -466,6 +466,16 @@ def _noise_section(records, end_to_end, plan) -> Section:
           ["No per-layer measurement was disturbed."])])
 
 
+def _conv_classes_section(model, records) -> Section:
+    """Where the convs' FLOPs are (3x3 stride 1, depthwise, 1x1, strided) and which library won each class."""
+    shares = families.flop_shares(model)
+    counts = families.library_count(families.winners_by_class(model, records))
+    return Section("Conv classes", [
+        "Winograd and FFT (NNPACK's fast algorithms) apply only to dense 3x3 stride-1 convs; NNPACK has no grouped "
+        "or depthwise conv at all. The share of the convs' FLOPs in each class bounds what they can win.",
+        plots.flop_share_bars(shares), shares, *([counts.reset_index()] if len(counts) else [])])
+
+
 def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, in_model, summary,
               block_records=()) -> list[Section]:
     frame = pd.DataFrame(records)
@@ -487,7 +497,8 @@ def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, 
         Section("Layers and the roofline", [
             ceilings.summary(), plots.roofline(ceilings, layers, best_per_library[["layer", "impl", "gflops"]],
                                                title=model.name),
-            layers[["name", "op", "input_shape", "output_shape", "flops", "bytes", "intensity"]]]),
+            layers[["name", "op", "input_shape", "output_shape", "groups", "folded", "flops", "bytes", "intensity"]]]),
+        _conv_classes_section(model, records),
         Section("Per-layer winners", [plots.implementation_bars(frame), winners]),
         _tuning_section(summary.get("tuning", {}), tune_results),
         Section("Inside the whole model", [
