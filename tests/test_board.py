@@ -264,6 +264,19 @@ def test_fp16_alias_logic_follows_the_device_cpu_not_the_host():
         assert on_x86.alias_of == "nnpack:wt8x8:compute" and on_x86.tolerance == sum(nnpack.TOLERANCE["wt8x8"])
 
 
+def test_a_plan_never_chooses_fp16_winograd_however_fast(small_model):
+    """Its error (about 2e-2 on ARM) is beyond the whole model's bound: shown, measured, never in a plan."""
+    from workbench.plan import PLAN_MAX_REL_ERR, choose_plan
+
+    layer = small_model.convs[2].name
+    def record(impl, ms, rel_err):
+        return {"layer": layer, "impl": impl, "status": "ok", "numerics_ok": True, "median_ms": ms, "rel_err": rel_err}
+    fp16, fp32 = record("nnpack:wt8x8_fp16:compute", 0.5, 2e-2), record("nnpack:wt8x8:compute", 1.0, 1e-5)
+    assert fp16["rel_err"] > PLAN_MAX_REL_ERR
+    assert choose_plan(small_model, [fp16, fp32], fuse=False).impl(layer) == "nnpack:wt8x8:compute"
+    assert choose_plan(small_model, [{**fp16, "rel_err": 1e-5}, fp32], fuse=False).impl(layer) == fp16["impl"]
+
+
 def test_fp16_refuses_a_conv_winograd_cannot_run_in_one_line(tmp_path):
     from workbench.model import Model, conv_layer, random_params, save_onnx
 
