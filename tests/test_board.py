@@ -38,8 +38,9 @@ def readme_commands() -> list[list[str]]:
 
 
 def command(role: str, port: int) -> list[str]:
-    """The README's command for `role` (tracker, board, ceilings, compare), on a free port, run by this Python."""
-    roles = {"tracker": "workbench.tracker", "board": "board", "ceilings": "ceilings", "compare": "compare"}
+    """The README's command for `role` (tracker, board, ceilings, compare, fp16), on a free port, run by this Python."""
+    roles = {"tracker": "workbench.tracker", "board": "board", "ceilings": "ceilings", "compare": "compare",
+             "fp16": "fp16"}
     for argv in readme_commands():
         if (argv[3] if argv[2] == "workbench" else argv[2]) == roles[role]:
             line = " ".join(argv).replace("9190", str(port))
@@ -169,8 +170,7 @@ def test_fp16_winograd_really_stores_fp16_on_the_board(emulated, tmp_path):
     from workbench.report import fp16_section
 
     work = tmp_path / "work"
-    argv = [sys.executable, "-m", "workbench", "fp16", "--tracker", f"127.0.0.1:{emulated['port']}", "--target",
-            "aarch64", "--layers", "enc0_conv2", "--work-dir", str(work), "--json"]
+    argv = command("fp16", emulated["port"]) + ["--layers", "enc0_conv2", "--work-dir", str(work)]
     started = time.monotonic()
     rows = _run(argv, emulated["env"])
     print(f"fp16 on one layer of the board: {time.monotonic() - started:.0f} s")

@@ -49,13 +49,14 @@ def winograd_layers(model: Model, names: list[str] | None = None) -> list[str]:
 
 
 def fp16_numerics(device, model: Model | None = None, layers: list[str] | None = None,
-                  timing: TimingConfig | None = None, store=None) -> list[dict]:
+                  timing: TimingConfig | None = None, store=None, seed: int = 0) -> list[dict]:
     """wt8x8 and wt8x8_fp16 on each layer of `model` (default: the probe's two convs) on the device.
 
     Returns rows with layer, shape, algorithm, rel_err (max |y - ref| / max |ref| against float64),
     the error FP16 adds over wt8x8, fp16_really_used (measured), library_says_fp16, emulated. With
     a RecordStore, the protocol's conv_measurement records and these rows (kind "fp16_numerics")
     are appended to it. Always measured afresh: numerics are the point, and two convs are cheap.
+    `seed` draws the inputs (measure.ConvCase).
     """
     if model is None:
         model, layers = probe_model(), list(layers or PROBE_LAYERS)
@@ -66,7 +67,7 @@ def fp16_numerics(device, model: Model | None = None, layers: list[str] | None =
 
     candidates = [NNPACKCandidate(a, "compute", threads, machine) for a in ALGORITHMS]
     records = compare(model, device, names, candidates=candidates, timing=timing or TimingConfig.quick(),
-                      store=store, resume=False, progress=False)
+                      store=store, resume=False, seed=seed, progress=False)
     rows = [row for name in names for row in _layer_rows(model, name, records, machine)]
     for row in rows if store is not None else ():
         store.append(KIND, row, model=model.name, model_fingerprint=model.fingerprint)
