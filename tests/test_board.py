@@ -277,6 +277,22 @@ def test_a_plan_never_chooses_fp16_winograd_however_fast(small_model):
     assert choose_plan(small_model, [{**fp16, "rel_err": 1e-5}, fp32], fuse=False).impl(layer) == fp16["impl"]
 
 
+def test_the_fp16_section_keeps_the_latest_run_and_says_when_one_failed():
+    from workbench.report import fp16_section
+
+    def row(algorithm, rel_err, really, status="ok"):
+        return {"layer": "c", "shape": "16->16 24x24", "algorithm": algorithm, "rel_err": rel_err, "status": status,
+                "note": "", "machine": "aarch64", "emulated": False, "fp16_really_used": really,
+                "added_rel_err": None if rel_err is None or algorithm == "wt8x8" else rel_err - 1e-5,
+                "ratio_to_wt8x8": None, "library_says_fp16": True, "library_reason": "every ARM64 CPU"}
+    old = [row("wt8x8", 1e-5, False), row("wt8x8_fp16", None, None, "failed")]
+    new = [row("wt8x8", 1e-5, False), row("wt8x8_fp16", 2e-2, True)]
+    assert fp16_section(old).parts[0] == "FP16 Winograd on aarch64: not measured (a run failed); see the records."
+    text = fp16_section(old + new).parts[0]  # a board, not emulated: no emulation caveat
+    assert text.startswith("FP16 Winograd on aarch64: adds 0.02 relative error over wt8x8") and "Emulated" not in text
+    assert len(fp16_section(old + new).parts[1]) == 2  # one row per algorithm: the latest run's
+
+
 def test_fp16_refuses_a_conv_winograd_cannot_run_in_one_line(tmp_path):
     from workbench.model import Model, conv_layer, random_params, save_onnx
 

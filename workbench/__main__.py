@@ -207,9 +207,8 @@ def cmd_fp16(args) -> None:
     work = WorkDir.at(args.work_dir)
     with work.lock("fp16"), open_device(args.tracker, args.key, args.target, args.threads) as device:
         rows = fp16.fp16_numerics(device, model, layers, store=work.records)
-    _emit(args, rows, lambda: "\n".join([device_line(device.describe())] + [
-        f"{r['layer']} ({r['shape']}) {r['algorithm']}: relative error {r['rel_err']:.3g}" for r in rows] +
-        [fp16.sentence(s) for s in fp16.summary(rows)]))
+    _emit(args, rows, lambda: "\n".join([device_line(device.describe()), *map(fp16.row_line, rows),
+                                         *map(fp16.sentence, fp16.summary(rows))]))
 
 
 def cmd_tune(args) -> None:

@@ -134,6 +134,12 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def row_line(row: dict) -> str:
+    """One row for a terminal: the conv, the algorithm and its error (or why there is none)."""
+    error = f"relative error {row['rel_err']:.3g}" if row.get("rel_err") is not None else f"{row['status']}: {row['note']}"
+    return f"{row['layer']} ({row['shape']}) {row['algorithm']}: {error}"
+
+
 def device_name(figures: dict) -> str:
     """How a summary's device is named in sentences: its CPU, and the emulation when there was one."""
     name = figures.get("machine") or "an unknown CPU"
@@ -149,10 +155,11 @@ def sentence(figures: dict) -> str:
         return (f"On {where}, nnpack:wt8x8_fp16 is an alias of wt8x8: its output is identical to wt8x8's on "
                 f"{layers} conv(s) (max relative error {figures['wt8x8_rel_err']:.2g} for both); "
                 f"{figures['library_reason']}.")
+    ratio = f", a median {figures['median_ratio']:.0f}x more" if figures["median_ratio"] else ""
     text = (f"FP16 Winograd on {where}: adds {figures['added_rel_err']:.2g} relative error over wt8x8 "
             f"(max |y - ref| / max |ref| against float64: wt8x8_fp16 {figures['fp16_rel_err']:.2g}, wt8x8 "
-            f"{figures['wt8x8_rel_err']:.2g}, a median {figures['median_ratio']:.0f}x more, over {layers} conv(s); its "
-            "output differs from wt8x8's, so FP16 is really used).")
+            f"{figures['wt8x8_rel_err']:.2g}{ratio}, over {layers} conv(s); its output differs from wt8x8's, so "
+            "FP16 is really used).")
     if figures["library_says_fp16"] is False:
         text += " The library took it for an alias here: its rule for this CPU is wrong."
     return text + (" Emulated timings not shown as speed." if figures["emulated"] else "")
