@@ -136,7 +136,8 @@ def _median(values: list[float]) -> float | None:
 
 def row_line(row: dict) -> str:
     """One row for a terminal: the conv, the algorithm and its error (or why there is none)."""
-    error = f"relative error {row['rel_err']:.3g}" if row.get("rel_err") is not None else f"{row['status']}: {row['note']}"
+    measured = row.get("rel_err") is not None
+    error = f"relative error {row['rel_err']:.3g}" if measured else f"{row['status']}: {row['note']}"
     return f"{row['layer']} ({row['shape']}) {row['algorithm']}: {error}"
 
 

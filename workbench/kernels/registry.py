@@ -34,8 +34,8 @@ def all_candidates(threads: int = 1, tuning_dir: str | Path | None = None, tuned
     from .hand_tuned import HandTunedCandidate
     from .tuned import TunedCandidate
 
-    return library_candidates(threads, machine) + hand_candidates() + [TunedCandidate(tuning_dir, tuned_layers, trials),
-                                                              HandTunedCandidate(tuning_dir, target, emulated)]
+    tuned = [TunedCandidate(tuning_dir, tuned_layers, trials), HandTunedCandidate(tuning_dir, target, emulated)]
+    return library_candidates(threads, machine) + hand_candidates() + tuned
 
 
 def find(impl: str, candidates: list[Candidate] | None = None) -> Candidate:
