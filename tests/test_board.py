@@ -38,8 +38,9 @@ def readme_commands() -> list[list[str]]:
 
 
 def command(role: str, port: int) -> list[str]:
-    """The README's command for `role` (tracker, board, ceilings, compare), on a free port, run by this Python."""
-    roles = {"tracker": "workbench.tracker", "board": "board", "ceilings": "ceilings", "compare": "compare"}
+    """The README's command for `role` (tracker, board, ceilings, compare, fp16), on a free port, run by this Python."""
+    roles = {"tracker": "workbench.tracker", "board": "board", "ceilings": "ceilings", "compare": "compare",
+             "fp16": "fp16"}
     for argv in readme_commands():
         if (argv[3] if argv[2] == "workbench" else argv[2]) == roles[role]:
             line = " ".join(argv).replace("9190", str(port))
@@ -160,6 +161,35 @@ def test_the_hybrid_built_for_aarch64_runs_on_the_board(emulated, small_model):
     assert result["median_ms"] > 0
 
 
+def test_fp16_winograd_really_stores_fp16_on_the_board(emulated, tmp_path):
+    """On aarch64, NNPACK's wt8x8_fp16 is no alias of wt8x8: measured on the board through the
+    protocol, its error against float64 is far above wt8x8's and below its tolerance, the library
+    agrees, every row is labelled emulated, and the report says what FP16 adds."""
+    from workbench import nnpack
+    from workbench.records import RecordStore
+    from workbench.report import fp16_section
+
+    work = tmp_path / "work"
+    argv = command("fp16", emulated["port"]) + ["--layers", "enc0_conv2", "--work-dir", str(work)]
+    started = time.monotonic()
+    rows = _run(argv, emulated["env"])
+    print(f"fp16 on one layer of the board: {time.monotonic() - started:.0f} s")
+    by = {r["algorithm"]: r for r in rows}
+    assert sorted(by) == ["wt8x8", "wt8x8_fp16"] and {r["layer"] for r in rows} == {"enc0_conv2"}
+    assert all(r["emulated"] is True and r["machine"] == "aarch64" for r in rows)
+    fp32, fp16 = by["wt8x8"], by["wt8x8_fp16"]
+    assert fp16["fp16_really_used"] is True and fp16["library_says_fp16"] is True
+    assert fp16["rel_err"] > 100 * fp32["rel_err"]  # FP16 storage: about 1e-2 against wt8x8's 1e-5
+    assert fp16["rel_err"] < sum(nnpack.TOLERANCE["wt8x8_fp16"]) and fp16["status"] == "ok" and fp16["numerics_ok"]
+    assert fp16["added_rel_err"] == pytest.approx(fp16["rel_err"] - fp32["rel_err"])
+    store = RecordStore(work / "results" / "records.jsonl")
+    measured = store.read("conv_measurement")  # the protocol's records: no alias on this board
+    assert len(measured) == 2 and all(r["emulated"] is True and not r["alias_of"] for r in measured)
+    text = fp16_section(store.read("fp16_numerics")).parts[0]
+    assert text.startswith("FP16 Winograd on aarch64 (emulated") and "adds" in text
+    assert text.endswith("Emulated timings not shown as speed.")
+
+
 def test_a_board_killed_outright_leaves_nothing_behind(emulated):
     """SIGKILL gives the board no chance to clean up: its emulated server notices and ends its group."""
     import psutil
@@ -220,6 +250,60 @@ def test_reports_name_the_device_and_mark_emulation(tmp_path):
     page = write_report(tmp_path / "r.html", "study", [Section("one", [figure])], device=device).read_text()
     assert page.count("EMULATED") == 2  # the header and the figure
     assert figure.layout.title.text == "Roofline"  # the caller's figure is left as it was
+
+
+def test_fp16_alias_logic_follows_the_device_cpu_not_the_host():
+    from workbench import nnpack
+    from workbench.kernels.nnpack import NNPACKCandidate
+
+    assert nnpack.runs_as("wt8x8_fp16", "aarch64") == "wt8x8_fp16"  # measured on the board (test above)
+    assert nnpack.runs_as("wt8x8_fp16", "x86_64") == "wt8x8"
+    on_board, on_x86 = NNPACKCandidate("wt8x8_fp16", "compute", 2, "aarch64"), NNPACKCandidate("wt8x8_fp16", "compute")
+    assert on_board.alias_of is None and on_board.tolerance == sum(nnpack.TOLERANCE["wt8x8_fp16"])
+    if nnpack.runs_as("wt8x8_fp16") == "wt8x8":  # this host (x86): the alias is held to wt8x8's bound
+        assert on_x86.alias_of == "nnpack:wt8x8:compute" and on_x86.tolerance == sum(nnpack.TOLERANCE["wt8x8"])
+
+
+def test_a_plan_never_chooses_fp16_winograd_however_fast(small_model):
+    """Its error (about 2e-2 on ARM) is beyond the whole model's bound: shown, measured, never in a plan."""
+    from workbench.plan import PLAN_MAX_REL_ERR, choose_plan
+
+    layer = small_model.convs[2].name
+    def record(impl, ms, rel_err):
+        return {"layer": layer, "impl": impl, "status": "ok", "numerics_ok": True, "median_ms": ms, "rel_err": rel_err}
+    fp16, fp32 = record("nnpack:wt8x8_fp16:compute", 0.5, 2e-2), record("nnpack:wt8x8:compute", 1.0, 1e-5)
+    assert fp16["rel_err"] > PLAN_MAX_REL_ERR
+    assert choose_plan(small_model, [fp16, fp32], fuse=False).impl(layer) == "nnpack:wt8x8:compute"
+    assert choose_plan(small_model, [{**fp16, "rel_err": 1e-5}, fp32], fuse=False).impl(layer) == fp16["impl"]
+
+
+def test_the_fp16_section_keeps_the_latest_run_and_says_when_one_failed():
+    from workbench.report import fp16_section
+
+    def row(algorithm, rel_err, really, status="ok"):
+        return {"layer": "c", "shape": "16->16 24x24", "algorithm": algorithm, "rel_err": rel_err, "status": status,
+                "note": "", "machine": "aarch64", "emulated": False, "fp16_really_used": really,
+                "added_rel_err": None if rel_err is None or algorithm == "wt8x8" else rel_err - 1e-5,
+                "ratio_to_wt8x8": None, "library_says_fp16": True, "library_reason": "every ARM64 CPU"}
+    old = [row("wt8x8", 1e-5, False), row("wt8x8_fp16", None, None, "failed")]
+    new = [row("wt8x8", 1e-5, False), row("wt8x8_fp16", 2e-2, True)]
+    assert fp16_section(old).parts[0] == "FP16 Winograd on aarch64: not measured (a run failed); see the records."
+    text = fp16_section(old + new).parts[0]  # a board, not emulated: no emulation caveat
+    assert text.startswith("FP16 Winograd on aarch64: adds 0.02 relative error over wt8x8") and "Emulated" not in text
+    assert len(fp16_section(old + new).parts[1]) == 2  # one row per algorithm: the latest run's
+
+
+def test_fp16_refuses_a_conv_winograd_cannot_run_in_one_line(tmp_path):
+    from workbench.model import Model, conv_layer, random_params, save_onnx
+
+    layer = conv_layer("pointwise", "input", (1, 8, 12, 12), 8, kernel=1, pad=0)
+    path = save_onnx(Model("pointwise", [layer], random_params([layer]), (1, 8, 12, 12)), tmp_path / "p.onnx")
+    for extra in (["--model", str(path), "--layers", "pointwise"], ["--model", str(path)], ["--layers", "nope"]):
+        done = subprocess.run([sys.executable, "-m", "workbench", "fp16", *extra, "--work-dir", str(tmp_path / "w")],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert ("3x3 stride-1" in done.stderr) != (extra[-1] == "nope")
+    assert not (tmp_path / "w").exists()  # refused before a device or a work dir was touched
 
 
 def test_missing_qemu_is_named_with_how_to_get_it(monkeypatch, tmp_path):

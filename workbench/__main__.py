@@ -14,7 +14,7 @@ from .threads import check_positive, resolve_threads
 log = logging.getLogger("workbench")
 
 # Commands that measure on a device: a local cluster, or a remote one with --tracker.
-DEVICE_COMMANDS = ("ceilings", "compare", "tune", "study")
+DEVICE_COMMANDS = ("ceilings", "compare", "tune", "study", "fp16")
 
 
 def _load_model(path: str | None, network: str | None = None, resolution: int | None = None):
@@ -203,10 +203,26 @@ def cmd_compare(args) -> None:
         # NNPACK and TVM's default, the hand schedules, and tvm:tuned where the work dir has tuning records.
         tuned = tuning.tuned_layers(model, device.target, work.tuning)
         candidates = all_candidates(int(device.target.get("num-cores") or 1), work.tuning, tuned,
-                                    target=device.target, emulated=device.emulated)
+                                    target=device.target, emulated=device.emulated, machine=device.info.get("machine"))
         records = compare(model, device, layers, candidates=candidates, timing=timing, store=work.records,
                           resume=not args.fresh, progress=not args.json)
     _emit(args, json_rows(records), lambda: f"{device_line(device.describe())}\n{table(records).to_string(index=False)}")
+
+
+def cmd_fp16(args) -> None:
+    from . import fp16
+    from .records import WorkDir
+    from .report import device_line
+    from .rpc import open_device
+
+    model = _load_model(args.model) if args.model is not None else fp16.probe_model()
+    layers = _layer_names(args.layers) or (None if args.model is not None else list(fp16.PROBE_LAYERS))
+    layers = fp16.winograd_layers(model, layers)  # a conv FP16 Winograd cannot run fails before a device starts
+    work = WorkDir.at(args.work_dir)
+    with work.lock("fp16"), open_device(args.tracker, args.key, args.target, args.threads) as device:
+        rows = fp16.fp16_numerics(device, model, layers, store=work.records)
+    _emit(args, rows, lambda: "\n".join([device_line(device.describe()), *map(fp16.row_line, rows),
+                                         *map(fp16.sentence, fp16.summary(rows))]))
 
 
 def cmd_tune(args) -> None:
@@ -368,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     _device_args(p, farm=True)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("fp16", help="the error NNPACK's FP16 Winograd (wt8x8_fp16) adds over wt8x8 on a device, "
+                       "and whether it really stores FP16 there (x86: an alias)")
+    p.add_argument("--model", help="an ONNX file (default: a tiny UNet, its 16->16 conv at 24x24 and 64->64 at 12x12)")
+    p.add_argument("--layers", help="comma-separated 3x3 stride-1 conv names (default: every such conv of --model)")
+    _common(p, "--work-dir", "--json")
+    _device_args(p)
+    p.set_defaults(func=cmd_fp16)
 
     p = sub.add_parser("tune", help="auto-tuning of convs over RPC: the hand schedules' knobs (XGBoost-guided, with "
                        "NNPACK's choices) and/or MetaSchedule; resumes from its database")

@@ -60,7 +60,7 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
     if candidates is None:
         from .kernels.registry import library_candidates
 
-        candidates = library_candidates(threads)
+        candidates = library_candidates(threads, (getattr(device, "info", None) or {}).get("machine"))
     convs = model.select_convs(layers)
     # The name is the file's stem: two different files named small.onnx share it, so every record
     # also carries the model's content fingerprint, and only records with the same one are reused.

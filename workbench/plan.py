@@ -426,12 +426,19 @@ def choose(layer: str, records: list[dict]) -> Choice:
     return Choice(layer, min([fastest, *tied], key=tie_key), fastest, tied, runner_up)
 
 
+# A conv whose own error exceeds the whole model's bound (hybrid.MODEL_TOLERANCE) cannot be in a plan whose
+# output passes: FP16 Winograd on ARM (about 2e-2) is measured and shown, but never chosen.
+PLAN_MAX_REL_ERR = 1e-3
+
+
 def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
     """conv name -> its usable records, among isolated (`folded` False) or folded-block records."""
     found: dict[str, list] = {}
     for rec in usable(records):
         name = rec.get("layer")
         if name not in convs or bool(rec.get("fusion")) != folded or not _applies(rec["impl"], convs[name], candidates):
+            continue
+        if (rec.get("rel_err") or 0.0) > PLAN_MAX_REL_ERR:
             continue
         found.setdefault(name, []).append(rec)
     return found

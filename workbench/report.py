@@ -82,3 +82,28 @@ def write_report(path: str | Path, title: str, sections: list[Section], device: 
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     path.write_text(page)
     return path
+
+
+def fp16_section(fp16_rows: list[dict], conv_records: list[dict] = ()) -> Section | None:
+    """FP16 Winograd per device: the error wt8x8_fp16 adds over wt8x8 where it really stores FP16
+    (rows of workbench.fp16, the latest per device and conv), and where it is only wt8x8 under
+    another name (an alias in the per-layer records); None when the records say nothing of it.
+    Timings are left out: on an emulated board they are no board's speed."""
+    from . import fp16
+
+    latest = {}
+    for row in fp16_rows:  # a later run of the same device and conv replaces the earlier
+        latest[(row.get("machine"), bool(row.get("emulated")), row.get("model"), row["layer"], row["algorithm"])] = row
+    rows = list(latest.values())
+    figures = fp16.summary(rows)
+    parts: list = [fp16.sentence(f) for f in figures]
+    if rows:
+        columns = ("layer", "shape", "algorithm", "rel_err", "fp16_really_used")
+        parts.append(pd.DataFrame([{"device": f"{r.get('machine')}{' (emulated)' if r.get('emulated') else ''}",
+                                    **{k: r.get(k) for k in columns}} for r in rows]))
+    said = {f["machine"] for f in figures if f["fp16_really_used"] is False}
+    aliases = {(r.get("device") or {}).get("machine"): r.get("note", "") for r in conv_records
+               if str(r.get("impl", "")).startswith("nnpack:wt8x8_fp16:") and r.get("alias_of")}
+    parts += [f"On {machine or 'this device'}, nnpack:wt8x8_fp16 is an alias of wt8x8 ({note}); it is not shown as "
+              "a separate algorithm." for machine, note in aliases.items() if machine not in said]
+    return Section("FP16 Winograd (nnpack:wt8x8_fp16)", parts) if parts else None

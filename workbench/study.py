@@ -25,7 +25,8 @@ from .measure import TimingConfig, usable
 from .model import Model, sample_input
 from .plan import Plan, choose_plan
 from .records import WorkDir, environment
-from .report import Section, write_report
+from .fp16 import KIND as FP16_KIND
+from .report import Section, fp16_section, write_report
 from .tuning import TuningConfig
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ def study_candidates(model: Model, device, work: WorkDir, config: StudyConfig) -
     threads = int(device.target.get("num-cores") or 1)
     by_metaschedule = tuned_layers(model, config) if "metaschedule" in config.spaces else []
     return all_candidates(threads, work.tuning, by_metaschedule, config.trials, target=device.target,
-                          emulated=bool(getattr(device, "emulated", False)))
+                          emulated=bool(getattr(device, "emulated", False)),
+                          machine=(getattr(device, "info", None) or {}).get("machine"))
 
 
 def tune(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> list:
@@ -285,9 +287,12 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     summary["fusion"] = fusion_figures(end_to_end, chosen["hybrid"], measured.records)
     summary["tuning"] = tuning_summary(model, device, work, config, measured.tuning)
     summary.update(device=device.describe(), emulated=device.describe()["emulated"])  # never a board's speed if true
-    write_report(work.report, f"Study: {model.name}",
-                 _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
-                           in_model, summary, measured.blocks), device=device.describe())
+    sections = _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
+                         in_model, summary, measured.blocks)
+    # FP16 Winograd: measured by `python -m workbench fp16` (a board's too), or an alias here.
+    fp16 = fp16_section(work.records.read(FP16_KIND), measured.records)
+    write_report(work.report, f"Study: {model.name}", sections + ([fp16] if fp16 else []),
+                 device=device.describe())
     (work.root / "study.json").write_text(json.dumps(summary, indent=1, default=str))
     log.info("report: %s", work.report)
     return summary

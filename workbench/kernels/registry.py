@@ -15,16 +15,18 @@ class UnknownImplementationError(WorkbenchError, ValueError):
     """An implementation id no candidate answers to."""
 
 
-def library_candidates(threads: int = 1) -> list[Candidate]:
-    """NNPACK's algorithms x strategies and TVM's untuned conv: the libraries as they come."""
+def library_candidates(threads: int = 1, machine: str | None = None) -> list[Candidate]:
+    """NNPACK's algorithms x strategies and TVM's untuned conv: the libraries as they come.
+    `machine` is the device's CPU (None: this one): it decides which NNPACK names are aliases."""
     from .default import DefaultCandidate
     from .nnpack import nnpack_candidates
 
-    return nnpack_candidates(threads) + [DefaultCandidate()]
+    return nnpack_candidates(threads, machine) + [DefaultCandidate()]
 
 
 def all_candidates(threads: int = 1, tuning_dir: str | Path | None = None, tuned_layers: list[str] | None = None,
-                   trials: int | None = None, target: dict | None = None, emulated: bool = False) -> list[Candidate]:
+                   trials: int | None = None, target: dict | None = None, emulated: bool = False,
+                   machine: str | None = None) -> list[Candidate]:
     """NNPACK's algorithms x strategies, TVM's default, every hand schedule, and the tuned schedules:
     MetaSchedule's (`tvm:tuned`) and the knob tuner's (`tvm:hand_tuned`; with the `target`, only
     where its database has a trial of the conv's shape)."""
@@ -32,8 +34,8 @@ def all_candidates(threads: int = 1, tuning_dir: str | Path | None = None, tuned
     from .hand_tuned import HandTunedCandidate
     from .tuned import TunedCandidate
 
-    return library_candidates(threads) + hand_candidates() + [TunedCandidate(tuning_dir, tuned_layers, trials),
-                                                              HandTunedCandidate(tuning_dir, target, emulated)]
+    tuned = [TunedCandidate(tuning_dir, tuned_layers, trials), HandTunedCandidate(tuning_dir, target, emulated)]
+    return library_candidates(threads, machine) + hand_candidates() + tuned
 
 
 def find(impl: str, candidates: list[Candidate] | None = None) -> Candidate:
