@@ -41,15 +41,18 @@ class Fusion:
     scale: int = 1
     add: bool = False
     relu: bool = False
+    cap: float | None = None  # with relu: min(relu(x), cap), MobileNetV2's ReLU6 (a Clip from 0 to 6)
 
     @classmethod
     def of(cls, prologue: tuple[Layer, ...] = (), epilogue: tuple[Layer, ...] = ()) -> "Fusion":
         pool = next((m for m in prologue if m.op == "maxpool"), None)
         resize = next((m for m in epilogue if m.op == "resize"), None)
+        last = epilogue[-1] if epilogue else None
         return cls(pool=pool.kernel if pool else 0, pool_relu=any(m.op == "relu" for m in prologue),
                    pool_in=tuple(pool.input_shape[2:]) if pool else None,
                    scale=resize.scale if resize else 1, add=any(m.op == "add" for m in epilogue),
-                   relu=bool(epilogue) and epilogue[-1].op == "relu")
+                   relu=last is not None and last.op in ("relu", "clip"),
+                   cap=last.option("bounds")[1] if last is not None and last.op == "clip" else None)
 
     @property
     def prologue_ops(self) -> tuple[str, ...]:
@@ -58,6 +61,8 @@ class Fusion:
     @property
     def epilogue_ops(self) -> tuple[str, ...]:
         ops = (("resize",) if self.scale > 1 else ()) + (("add",) if self.add else ())
+        if self.cap is not None:
+            return ops + ("clip",)
         return ops + (("relu",) if self.relu else ())
 
     @property
@@ -93,6 +98,8 @@ def fusible_chain(model: Model, conv: Layer, fusible: tuple[str, ...]) -> tuple[
         return ()
     if nxt.op == "relu":
         return ("relu",) if "relu" in fusible else ()
+    if nxt.op == "clip":
+        return ("clip",) if "clip" in fusible and is_capped_relu(nxt) else ()
     if "add" not in fusible:
         return ()
     chain, current = [], conv.name
@@ -108,6 +115,12 @@ def fusible_chain(model: Model, conv: Layer, fusible: tuple[str, ...]) -> tuple[
     if after is not None and after.op == "relu" and "relu" in fusible:
         chain.append("relu")
     return tuple(chain)
+
+
+def is_capped_relu(layer: Layer) -> bool:
+    """A Clip from 0 to a finite bound (ReLU6): what a conv's output stage computes as min(relu(x), cap)."""
+    low, high = layer.option("bounds", (None, None))
+    return low == 0 and high is not None and high != float("inf")
 
 
 def _reaches_from_conv(model: Model, users: dict, name: str) -> bool:
@@ -171,7 +184,7 @@ def legal_fusions(model: Model, conv: Layer, fusible: tuple[str, ...]) -> list[t
     """Every fusion a plan may name for this conv: nothing, or a prefix of the chain ending sensibly."""
     chain = fusible_chain(model, conv, fusible)
     options = [()]
-    if chain == ("relu",):
+    if chain in (("relu",), ("clip",)):
         options.append(chain)
     elif chain:
         start = 2 if chain[0] == "resize" else 1  # resize only together with its add

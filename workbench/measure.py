@@ -109,6 +109,8 @@ def reference_conv(layer: Layer, x, weight, bias, relu: bool | Fusion = False, s
         out = out + torch.from_numpy(skip).double()
     if fusion.relu:
         out = torch.relu(out)
+    if fusion.cap is not None:
+        out = torch.clamp(out, max=fusion.cap)
     return out.float().numpy()
 
 

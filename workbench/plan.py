@@ -86,7 +86,7 @@ def fusion_for(model: Model, conv: Layer, candidate: Candidate, level) -> tuple[
         return (), ()
     epilogue = fusible_chain(model, conv, candidate.fusible)
     if level == "2018":
-        return (("relu",) if epilogue == ("relu",) else ()), ()
+        return (epilogue if epilogue in (("relu",), ("clip",)) else ()), ()  # conv + bias + ReLU (or ReLU6)
     return epilogue, prologue_chain(model, conv, candidate.prologue_fusible)
 
 

@@ -477,9 +477,17 @@ def _args(data, weight, bias, skip, output) -> list:
     return [data, weight, bias] + ([skip] if skip is not None else []) + [output]
 
 
-def _epilogue(value, bias_value, relu: bool):
-    value = value + bias_value
-    return te.max(value, tvm.tirx.const(0.0, "float32")) if relu else value
+def activation(value, fusion: Fusion):
+    """The output stage's ReLU, capped for a ReLU6: min(max(v, 0), cap)."""
+    if fusion.relu:
+        value = te.max(value, tvm.tirx.const(0.0, "float32"))
+    if fusion.cap is not None:
+        value = te.min(value, tvm.tirx.const(fusion.cap, "float32"))
+    return value
+
+
+def _epilogue(value, bias_value, fusion: Fusion):
+    return activation(value + bias_value, fusion)
 
 
 def _output(layer: ConvLayer, conv_at: Callable, bias, skip):
@@ -488,14 +496,13 @@ def _output(layer: ConvLayer, conv_at: Callable, bias, skip):
     ``conv_at(n, k, h, w)`` reads the conv result at conv coordinates; a nearest resize by
     ``scale`` reads it at (h // scale, w // scale), so the low-resolution value is never stored.
     """
-    s, relu = layer.fusion.scale, layer.fusion.relu
+    s = layer.fusion.scale
 
     def value(n, k, h, w):
         v = conv_at(n, k, h // s, w // s) if s > 1 else conv_at(n, k, h, w)
         if skip is None:
-            return _epilogue(v, bias[k], relu)
-        v = v + bias[k] + skip[n, k, h, w]
-        return te.max(v, tvm.tirx.const(0.0, "float32")) if relu else v
+            return _epilogue(v, bias[k], layer.fusion)
+        return activation(v + bias[k] + skip[n, k, h, w], layer.fusion)
 
     return te.compute(layer.output_shape, value, name="output")
 

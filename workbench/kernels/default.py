@@ -10,6 +10,7 @@ conv output is read directly instead of being materialised at full resolution).
 from __future__ import annotations
 
 from ..fusion import Fusion
+from ..schedules import activation
 from .tvm_kernel import TVMCandidate
 
 
@@ -20,7 +21,7 @@ def default_conv_func(layer, relu: bool | Fusion = False):
     """
     from tvm import te, topi
 
-    if isinstance(relu, Fusion) and (relu.prologue_ops or relu.scale > 1 or relu.add):
+    if isinstance(relu, Fusion) and (relu.prologue_ops or relu.scale > 1 or relu.add or relu.cap is not None):
         return fused_default_func(layer, relu)
     relu = relu.relu if isinstance(relu, Fusion) else relu
     data, weight, bias, conv = _conv(layer)
@@ -50,7 +51,7 @@ def fused_default_func(layer, fusion: Fusion):
     def epilogue(n, o, y, x):
         value = conv[n, o, y // s, x // s] + bias[o]
         value = value + skip[n, o, y, x] if skip is not None else value
-        return te.max(value, te.const(0, "float32")) if fusion.relu else value
+        return activation(value, fusion)
 
     out = te.compute((1, k, oh * s, ow * s), epilogue, name="conv_epilogue")
     return te.create_prim_func([data, weight, bias] + ([skip] if skip is not None else []) + [out])
@@ -91,7 +92,7 @@ def _conv(layer, data=None, conv_input=None):
 class DefaultCandidate(TVMCandidate):
     impl = "tvm:default"
     note = "unscheduled topi conv2d (NCHW; grouped: topi.nn.conv with groups)"
-    fusible = ("relu", "resize", "add")
+    fusible = ("relu", "clip", "resize", "add")
     prologue_fusible = ("maxpool", "relu")
 
     def prim_func(self, layer, fusion, weight, target):

@@ -17,7 +17,7 @@ from .tvm_kernel import FactoryCandidate, TVMCandidate
 
 
 class HandSchedule(TVMCandidate):
-    fusible = ("relu", "resize", "add")
+    fusible = ("relu", "clip", "resize", "add")
     prologue_fusible = ("maxpool", "relu")
 
     def __init__(self, schedule: str, knobs_for: Callable | None = None, fixed: dict | None = None):
