@@ -68,8 +68,8 @@ def test_hand_schedules_compute_the_fused_chain(impl, fusion, epilogue, pad, par
 
 
 def _model_layer(layer: ConvLayer):
-    """reference_conv reads only stride and pad from the layer."""
-    return type("L", (), {"stride": layer.stride, "pad": layer.pad})()
+    """reference_conv reads only stride, pad and groups from the layer."""
+    return type("L", (), {"stride": layer.stride, "pad": layer.pad, "groups": 1})()
 
 
 def test_arguments_follow_data_weight_bias_skip_output():

@@ -138,3 +138,34 @@ def test_study_quick_on_a_network_writes_a_report(cluster, tmp_path):
     assert refused and all(r["status"] == "not_applicable" and "group" in r["note"] for r in refused)
     assert any(r.get("layer") in depthwise and r.get("impl") == "tvm:depthwise" and r.get("numerics_ok")
                for r in records)
+
+
+def test_relu6_is_fused_into_the_conv_and_a_clip_not_from_zero_stays_separate():
+    """conv -> Clip(0, 6) becomes one kernel (the conv's output stage caps the ReLU); conv -> Clip(-1, 1) does
+    not; the built model computes what PyTorch computes either way."""
+    from workbench.build import build_hybrid, compile_hybrid
+    from workbench.hybrid import run_local
+    from workbench.model import Model, clip_layer, conv_layer, random_params
+    from workbench.plan import LayerPlan, Plan
+    from workbench.targets import host_target
+
+    shapes, layers = {"input": (1, 4, 12, 12)}, []
+
+    def add(layer):
+        layers.append(layer)
+        shapes[layer.name] = layer.output_shape
+        return layer.name
+
+    x = add(conv_layer("c1", "input", shapes["input"], 8))
+    x = add(clip_layer("relu6", x, shapes[x], 0.0, 6.0))
+    x = add(conv_layer("dw", x, shapes[x], 8, groups=8))
+    x = add(clip_layer("relu6_dw", x, shapes[x], 0.0, 6.0))
+    x = add(conv_layer("c2", x, shapes[x], 4, kernel=1, pad=0))
+    add(clip_layer("clip", x, shapes[x], -1.0, 1.0))
+    model = Model("relu6", layers, random_params(layers), shapes["input"])
+    impls = {"c1": "tvm:direct_nchwc", "dw": "tvm:depthwise", "c2": "tvm:default"}
+    plan = Plan(model.name, {n: LayerPlan(n, impl) for n, impl in impls.items()}).with_fusion(model, "2018")
+    assert plan.fusions() == {"c1": ("clip",), "dw": ("clip",), "c2": ()}
+    executable = compile_hybrid(build_hybrid(model, plan, host_target(1)), host_target(1))
+    result = run_local(executable, sample_input(model), reference=model, threads=1)
+    assert result["numerics_ok"], result["rel_err"]
