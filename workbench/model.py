@@ -639,7 +639,7 @@ def from_onnx_proto(proto, name: str = "model", source: str = "onnx") -> Model:
             made = _node_layers(node, node_name, state, names)
             for layer in made:
                 _check_output(layer)
-        except ModelError as err:
+        except (ModelError, ValueError, IndexError, KeyError) as err:  # a malformed node, never a traceback
             raise ModelError(f"node {node_name!r} ({node.op_type}): {err}") from None
         for tensor, layer in zip(node.output, made):
             state.layers.append(layer)
@@ -678,7 +678,9 @@ def _passive(node, consts, alias) -> None:
     """A Constant adds a constant, an Identity (or an inference Dropout) forwards a tensor: none
     becomes a layer."""
     if node.op_type == "Dropout":
-        if _attrs(node).get("is_test", 1) == 0 or len(node.input) > 2 and node.input[2]:
+        training = node.input[2] if len(node.input) > 2 else ""
+        if _attrs(node).get("is_test", 1) == 0 or training and not (
+                training in consts and not np.asarray(consts[training]).any()):
             raise ModelError("a Dropout in training mode; export the model in eval mode (model.eval())")
         node_input, node_output = node.input[:1], node.output[:1]  # its mask output is never read
     else:

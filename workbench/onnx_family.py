@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import (Layer, ModelError, _attrs, _text, _window_attrs, clip_layer, flatten_layer, gemm_layer,
+from .model import (MAX_ELEMENTS, Layer, ModelError, _attrs, _text, _window_attrs, clip_layer, flatten_layer, gemm_layer,
                     global_pool_layer, shuffle_layer, slice_layer, window_layer)
 
 SHUFFLE_PERM = [0, 2, 1, 3, 4]
@@ -72,25 +72,33 @@ def fold(node, state: GraphState) -> bool:
         return True
     if not all(t in state.consts for t in inputs) or node.op_type == "Concat" and not inputs:
         return False
-    values = [np.asarray(state.consts[t]) for t in inputs]
-    state.consts[node.output[0]] = _evaluate(node.op_type, values, _attrs(node), node, state.consts)
+    # By position: a blank optional input (Slice's axes, say) is None, not the next one moved up.
+    values = [np.asarray(state.consts[t]) if t else None for t in node.input]
+    result = _evaluate(node.op_type, values, _attrs(node), node, state.consts)
+    if result.size > MAX_ELEMENTS:
+        raise ModelError(f"its constant result would have {result.size:,} elements, more than the {MAX_ELEMENTS:,} "
+                         "the workbench handles; fix the shape arithmetic in the source model")
+    state.consts[node.output[0]] = result
     return True
 
 
 def _evaluate(op: str, values: list, attrs: dict, node, consts) -> np.ndarray:
+    if op in ("Add", "Sub", "Mul", "Div", "ConstantOfShape", "Range"):
+        _check_size(op, values)
     if op in ("Add", "Sub", "Mul"):
         return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](values[0], values[1])
     if op == "Div":
         a, b = values
-        if np.issubdtype(a.dtype, np.integer):
-            return np.trunc(a / b).astype(a.dtype)  # ONNX's integer Div truncates
+        if np.issubdtype(a.dtype, np.integer):  # ONNX's integer Div truncates toward zero
+            quotient = np.abs(a) // np.abs(b)
+            return (np.sign(a) * np.sign(b) * quotient).astype(a.dtype)
         return a / b
     if op in ("Floor", "Ceil"):
         return (np.floor if op == "Floor" else np.ceil)(values[0])
     if op == "Gather":
         return np.take(values[0], values[1], axis=attrs.get("axis", 0))
     if op in ("Unsqueeze", "Squeeze"):
-        axes = attrs.get("axes", values[1].tolist() if len(values) > 1 else None)
+        axes = attrs.get("axes", values[1].tolist() if len(values) > 1 and values[1] is not None else None)
         if op == "Squeeze":
             return np.squeeze(values[0], axis=tuple(axes) if axes is not None else None)
         out = values[0]
@@ -117,10 +125,28 @@ def _evaluate(op: str, values: list, attrs: dict, node, consts) -> np.ndarray:
     raise ModelError(f"{op} is not shape arithmetic the workbench evaluates")
 
 
+def _check_size(op: str, values: list) -> None:
+    """Refuse shape arithmetic whose result would not fit before numpy tries to allocate it."""
+    if op == "ConstantOfShape":
+        size = math.prod(int(d) for d in np.asarray(values[0]).ravel())
+    elif op == "Range":
+        start, limit, delta = (float(np.asarray(v).ravel()[0]) for v in values[:3])
+        size = max(0, math.ceil((limit - start) / delta)) if delta else MAX_ELEMENTS + 1
+    else:
+        size = math.prod(np.broadcast_shapes(*(np.shape(v) for v in values[:2])))
+    if size > MAX_ELEMENTS:
+        raise ModelError(f"its {op} would make {size:,} elements, more than the {MAX_ELEMENTS:,} the workbench "
+                         "handles; fix the shape arithmetic in the source model")
+
+
+def _optional(args: list, index: int):
+    return args[index] if len(args) > index and args[index] is not None else None
+
+
 def _slices(ndim: int, args: list) -> tuple:
     starts, ends = args[0].tolist(), args[1].tolist()
-    axes = args[2].tolist() if len(args) > 2 else list(range(len(starts)))
-    steps = args[3].tolist() if len(args) > 3 else [1] * len(starts)
+    axes = _optional(args, 2).tolist() if _optional(args, 2) is not None else list(range(len(starts)))
+    steps = _optional(args, 3).tolist() if _optional(args, 3) is not None else [1] * len(starts)
     index = [slice(None)] * ndim
     for start, end, axis, step in zip(starts, ends, axes, steps):
         index[axis] = slice(start, end, step)
@@ -129,7 +155,10 @@ def _slices(ndim: int, args: list) -> tuple:
 
 def _target_shape(shape, target) -> tuple[int, ...]:
     """ONNX Reshape's target: 0 copies the input's dimension, -1 takes what is left."""
-    dims = [shape[i] if d == 0 else int(d) for i, d in enumerate(np.asarray(target).tolist())]
+    target = np.asarray(target).tolist()
+    if any(d == 0 and i >= len(shape) for i, d in enumerate(target)):
+        raise ModelError(f"Reshape to {target} copies a dimension (0) that its {len(shape)}-D input does not have")
+    dims = [shape[i] if d == 0 else int(d) for i, d in enumerate(target)]
     if -1 in dims:
         known = math.prod(d for d in dims if d != -1)
         dims[dims.index(-1)] = math.prod(shape) // known if known else 0
@@ -186,11 +215,12 @@ def _need_4d(shape, op: str) -> None:
 def fold_batch_norm(node, src: str, state: GraphState) -> None:
     """Fold y = gamma (x - mean) / sqrt(var + eps) + beta into the conv that produced x."""
     conv = next((layer for layer in state.layers if layer.name == src), None)
-    if conv is None or conv.op != "conv" or state.readers.get(node.input[0], 0) != 1:
+    if conv is None or conv.op != "conv" or _readers_of_layer(state, src) != 1:
         raise ModelError("a BatchNormalization is supported only right after a Conv that nothing else reads "
                          "(it is folded into the conv's weights); fold it into the preceding layer before export")
     attrs = _attrs(node)
-    if attrs.get("training_mode", 0):
+    # Training mode: an attribute from opset 14 on; before, the running statistics as extra outputs.
+    if attrs.get("training_mode", 0) or any(node.output[1:]):
         raise ModelError("BatchNormalization in training mode; export the model in eval mode (model.eval())")
     names = list(node.input[1:5])
     if len(names) != 4 or any(n not in state.consts for n in names):
@@ -198,6 +228,8 @@ def fold_batch_norm(node, src: str, state: GraphState) -> None:
     gamma, beta, mean, var = (np.asarray(state.consts[n], np.float64).ravel() for n in names)
     if not gamma.shape == beta.shape == mean.shape == var.shape == (conv.out_channels,):
         raise ModelError(f"BatchNormalization's parameters do not have the conv's {conv.out_channels} channels")
+    if np.any(var + float(attrs.get("epsilon", 1e-5)) <= 0):
+        raise ModelError("BatchNormalization has a variance (plus epsilon) that is not positive; fix its statistics")
     factor = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
     weight, bias = state.params[conv.name]
     state.params[conv.name] = ((weight * factor[:, None, None, None]).astype(np.float32),
@@ -206,14 +238,25 @@ def fold_batch_norm(node, src: str, state: GraphState) -> None:
     state.alias[node.output[0]] = conv.name
 
 
+def _readers_of_layer(state: GraphState, layer: str) -> int:
+    """How many nodes read a layer's value under any of its names: an Identity or inference Dropout
+    forwarding it is one read that gives the value a new name, not a reader of its own."""
+    names = [t for t, source in state.alias.items() if source == layer]
+    return sum(state.readers.get(t, 0) for t in names) - (len(names) - 1)
+
+
 def _clip_bounds(node, attrs: dict, state: GraphState) -> tuple[float, float]:
     if "min" in attrs or "max" in attrs:  # Clip-6 and earlier: attributes
-        return float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))
-    bounds = []
-    for tensor, default in zip(list(node.input[1:3]) + [""] * 2, (-math.inf, math.inf)):
-        if tensor and tensor not in state.consts:
-            raise ModelError("Clip's min and max must be constants (ReLU6: 0 and 6)")
-        bounds.append(float(np.asarray(state.consts[tensor]).ravel()[0]) if tensor else default)
+        bounds = [float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))]
+    else:
+        bounds = []
+        for tensor, default in zip(list(node.input[1:3]) + [""] * 2, (-math.inf, math.inf)):
+            if tensor and tensor not in state.consts:
+                raise ModelError("Clip's min and max must be constants (ReLU6: 0 and 6)")
+            value = np.asarray(state.consts[tensor]).ravel() if tensor else np.array([default])
+            if value.size != 1:
+                raise ModelError(f"Clip's bounds must be single numbers, one has {value.size} values")
+            bounds.append(float(value[0]))
     if bounds[0] > bounds[1]:
         raise ModelError(f"Clip's min {bounds[0]} is above its max {bounds[1]}; fix the bounds in the source model")
     return bounds[0], bounds[1]
@@ -288,13 +331,13 @@ def _split(node, name: str, src: str, shape, attrs: dict, state: GraphState, fre
 
 def _channel_slice(node, state: GraphState, shape) -> tuple[int, int]:
     _need_4d(shape, "Slice")
-    args = [t for t in node.input[1:]]
-    if any(t and t not in state.consts for t in args):
+    args = list(node.input[1:])
+    if any(t and t not in state.consts for t in args) or len(args) < 2 or not all(args[:2]):
         raise ModelError("Slice's starts, ends, axes and steps must be constants")
-    values = [np.asarray(state.consts[t]).ravel() for t in args if t]
+    values = [np.asarray(state.consts[t]).ravel() if t else None for t in args]  # by position: blanks stay
     starts, ends = values[0].tolist(), values[1].tolist()
-    axes = values[2].tolist() if len(values) > 2 else list(range(len(starts)))
-    steps = values[3].tolist() if len(values) > 3 else [1] * len(starts)
+    axes = _optional(values, 2).tolist() if _optional(values, 2) is not None else list(range(len(starts)))
+    steps = _optional(values, 3).tolist() if _optional(values, 3) is not None else [1] * len(starts)
     if [a % 4 for a in axes] != [1] or steps != [1]:
         raise ModelError(f"Slice over axes {axes} with steps {steps} is not supported; only a contiguous range of "
                          "channels (axis 1, step 1), as a torch chunk writes")
@@ -323,6 +366,7 @@ def _reshape_or_transpose(node, name: str, src: str, shape, attrs: dict, state: 
         return [shuffle_layer(name, source, original, groups)]
     target = _target_shape(shape, state.consts[node.input[1]])
     if len(target) == 5:
+        _need_4d(shape, "a Reshape to 5-D")
         n, c, h, w = shape
         if target[0] != n or target[3:] != (h, w) or target[1] * target[2] != c:
             raise ModelError(f"Reshape of {list(shape)} to {list(target)} is not supported; {_SHUFFLE_HOW}")
