@@ -177,3 +177,13 @@ def test_the_knob_tuner_searches_depthwise_knobs_and_skips_what_has_no_point(dev
     status = {r["layer"]: r for r in records}
     assert all(status[name]["status"] == "ok" and status[name]["numerics_ok"] for name in ("dw_s1", "dw_s2"))
     assert status["grouped"]["status"] == "not_applicable"
+
+
+def test_the_layer_table_counts_the_grouped_weight():
+    from workbench import intensity
+
+    rows = intensity.layer_table(_mobile_model()).set_index("name")
+    # depthwise 16 ch, 20x20, 3x3: 2 * 16 * 9 * 400 FLOPs; input, output, 16x1x3x3 weight and bias, once each
+    assert rows.loc["dw_s1", "flops"] == 2 * 16 * 9 * 400
+    assert rows.loc["dw_s1", "bytes"] == 4 * (16 * 400 + 16 * 400 + 16 * 9 + 16)
+    assert rows.loc["grouped", "bytes"] == 4 * (16 * 100 + 16 * 100 + 16 * 8 * 9 + 16)
