@@ -187,3 +187,21 @@ def test_the_layer_table_counts_the_grouped_weight():
     assert rows.loc["dw_s1", "flops"] == 2 * 16 * 9 * 400
     assert rows.loc["dw_s1", "bytes"] == 4 * (16 * 400 + 16 * 400 + 16 * 9 + 16)
     assert rows.loc["grouped", "bytes"] == 4 * (16 * 100 + 16 * 100 + 16 * 8 * 9 + 16)
+
+
+def test_a_candidate_called_anyway_on_a_conv_it_refuses_raises_a_workbench_error(device, tmp_path):
+    from workbench.errors import WorkbenchError
+    from workbench.measure import ConvCase
+
+    model = _mobile_model()
+    candidates = all_candidates(2, tmp_path, [], target=device.target)
+    refused = 0
+    for layer in model.convs:
+        case = ConvCase.from_model(model, layer)
+        for candidate in candidates:
+            if candidate.why_not_applicable(layer) is None:
+                continue
+            refused += 1
+            with pytest.raises(WorkbenchError):  # before any session is used (it is None here)
+                candidate.setup(None, case, device)
+    assert refused > 40
