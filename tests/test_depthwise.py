@@ -77,12 +77,24 @@ def test_knobs_that_do_not_fit_are_refused_before_building():
     base = S.default_knobs(S.DEPTHWISE, layer)
     for changes, knob in [(dict(oc_bn=3), "oc_bn"), (dict(ow_bn=4), "ow_bn"), (dict(layout="nhwc"), "layout"),
                           (dict(layout="nchw", ow_bn=7, vec=2), "vec"), (dict(layout="nchwc", oc_bn=8, vec=16), "vec"),
-                          (dict(pad="later"), "pad")]:
+                          (dict(pad="later"), "pad"), (dict(layout="nchwc", oc_bn=16, vec=1, ow_bn=14), "ow_bn")]:
         with pytest.raises(S.KnobError, match=knob):
             S.validate_knobs(S.DEPTHWISE, layer, dataclasses.replace(base, **changes))
     space = S.knob_space(S.DEPTHWISE, layer)
     assert set(space) == {f.name for f in dataclasses.fields(S.knobs_class(S.DEPTHWISE))}
     assert all(layer.out_width % v == 0 for v in space["ow_bn"])
+
+
+@pytest.mark.parametrize("channels,size,stride", [(32, 112, 1), (96, 112, 2), (144, 56, 1), (192, 28, 1),
+                                                  (576, 14, 2), (960, 7, 1)])
+def test_defaults_for_mobilenet_v2_lie_in_the_declared_space(channels, size, stride):
+    from workbench.knob_tuning import KnobSpace
+
+    layer = conv_layer("dw", "input", (1, channels, size, size), channels, 3, stride, 1, groups=channels)
+    space = KnobSpace(layer, threads=2)
+    default = space.default(S.DEPTHWISE)
+    assert space.schedules == [S.DEPTHWISE] and space.valid(default)
+    assert all(value in space.ranges[S.DEPTHWISE][knob] for knob, value in default.knobs)
 
 
 def test_rules_send_each_conv_to_the_schedules_that_compute_it():

@@ -30,6 +30,7 @@ from tvm import te
 from . import schedules as S
 
 LAYOUTS = ("nchwc", "nchw")
+TILE_LIMIT = 32  # accumulator vectors of a register tile (AVX-512 has 32 registers; more spill)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def default_knobs(layer: S.ConvLayer) -> DepthwiseKnobs:
 
 def knob_space(layer: S.ConvLayer) -> dict[str, tuple]:
     blocks = lambda n, limit=S.BLOCK_LIMIT: tuple(d for d in S.divisors(n) if d <= limit)  # noqa: E731
-    return {"layout": LAYOUTS, "oc_bn": blocks(layer.out_channels), "ow_bn": blocks(layer.out_width, 32),
+    # A whole row is one tile at 7 vectors of 8 or 16 (56 or 112 wide): widths up to 128 are in the space.
+    return {"layout": LAYOUTS, "oc_bn": blocks(layer.out_channels), "ow_bn": blocks(layer.out_width, 128),
             "vec": S.VECTOR_WIDTHS, "unroll_kw": (False, True), "parallel": S.PARALLEL_DIRECT, "pad": S.PAD_DIRECT,
             "epilogue": S.EPILOGUE_DIRECT}
 
@@ -107,6 +109,11 @@ def validate_knobs(layer: S.ConvLayer, knobs: DepthwiseKnobs) -> None:
         S._check_divides("vec", knobs.vec, knobs.oc_bn, "oc_bn (nchwc: vectorised along the channel block)")
     else:
         S._check_divides("vec", knobs.vec, knobs.ow_bn, "ow_bn (nchw: vectorised along the width)")
+    vectors = knobs.ow_bn * (knobs.oc_bn if knobs.layout == "nchwc" else 1) // knobs.vec
+    if vectors > TILE_LIMIT:
+        raise S._knob_error("ow_bn", knobs.ow_bn, f"the register tile would hold {vectors} vectors, more than the "
+                            f"{TILE_LIMIT} registers; shrink ow_bn or oc_bn, or widen vec",
+                            [d for d in S.divisors(layer.out_width) if d * vectors // knobs.ow_bn <= TILE_LIMIT])
     S._check_choice("parallel", knobs.parallel, S.PARALLEL_DIRECT)
     S._check_choice("pad", knobs.pad, S.PAD_DIRECT)
     S._check_choice("epilogue", knobs.epilogue, S.EPILOGUE_DIRECT)
