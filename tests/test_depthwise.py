@@ -46,9 +46,11 @@ def _error(layer: S.ConvLayer, knobs=None) -> float:
 
 # ---------------------------------------------------------------- the depthwise schedule, in process
 
-LAYERS = [_depthwise("s1", 16, 14, 1), _depthwise("s2", 24, 15, 2), _depthwise("odd", 8, 7, 1),
+LAYERS = [_depthwise("s1", 16, 14, 1), _depthwise("s2", 24, 13, 2), _depthwise("odd", 8, 7, 1),
           _depthwise("k5", 16, 12, 1, kernel=5), _depthwise("mult2", 8, 12, 2, multiplier=2)]
 VARIANTS = [dict(layout="nchw", oc_bn=4, ow_bn=4, vec=4, pad="inline", parallel="oc"),
+            dict(layout="nchw", oc_bn=1, ow_bn=8, vec=8, pad="compute_at", parallel="oc", epilogue="row"),  # past the row
+            dict(layout="nchwc", oc_bn=8, vec=8, ow_bn=8, pad="inline", parallel="fused", epilogue="separate"),
             dict(layout="nchwc", oc_bn=8, vec=8, ow_bn=1, pad="compute_at", parallel="fused", epilogue="row"),
             dict(layout="nchwc", oc_bn=8, vec=4, ow_bn=1, pad="separate", parallel="oh", epilogue="separate",
                  unroll_kw=False),
@@ -61,9 +63,10 @@ def test_default_knobs_match_torch(layer):
     assert _error(layer) < 1e-5
 
 
-@pytest.mark.parametrize("changes", VARIANTS, ids=[f"{c['layout']}-{c['pad']}-{c['parallel']}" for c in VARIANTS])
+@pytest.mark.parametrize("changes", VARIANTS, ids=[f"{c['layout']}-{c['ow_bn']}-{c['pad']}-{c['parallel']}"
+                                                   for c in VARIANTS])
 def test_knob_variants_match_torch(changes):
-    layer = LAYERS[1]  # stride 2, odd input: the strided reads and the edges
+    layer = LAYERS[1]  # stride 2, odd input and output (7): the strided reads, the edges, tiles past the row
     assert _error(layer, dataclasses.replace(S.default_knobs(S.DEPTHWISE, layer), **changes)) < 1e-5
 
 
@@ -75,14 +78,15 @@ def test_fused_pool_before_and_resize_add_relu_after():
 def test_knobs_that_do_not_fit_are_refused_before_building():
     layer = LAYERS[0]  # 16 channels, 14 wide
     base = S.default_knobs(S.DEPTHWISE, layer)
-    for changes, knob in [(dict(oc_bn=3), "oc_bn"), (dict(ow_bn=4), "ow_bn"), (dict(layout="nhwc"), "layout"),
+    for changes, knob in [(dict(oc_bn=3), "oc_bn"), (dict(ow_bn=5), "ow_bn"), (dict(layout="nhwc"), "layout"),
                           (dict(layout="nchw", ow_bn=7, vec=2), "vec"), (dict(layout="nchwc", oc_bn=8, vec=16), "vec"),
                           (dict(pad="later"), "pad"), (dict(layout="nchwc", oc_bn=16, vec=1, ow_bn=14), "ow_bn")]:
         with pytest.raises(S.KnobError, match=knob):
             S.validate_knobs(S.DEPTHWISE, layer, dataclasses.replace(base, **changes))
     space = S.knob_space(S.DEPTHWISE, layer)
     assert set(space) == {f.name for f in dataclasses.fields(S.knobs_class(S.DEPTHWISE))}
-    assert all(layer.out_width % v == 0 for v in space["ow_bn"])
+    # a tile divides the row, or is a power of two no wider than the row rounded up (16 on 14)
+    assert space["ow_bn"] == (1, 2, 4, 7, 8, 14, 16)
 
 
 @pytest.mark.parametrize("channels,size,stride", [(32, 112, 1), (96, 112, 2), (144, 56, 1), (192, 28, 1),
