@@ -221,3 +221,13 @@ def test_a_candidate_called_anyway_on_a_conv_it_refuses_raises_a_workbench_error
             with pytest.raises(WorkbenchError):  # before any session is used (it is None here)
                 candidate.setup(None, case, device)
     assert refused > 40
+
+
+def test_the_composer_offers_the_depthwise_schedule_and_refuses_a_block_nothing_runs():
+    from workbench import composer
+
+    model = _mobile_model()
+    variant = composer.make_variant(model, "dw_s2")
+    assert variant.impl == S.DEPTHWISE and composer.knob_choices(variant.impl, model.layer("dw_s2"))["layout"]
+    with pytest.raises(composer.ComposerError, match="no hand schedule runs 'grouped'"):
+        composer.make_variant(model, "grouped")
