@@ -89,30 +89,31 @@ def _channel(layer: S.ConvLayer, k):
 def default_knobs(layer: S.ConvLayer) -> DepthwiseKnobs:
     """Measured on this machine (2 cores, AVX-512; MobileNetV2's depthwise convs, 7 to 112 wide).
 
-    NCHW wins almost everywhere: the NCHW[x]c re-layout and the unpack back to NCHW are two
-    transposes, each costing about as much as the conv itself. Stride 1 on a row with a vector
-    of 8 or 16: the whole row (up to 8 vectors) is the tile, 16-channel tasks, padding inlined.
-    Stride 1 on a narrower row (28, 14, 7): 8-lane vectors over the row rounded up to a power of
-    two (1.2-1.5x faster than 4- or 2-lane ones), padding per channel. Stride 2: one vector per
-    tile (strided loads need shuffles), one channel per task. A stride-2 conv with an odd output
-    width has no vector along it: NCHW[16]c with a separate padding pass.
+    NCHW wins: the NCHW[x]c re-layout and the unpack back to NCHW are two transposes, each costing
+    about as much as the conv itself (the tuner may still pick that layout). Stride 1 on a row
+    with a vector of 8 or 16: the whole row (up to 8 vectors) is the tile, 16-channel tasks,
+    padding inlined. Stride 1 on a narrower row (28, 14, 7): 8-lane vectors over the row rounded
+    up to whole tiles (1.2-1.5x faster than 4- or 2-lane ones), padding per channel. Stride 2:
+    one vector per tile (strided loads need shuffles; 2 or 4 lanes beat 8 on a 14- or 28-wide
+    output), one channel per task; an odd output width (7) is rounded up to one 8-lane tile.
     """
     vec = S._pick_vec(layer.out_width)
-    if layer.stride == 1 and vec < 8:
-        fits = [t for t in (8, 16, 32) if t in tile_widths(layer)] or [max(tile_widths(layer))]
-        ow_bn = min(reversed(fits), key=lambda t: -(-layer.out_width // t) * t)  # least padding, then widest
-        return DepthwiseKnobs(layout="nchw", oc_bn=1, ow_bn=ow_bn, vec=min(8, ow_bn), parallel="oc", pad="compute_at")
-    if vec == 1:
-        oc_bn = S._pick_block(layer.out_channels, (16, 8, 32, 4))
-        ow_bn = S._pick_block(layer.out_width, (7, 8, 14, 4, 6, 12))
-        return DepthwiseKnobs(layout="nchwc", oc_bn=oc_bn, ow_bn=ow_bn, vec=S._pick_vec(oc_bn), parallel="fused",
-                              pad="separate", epilogue="oc")
-    if layer.stride == 1:
+    if vec >= 8 and layer.stride == 1:
         ow_bn = max(d for d in S.divisors(layer.out_width) if d % vec == 0 and d // vec <= 8)
         oc_bn = S._pick_block(layer.out_channels, (16, 8, 4))
-    else:
-        ow_bn, oc_bn = vec, 1
-    return DepthwiseKnobs(layout="nchw", oc_bn=oc_bn, ow_bn=ow_bn, vec=vec, parallel="oc", pad="inline")
+        return DepthwiseKnobs(layout="nchw", oc_bn=oc_bn, ow_bn=ow_bn, vec=vec, parallel="oc", pad="inline")
+    if layer.stride > 1 and vec > 1:
+        return DepthwiseKnobs(layout="nchw", oc_bn=1, ow_bn=vec, vec=vec, parallel="oc", pad="inline")
+    ow_bn = _rounded_up_tile(layer)
+    return DepthwiseKnobs(layout="nchw", oc_bn=1, ow_bn=ow_bn, vec=min(8, ow_bn), parallel="oc",
+                          pad="compute_at" if layer.stride == 1 else "inline")
+
+
+def _rounded_up_tile(layer: S.ConvLayer) -> int:
+    """The 8-, 16- or 32-wide tile that pads the row least (the widest on a tie); on a row too
+    short for 8 lanes, the widest tile it has."""
+    fits = [t for t in (8, 16, 32) if t in tile_widths(layer)] or [max(tile_widths(layer))]
+    return min(reversed(fits), key=lambda t: -(-layer.out_width // t) * t)
 
 
 def knob_space(layer: S.ConvLayer) -> dict[str, tuple]:
