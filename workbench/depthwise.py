@@ -211,12 +211,14 @@ def compute(layer: S.ConvLayer, knobs: DepthwiseKnobs) -> list:
 
 def schedule_steps(sch, layer: S.ConvLayer, knobs: DepthwiseKnobs) -> Iterator[str]:
     conv = sch.get_sblock("conv")
+    ow = padded_width(layer, knobs)
+    past = f" (the {layer.out_width}-wide row computed as {ow})" if ow != layer.out_width else ""
     if knobs.layout == "nchwc":
         n, kc, oh, ow, kb, kh, kw = sch.get_loops(conv)
         owo, owi = sch.split(ow, [None, knobs.ow_bn])
         kbo, kbv = sch.split(kb, [None, knobs.vec])
         sch.reorder(n, kc, oh, owo, kh, kw, owi, kbo, kbv)
-        yield f"register tile: {knobs.ow_bn} pixels x {knobs.oc_bn} channels, kernel window outside"
+        yield f"register tile: {knobs.ow_bn} pixels x {knobs.oc_bn} channels{past}, kernel window outside"
         vector, tile = kbv, (owi, kbo)
     else:
         n, k, oh, ow, kh, kw = sch.get_loops(conv)
@@ -224,7 +226,7 @@ def schedule_steps(sch, layer: S.ConvLayer, knobs: DepthwiseKnobs) -> Iterator[s
         owo, owi = sch.split(ow, [None, knobs.ow_bn])
         owv_o, owv = sch.split(owi, [None, knobs.vec])
         sch.reorder(n, kc, oh, kb, owo, kh, kw, owv_o, owv)
-        yield f"register tile: {knobs.ow_bn} pixels of one channel, {knobs.oc_bn} channels per block"
+        yield f"register tile: {knobs.ow_bn} pixels of one channel{past}, {knobs.oc_bn} channels per block"
         vector, tile = owv, (owv_o,)
     par, row, oc = S._outer_loops(sch, knobs.parallel, (n, kc, oh))
     yield f"parallel: {knobs.parallel}"
