@@ -107,7 +107,8 @@ def test_rules_send_each_conv_to_the_schedules_that_compute_it():
     assert "depthwise convs only" in S.applicable(S.DEPTHWISE, dense)
     assert "depthwise convs only" in S.applicable(S.DEPTHWISE, grouped)
     for impl in S.IMPLEMENTATIONS:
-        assert "groups" in S.applicable(impl, LAYERS[0]) and "groups" in S.applicable(impl, grouped)
+        assert "needs tvm:depthwise" in S.applicable(impl, LAYERS[0])
+        assert (S.applicable(impl, grouped) is None) == (impl == "direct_nchw")  # it reads each group's inputs
     assert S.applicable("direct_nchwc", S.ConvLayer.square("s2", 16, 16, 14, 14, stride=2)) is None
     assert "stride" in S.applicable("winograd_4", S.ConvLayer.square("s2", 16, 16, 14, 14, stride=2))
 
@@ -166,11 +167,12 @@ def test_tvm_candidates_follow_theirs(sweep):
         assert by[(layer, "tvm:direct_nchw")]["status"] == by[(layer, "tvm:direct_nchwc")]["status"] == "ok"
     assert "stride" in by[("strided", "tvm:winograd_4")]["note"]
     assert "groups" in by[("grouped", "tvm:direct_nchwc")]["note"]
+    assert by[("grouped", "tvm:direct_nchw")]["status"] == "ok"
     assert "no knob-tuning trial" in by[("dw_s1", "tvm:hand_tuned")]["note"]
     assert by[("dw_s1", "tvm:tuned")]["status"] == "not_applicable"
 
 
-def test_the_knob_tuner_searches_depthwise_knobs_and_skips_what_has_no_point(device, tmp_path):
+def test_the_knob_tuner_searches_depthwise_and_grouped_convs(device, tmp_path):
     from workbench import knob_tuning
     from workbench.kernels.hand_tuned import HandTunedCandidate
     from workbench.knob_tuning import KnobSpace, KnobTuningConfig
@@ -178,7 +180,7 @@ def test_the_knob_tuner_searches_depthwise_knobs_and_skips_what_has_no_point(dev
     model = _mobile_model()
     spaces = {layer.name: KnobSpace(layer, threads=2) for layer in model.convs}
     assert spaces["dw_s2"].schedules == ["depthwise"] and not spaces["dw_s2"].nnpack
-    assert not spaces["grouped"].schedules and not spaces["grouped"].starting_points()  # nothing to search
+    assert spaces["grouped"].schedules == ["direct_nchw"] and not spaces["grouped"].nnpack
     assert {p.impl for p in spaces["strided"].nnpack} == {"nnpack:implicit_gemm:compute",
                                                           "nnpack:implicit_gemm:precompute"}
     points = spaces["dw_s1"].sample(np.random.default_rng(0), 40)
@@ -187,12 +189,11 @@ def test_the_knob_tuner_searches_depthwise_knobs_and_skips_what_has_no_point(dev
     results = knob_tuning.tune_knobs(model, device, 6, tmp_path, layers=layers, progress=False,
                                      config=KnobTuningConfig(batch=3, samples=30))
     by = {r.layer: r for r in results}
-    assert by["grouped"].trials == 0 and by["dw_s1"].best["impl"] == "tvm:depthwise"
+    assert by["grouped"].best["impl"] == "tvm:direct_nchw" and by["dw_s1"].best["impl"] == "tvm:depthwise"
     records = compare(model, device, layers, candidates=[HandTunedCandidate(tmp_path, device.target)],
                       timing=QUICK, progress=False)
     status = {r["layer"]: r for r in records}
-    assert all(status[name]["status"] == "ok" and status[name]["numerics_ok"] for name in ("dw_s1", "dw_s2"))
-    assert status["grouped"]["status"] == "not_applicable"
+    assert all(status[name]["status"] == "ok" and status[name]["numerics_ok"] for name in layers)
 
 
 def test_the_layer_table_counts_the_grouped_weight():
@@ -223,11 +224,11 @@ def test_a_candidate_called_anyway_on_a_conv_it_refuses_raises_a_workbench_error
     assert refused > 40
 
 
-def test_the_composer_offers_the_depthwise_schedule_and_refuses_a_block_nothing_runs():
+def test_the_composer_offers_the_depthwise_schedule_and_direct_nchw_for_grouped_convs():
     from workbench import composer
 
     model = _mobile_model()
     variant = composer.make_variant(model, "dw_s2")
     assert variant.impl == S.DEPTHWISE and composer.knob_choices(variant.impl, model.layer("dw_s2"))["layout"]
-    with pytest.raises(composer.ComposerError, match="no hand schedule runs 'grouped'"):
-        composer.make_variant(model, "grouped")
+    assert composer.applicable_impls(model.layer("grouped")) == ["direct_nchw"]
+    assert composer.make_variant(model, "grouped").impl == "direct_nchw"
