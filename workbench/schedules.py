@@ -157,7 +157,8 @@ def applicable(impl: str, layer: ConvLayer) -> str | None:
 
 
 def _family_problem(impl: str, geometry: ConvGeometry) -> str | None:
-    """The schedule's own rule: depthwise convs only, or dense ones (Winograd: 3x3 stride 1 too)."""
+    """The schedule's own rule: depthwise convs for tvm:depthwise; dense convs for the others, grouped ones
+    too for direct_nchw; Winograd also needs 3x3 stride 1."""
     if impl == DEPTHWISE:
         return _depthwise().rule(geometry)
     if geometry.is_depthwise:
