@@ -29,7 +29,7 @@ from .model import Layer, Model
 if TYPE_CHECKING:
     from .plan import Plan
 
-IMPLS = schedules.IMPLEMENTATIONS  # the hand schedules: the implementations with knobs
+IMPLS = schedules.SCHEDULES  # the hand schedules: the implementations with knobs
 ALL_EPILOGUE = ("relu", "resize", "add")
 
 
@@ -185,6 +185,8 @@ class Variant:
 def knob_choices(impl: str, layer: Layer) -> dict[str, list]:
     """Each knob of `impl` on `layer` with the values worth offering (the validator has the last word)."""
     conv = schedules.ConvLayer.of(layer)
+    if impl == schedules.DEPTHWISE:  # its space already lists what is worth offering
+        return {knob: list(values) for knob, values in schedules.knob_space(impl, conv).items()}
     family = "DIRECT" if impl.startswith("direct") else "WINOGRAD"
     sizes = {"oc_bn": conv.out_channels, "ic_bn": conv.in_channels, "ow_bn": conv.out_width}
     if impl.startswith("winograd"):
@@ -214,6 +216,9 @@ def make_variant(model: Model, block_name: str, impl: str | None = None, toggles
     """A checked variant: default impl (the first that applies), every available toggle on, default knobs but `knobs`."""
     found = block(model, block_name)
     impls = applicable_impls(found.conv)
+    if not impls:
+        raise ComposerError(f"no hand schedule runs {block_name!r} ({found.conv.geometry.describe()}); "
+                            "measure it with compare instead")
     impl = impl or impls[0]
     if impl not in impls:
         raise ComposerError(f"{impl!r} does not run {block_name!r}; choose one of {impls}")

@@ -102,7 +102,7 @@ def reference_conv(layer: Layer, x, weight, bias, relu: bool | Fusion = False, s
         t = F.max_pool2d(t, fusion.pool)  # floor mode: an odd row or column is dropped
         t = torch.relu(t) if fusion.pool_relu else t
     out = F.conv2d(t, torch.from_numpy(weight).double(), torch.from_numpy(bias).double(),
-                   stride=layer.stride, padding=layer.pad, groups=layer.groups)
+                   stride=layer.stride, padding=layer.pad, groups=getattr(layer, "groups", 1))  # duck-typed layers: dense
     if fusion.scale > 1:
         out = F.interpolate(out, scale_factor=fusion.scale, mode="nearest")
     if fusion.add:

@@ -13,7 +13,8 @@ resize [+ add of a skip] [+ ReLU] computed by the output stage):
   done once (``pack_weight`` / the weight prim func); the main function does the input
   transform, the batched GEMM over the alpha x alpha points and the output transform.
 - ``depthwise``: depthwise convs (groups == input channels), in workbench/depthwise.py; the
-  functions here dispatch to it. The dense schedules above refuse grouped convs.
+  functions here dispatch to it. ``direct_nchw`` also computes grouped convs (each output channel
+  reads its group's inputs); the other dense schedules refuse them.
 
 ``IMPLEMENTATIONS`` are the dense schedules; ``SCHEDULES`` adds the depthwise one (the hand
 candidates and the knob tuner search all of them).
@@ -156,12 +157,15 @@ def applicable(impl: str, layer: ConvLayer) -> str | None:
 
 
 def _family_problem(impl: str, geometry: ConvGeometry) -> str | None:
-    """The schedule's own rule: depthwise convs only, or dense ones (Winograd: 3x3 stride 1 too)."""
+    """The schedule's own rule: depthwise convs for tvm:depthwise; dense convs for the others, grouped ones
+    too for direct_nchw; Winograd also needs 3x3 stride 1."""
     if impl == DEPTHWISE:
         return _depthwise().rule(geometry)
-    if geometry.is_grouped:
+    if geometry.is_depthwise:
+        return f"{impl} is a dense schedule; a depthwise conv ({geometry.groups} groups of one channel) needs tvm:depthwise"
+    if geometry.is_grouped and impl != "direct_nchw":
         return (f"{impl} sums over every input channel of a dense conv; this conv has {geometry.groups} groups "
-                "(depthwise convs: tvm:depthwise; other grouped convs: tvm:default)")
+                "(grouped convs: tvm:direct_nchw or tvm:default)")
     return family_rule(geometry, "winograd") if impl.startswith("winograd") else None
 
 
@@ -407,7 +411,7 @@ def packed_weight_shape(impl: str, layer: ConvLayer, knobs: Knobs) -> tuple[int,
         return _depthwise().packed_weight_shape(layer, knobs)
     k, c, r = layer.out_channels, layer.in_channels, layer.kernel
     if impl == "direct_nchw":
-        return (k, c, r, r)
+        return layer.geometry.weight_shape  # (K, C / groups, r, r)
     if impl == "direct_nchwc":
         return (k // knobs.oc_bn, c // knobs.ic_bn, r, r, knobs.ic_bn, knobs.oc_bn)
     alpha = winograd_m(impl) + 2
@@ -543,14 +547,18 @@ def _compute_direct_nchw(layer: ConvLayer, knobs: DirectNCHWKnobs):
     p, s, r = layer.pad, layer.stride, layer.kernel
     shape = (1, layer.in_channels, layer.height + 2 * p, layer.width + 2 * p)
     data_pad = _padded(layer, data, shape, lambda n, c, h, w: (c, h, w))
-    ic = te.reduce_axis((0, layer.in_channels), name="ic")
+    g = layer.geometry.groups
+    cpg, kpg = layer.in_channels // g, layer.out_channels // g  # channels per group, in and out
+    ic = te.reduce_axis((0, cpg), name="ic")
     kh = te.reduce_axis((0, r), name="kh")
     kw = te.reduce_axis((0, r), name="kw")
     out_shape = (1, layer.out_channels, layer.out_height, layer.out_width)
+    # Output channel k reads its group's input channels (a dense conv: one group, the same expression as ever).
+    channel = (lambda k: ic) if g == 1 else (lambda k: k // kpg * cpg + ic)
     conv = te.compute(
         out_shape,
         lambda n, k, oh, ow: te.sum(
-            data_pad[n, ic, oh * s + kh, ow * s + kw] * weight[k, ic, kh, kw], axis=[ic, kh, kw]
+            data_pad[n, channel(k), oh * s + kh, ow * s + kw] * weight[k, ic, kh, kw], axis=[ic, kh, kw]
         ),
         name="conv",
     )
