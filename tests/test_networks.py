@@ -169,3 +169,33 @@ def test_relu6_is_fused_into_the_conv_and_a_clip_not_from_zero_stays_separate():
     executable = compile_hybrid(build_hybrid(model, plan, host_target(1)), host_target(1))
     result = run_local(executable, sample_input(model), reference=model, threads=1)
     assert result["numerics_ok"], result["rel_err"]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet_v2"])
+def test_the_networks_import_from_other_opsets(name, opset):
+    """Clip's bounds, Split's sizes, Slice's and ReduceMean's axes moved from attributes to inputs across opsets."""
+    import onnx
+    import torch
+
+    model = from_onnx_proto(onnx.load_from_string(networks.export_onnx(name, 32, opset=opset)))
+    x = sample_input(model)
+    with torch.no_grad():
+        expected = networks.torch_network(name)(torch.from_numpy(x)).numpy()
+    assert np.abs(reference_output(model, x) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_a_batchnorm_is_not_folded_into_a_conv_read_elsewhere_through_an_identity():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    values = {"w": np.ones((2, 2, 1, 1), np.float32), **{k: np.ones(2, np.float32) for k in ("s", "b", "m", "v")}}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Identity", ["c"], ["i"], name="same"),
+             helper.make_node("BatchNormalization", ["i", "s", "b", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Add", ["n", "c"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in values.items()])
+    with pytest.raises(ModelError, match=r"node 'bn'.*nothing else reads"):
+        from_onnx_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))

@@ -53,7 +53,7 @@ def short_name(scope: str) -> str:
     return "/".join(kept) or scope
 
 
-def export_onnx(name: str, resolution: int = RESOLUTION, classes: int = 1000, seed: int = 0) -> bytes:
+def export_onnx(name: str, resolution: int = RESOLUTION, classes: int = 1000, seed: int = 0, opset: int = 17) -> bytes:
     """The network's ONNX file as bytes, BatchNormalization kept (exported as trained, in eval mode)."""
     import torch
 
@@ -62,7 +62,7 @@ def export_onnx(name: str, resolution: int = RESOLUTION, classes: int = 1000, se
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated; it needs no onnxscript
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.zeros(1, 3, resolution, resolution),), buffer, dynamo=False,
-                          opset_version=17, input_names=["input"], output_names=["logits"],
+                          opset_version=opset, input_names=["input"], output_names=["logits"],
                           training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
     return buffer.getvalue()
 
