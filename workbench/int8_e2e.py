@@ -273,22 +273,24 @@ def hybrid_numerics(model: Model, calibration: dict, outputs: list[np.ndarray], 
 
 def measure_int8_layers(model: Model, device, calibration: dict, threads: int, timing: TimingConfig,
                         layers: list[str] | None = None) -> list[dict]:
-    """qnnpack:int8 and tvm:int8 on every conv with the model's calibration, through the protocol."""
+    """qnnpack:int8 and tvm:int8 on every conv with the model's calibration, through the protocol,
+    each measured on its real activations (the model run on a held-out input, seed EVAL_SEED)."""
     from .compare import compare
     from .kernels.int8 import int8_candidates
 
-    return compare(model, device, layers, candidates=int8_candidates(threads, calibration), timing=timing,
+    samples = quant.conv_inputs(model, quant.model_inputs(model, 1, EVAL_SEED + 1)[0])
+    return compare(model, device, layers, candidates=int8_candidates(threads, calibration, samples), timing=timing,
                    progress=False)
 
 
 def int8_end_to_end(model: Model, device, threads: int, timing: TimingConfig = TimingConfig(),
                     inputs: int = EVAL_INPUTS, calibration_inputs: int = quant.CALIBRATION_INPUTS,
                     peers: tuple[str, ...] = PEERS, layer_records: list[dict] | None = None,
-                    extra: dict | None = None) -> list[dict]:
+                    extra: dict | None = None, calibration: dict | None = None) -> list[dict]:
     """Float32 ONNX Runtime, the int8 peers and the int8 hybrid, measured in one run (rows above).
 
-    `layer_records`: int8 per-layer records already measured with this calibration (else they are
-    measured here). `extra`: name -> a compiled float32 executable (a float hybrid, say) run the
+    `layer_records`: int8 per-layer records already measured with `calibration` (else they are
+    measured here); `calibration` defaults to quant.calibrate_model on `calibration_inputs` seeded inputs. `extra`: name -> a compiled float32 executable (a float hybrid, say) run the
     same way as the int8 hybrid.
     """
     if inputs < 1 or calibration_inputs < 1:
@@ -298,7 +300,7 @@ def int8_end_to_end(model: Model, device, threads: int, timing: TimingConfig = T
     if unknown:
         raise Int8E2EError(f"unknown int8 peer(s) {unknown}; choose from {list(PEERS)}")
     calib_inputs = quant.model_inputs(model, calibration_inputs, quant.CALIBRATION_SEED)
-    calibration = quant.calibrate_model(model, calib_inputs)
+    calibration = quant.calibrate_model(model, calib_inputs) if calibration is None else calibration
     eval_inputs = quant.model_inputs(model, inputs, EVAL_SEED)
     references = quant.float_outputs(model, eval_inputs)
     x = sample_input(model)

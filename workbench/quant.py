@@ -232,6 +232,19 @@ def calibrate_model(model, inputs: list[np.ndarray] | None = None, count: int = 
             for conv in model.convs}
 
 
+def conv_inputs(model, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Each conv's float32 input when the model runs on `x`: a layer's realistic activations."""
+    from .model import torch_module
+
+    seen: dict[str, np.ndarray] = {}
+
+    def keep(layer, inp, _out):
+        seen[layer.name] = inp.copy()
+
+    _walk(model, torch_module(model), x, keep)
+    return seen
+
+
 def simulated_int8(model, calibration: dict[str, LayerQuant], x: np.ndarray) -> np.ndarray:
     """The int8 model's exact output: every conv quantises its input, runs the integer conv and
     dequantises; the other ops run in float32 as in the hybrid."""

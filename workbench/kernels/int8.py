@@ -12,8 +12,11 @@ differences the records show:
   elementwise ops of the model around it (they are in the end-to-end hybrid's time).
 
 Scales: with a `calibration` (quant.calibrate_model, per conv name) the kernel uses the
-model's; otherwise each measured case is calibrated on CALIBRATION_INPUTS seeded inputs drawn
-like (not equal to) its measured input, so the measured input may clip slightly, as real data does.
+model's, and `samples` (quant.conv_inputs on a held-out input) give each conv its real
+activations as the measured input: a standard-normal input would be clipped by a post-ReLU
+calibration and report an error that is the test input's, not int8's. Without a calibration
+each measured case is calibrated on CALIBRATION_INPUTS seeded inputs drawn like (not equal to)
+its measured input, so the measured input may clip slightly, as real data does.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ class Int8Candidate(Candidate):
     tolerance = float(quant.STEP_TOLERANCE)
     fusible: tuple[str, ...] = ()  # a ReLU stays a float op after the dequantise (its own kernel)
 
-    def __init__(self, calibration: dict | None = None):
-        self.calibration = calibration
+    def __init__(self, calibration: dict | None = None, samples: dict | None = None):
+        self.calibration, self.samples = calibration, samples
         self.note = INT8_NOTE.format(steps=quant.STEP_TOLERANCE)
+        if samples:
+            self.note += "; measured on the model's activations at the conv"
         self.config = "" if calibration is not None else \
             f"per-case calibration: {quant.CALIBRATION_INPUTS} inputs, seed {quant.CALIBRATION_SEED}"
 
@@ -57,8 +62,12 @@ class Int8Candidate(Candidate):
 
     def setup(self, session, case, device) -> Running:
         lq = self.quant_for(case)
-        running = self.start(session, case, device, self.kernel_quant(lq), quant.quantize(case.x, lq.input))
-        running.checker = lambda out: quant.check_against(out, case.x, case.reference, lq, case.layer)
+        x, reference = case.x, case.reference
+        sample = (self.samples or {}).get(case.layer.name)
+        if sample is not None and sample.shape == case.x.shape:
+            x, reference = sample, quant.float_conv(case.layer, sample, case.weight, case.bias)
+        running = self.start(session, case, device, self.kernel_quant(lq), quant.quantize(x, lq.input))
+        running.checker = lambda out: quant.check_against(out, x, reference, lq, case.layer)
         return running
 
     def start(self, session, case, device, lq, x_q) -> "Int8Running":
@@ -100,8 +109,8 @@ class QNNPACKCandidate(Int8Candidate):
 
     impl = "qnnpack:int8"
 
-    def __init__(self, threads: int = 1, calibration: dict | None = None):
-        super().__init__(calibration)
+    def __init__(self, threads: int = 1, calibration: dict | None = None, samples: dict | None = None):
+        super().__init__(calibration, samples)
         self.threads = threads
         self.note += "; torch quantized engine qnnpack, weights prepacked once, the call's two copies timed"
 
@@ -152,8 +161,8 @@ class TVMInt8Candidate(Int8Candidate):
 
     impl = "tvm:int8"
 
-    def __init__(self, calibration: dict | None = None, knobs: dict | None = None):
-        super().__init__(calibration)
+    def __init__(self, calibration: dict | None = None, knobs: dict | None = None, samples: dict | None = None):
+        super().__init__(calibration, samples)
         self.fixed = dict(knobs or {})
         if self.fixed:
             self.config = (self.config + "; " if self.config else "") + \
@@ -169,7 +178,7 @@ class TVMInt8Candidate(Int8Candidate):
         return dataclasses.replace(int8_schedule.default_knobs(layer.geometry, dot), **self.fixed)
 
     def with_knobs(self, knobs: dict) -> "TVMInt8Candidate":
-        return TVMInt8Candidate(self.calibration, {**self.fixed, **knobs})
+        return TVMInt8Candidate(self.calibration, {**self.fixed, **knobs}, self.samples)
 
     def check_knobs(self, layer, fusion=None) -> None:
         int8_schedule.validate(layer.geometry, self.knobs(layer))
@@ -228,6 +237,7 @@ class TVMInt8Running(Int8Running):
         return list(evaluator(*self.args).results)
 
 
-def int8_candidates(threads: int = 1, calibration: dict | None = None) -> list[Int8Candidate]:
+def int8_candidates(threads: int = 1, calibration: dict | None = None,
+                    samples: dict | None = None) -> list[Int8Candidate]:
     """QNNPACK's and TVM's int8 convs (not in the default sweep: opt in, e.g. compare(candidates=...))."""
-    return [QNNPACKCandidate(threads, calibration), TVMInt8Candidate(calibration)]
+    return [QNNPACKCandidate(threads, calibration, samples), TVMInt8Candidate(calibration, samples=samples)]
