@@ -71,6 +71,7 @@ def per_layer(model, float_records, int8_records) -> list[dict]:
             "int8_vs_float32": fast["median_ms"] / f["median_ms"] if fast and f else None,
             "quant_error": fast and fast.get("quant_error"),
             "notes": {impl: r["note"] for impl, r in q.items() if r and r["status"] != "ok"},
+            "disturbed": sorted({flag for r in (f, *q.values()) if r for flag in r.get("disturbed_by") or []}),
         })
     return rows
 
@@ -81,17 +82,18 @@ def fmt(value, spec=".3f") -> str:
 
 def print_tables(layers, e2e) -> None:
     print(f"{'layer':<14}{'shape':<34}{'f32 best':>18}{'f32 ms':>9}{'qnnpack':>9}{'tvm int8':>9}"
-          f"{'int8/f32':>9}{'q err':>8}")
+          f"{'int8/f32':>9}{'q err':>8}  disturbed")
     for r in layers:
         print(f"{r['layer']:<14}{r['shape'][:33]:<34}{(r['float32_impl'] or '-'):>18}{fmt(r['float32_ms']):>9}"
               f"{fmt(r['qnnpack_int8_ms']):>9}{fmt(r['tvm_int8_ms']):>9}{fmt(r['int8_vs_float32'], '.2f'):>9}"
-              f"{fmt(r['quant_error'], '.3f'):>8}")
+              f"{fmt(r['quant_error'], '.3f'):>8}  {','.join(r['disturbed'])}")
     print()
-    print(f"{'end to end':<18}{'median ms':>10}{'ci ms':>20}{'top-1 agree':>12}{'max rel err':>12}{'checked':>9}")
+    print(f"{'end to end':<18}{'median ms':>10}{'ci ms':>20}{'top-1 agree':>12}{'max rel err':>12}{'checked':>9}"
+          f"  disturbed")
     for r in e2e:
         ci = f"[{r['ci_ms'][0]:.3g}, {r['ci_ms'][1]:.3g}]" if r.get("ci_ms") else "-"
         print(f"{r['name']:<18}{fmt(r['median_ms']):>10}{ci:>20}{fmt(r['top1_agreement'], '.4f'):>12}"
-              f"{fmt(r['max_rel_err'], '.4f'):>12}{str(r['numerics_ok']):>9}")
+              f"{fmt(r['max_rel_err'], '.4f'):>12}{str(r['numerics_ok']):>9}  {','.join(r.get('disturbed_by') or [])}")
     for r in e2e:
         print(f"  {r['name']}: {r['note']}")
 

@@ -260,7 +260,9 @@ def _row(name: str, run: dict, references: list[np.ndarray], note: str, numerics
             "repeats_ms": [float(r) for r in run["repeats_ms"]],
             "top1_agreement": quant.top1_agreement(run["outputs"], references),
             "max_rel_err": quant.max_rel_error(run["outputs"], references),
-            "numerics_ok": numerics_ok, "note": note}
+            "numerics_ok": numerics_ok, "note": note,
+            "disturbed": figures["spread"] > stats.SPREAD_LIMIT,
+            "disturbed_by": ["spread"] if figures["spread"] > stats.SPREAD_LIMIT else []}
 
 
 def hybrid_numerics(model: Model, calibration: dict, outputs: list[np.ndarray], inputs: list[np.ndarray]) -> dict:
@@ -293,12 +295,15 @@ def int8_end_to_end(model: Model, device, threads: int, timing: TimingConfig = T
     measured here); `calibration` defaults to quant.calibrate_model on `calibration_inputs` seeded inputs. `extra`: name -> a compiled float32 executable (a float hybrid, say) run the
     same way as the int8 hybrid.
     """
+    from .baselines import _device_load, _flag_load
+
     if inputs < 1 or calibration_inputs < 1:
         raise Int8E2EError(f"need at least one evaluation and one calibration input, got inputs={inputs}, "
                            f"calibration_inputs={calibration_inputs}")
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise Int8E2EError(f"unknown int8 peer(s) {unknown}; choose from {list(PEERS)}")
+    loads = [_device_load(device)]  # the device's load before and after: was the run disturbed?
     calib_inputs = quant.model_inputs(model, calibration_inputs, quant.CALIBRATION_SEED)
     calibration = quant.calibrate_model(model, calib_inputs) if calibration is None else calibration
     eval_inputs = quant.model_inputs(model, inputs, EVAL_SEED)
@@ -336,4 +341,7 @@ def int8_end_to_end(model: Model, device, threads: int, timing: TimingConfig = T
             continue
         ok = bool(quant.max_rel_error(run["outputs"], references) <= 1e-3) if name == "onnxruntime" else None
         rows.append(_row(name, run, references, run["note"], ok))
+    loads.append(_device_load(device))
+    for row in rows:
+        _flag_load(row, loads)
     return rows
