@@ -26,6 +26,7 @@ from workbench.int8_e2e import EVAL_INPUTS, int8_end_to_end, measure_int8_layers
 from workbench.kernels.registry import all_candidates, find
 from workbench.measure import TimingConfig, usable
 from workbench.model import UNetSpec, load_onnx, reference_unet
+from workbench.records import RecordStore
 from workbench.rpc import open_device
 
 FLOAT_IMPLS = "nnpack:auto:precompute,tvm:direct_nchwc,tvm:winograd_4"
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--float-impls", default=FLOAT_IMPLS, help="float32 candidates per conv (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (TimingConfig.quick)")
     parser.add_argument("--out", default="int8.json")
+    parser.add_argument("--records", default=None, help="a records .jsonl file: per-layer results kept and reused")
     args = parser.parse_args()
     try:
         model = resolve_model(args.network, args.onnx, args.small)
@@ -116,9 +118,10 @@ def main() -> None:
         timing = TimingConfig.quick() if args.quick else TimingConfig()
         start = time.time()
         calibration = quant.calibrate_model(model, count=args.calibration_inputs)
+        store = RecordStore(args.records) if args.records else None
         with open_device(threads=args.threads) as device:
-            float_records = compare(model, device, candidates=floats, timing=timing, progress=False)
-            int8_records = measure_int8_layers(model, device, calibration, args.threads, timing)
+            float_records = compare(model, device, candidates=floats, timing=timing, store=store, progress=False)
+            int8_records = measure_int8_layers(model, device, calibration, args.threads, timing, store=store)
             e2e = int8_end_to_end(model, device, args.threads, timing, inputs=args.inputs,
                                   calibration_inputs=args.calibration_inputs, layer_records=int8_records, calibration=calibration)
     except WorkbenchError as err:

@@ -83,11 +83,20 @@ def test_bad_scales_and_inputs_fail_clearly():
 
 # ---------------------------------------------------------------- the kernels, over RPC
 
-@pytest.mark.parametrize("impl", ["qnnpack:int8", "tvm:int8"])
-def test_int8_kernels_match_their_quantised_reference_over_rpc(device, tiny_unet, impl):
+def test_int8_kernels_are_opt_in():
+    from workbench.kernels.registry import all_candidates
+
+    assert not [c for c in all_candidates(2) if c.impl.endswith(":int8")]
+    assert {c.impl for c in all_candidates(2, int8=True)} >= {"qnnpack:int8", "tvm:int8"}
+
+
+@pytest.mark.parametrize("impl, knobs", [("qnnpack:int8", None), ("tvm:int8", None), ("tvm:int8", {"dot": "vector"})])
+def test_int8_kernels_match_their_quantised_reference_over_rpc(device, tiny_unet, impl, knobs):
     from workbench.kernels.registry import find, int8_candidates
 
-    record = measure_one(tiny_unet, device, "enc1_conv1", find(impl, int8_candidates(2)), TINY)
+    candidate = find(impl, int8_candidates(2))
+    candidate = candidate.with_knobs(knobs) if knobs else candidate
+    record = measure_one(tiny_unet, device, "enc1_conv1", candidate, TINY)
     assert record["status"] == "ok", record["note"]
     assert record["numerics_ok"] is True and record["tolerance"] == quant.STEP_TOLERANCE
     assert record["median_ms"] > 0

@@ -274,7 +274,7 @@ def hybrid_numerics(model: Model, calibration: dict, outputs: list[np.ndarray], 
 
 
 def measure_int8_layers(model: Model, device, calibration: dict, threads: int, timing: TimingConfig,
-                        layers: list[str] | None = None) -> list[dict]:
+                        layers: list[str] | None = None, store=None) -> list[dict]:
     """qnnpack:int8 and tvm:int8 on every conv with the model's calibration, through the protocol,
     each measured on its real activations (the model run on a held-out input, seed EVAL_SEED)."""
     from .compare import compare
@@ -282,7 +282,7 @@ def measure_int8_layers(model: Model, device, calibration: dict, threads: int, t
 
     samples = quant.conv_inputs(model, quant.model_inputs(model, 1, EVAL_SEED + 1)[0])
     return compare(model, device, layers, candidates=int8_candidates(threads, calibration, samples), timing=timing,
-                   progress=False)
+                   store=store, progress=False)
 
 
 def int8_end_to_end(model: Model, device, threads: int, timing: TimingConfig = TimingConfig(),

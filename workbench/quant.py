@@ -232,6 +232,17 @@ def calibrate_model(model, inputs: list[np.ndarray] | None = None, count: int = 
             for conv in model.convs}
 
 
+def digest(calibration: dict[str, LayerQuant]) -> str:
+    """A short hash of a model calibration's scales and zero points (records name it in `config`)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(calibration):
+        lq = calibration[name]
+        h.update(name.encode() + lq.qparams_vector().tobytes() + lq.w_scales.astype(np.float32).tobytes())
+    return h.hexdigest()[:12]
+
+
 def conv_inputs(model, x: np.ndarray) -> dict[str, np.ndarray]:
     """Each conv's float32 input when the model runs on `x`: a layer's realistic activations."""
     from .model import torch_module

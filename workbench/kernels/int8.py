@@ -48,7 +48,8 @@ class Int8Candidate(Candidate):
         self.note = INT8_NOTE.format(steps=quant.STEP_TOLERANCE)
         if samples:
             self.note += "; measured on the model's activations at the conv"
-        self.config = "" if calibration is not None else \
+        # A stored record is reused only under the same scales.
+        self.config = f"model calibration {quant.digest(calibration)}" if calibration is not None else \
             f"per-case calibration: {quant.CALIBRATION_INPUTS} inputs, seed {quant.CALIBRATION_SEED}"
 
     def quant_for(self, case) -> quant.LayerQuant:
