@@ -89,11 +89,12 @@ def print_tables(layers, e2e) -> None:
               f"{fmt(r['qnnpack_int8_ms']):>9}{fmt(r['tvm_int8_ms']):>9}{fmt(r['int8_vs_float32'], '.2f'):>9}"
               f"{fmt(r['quant_error'], '.3f'):>8}  {','.join(r['disturbed'])}")
     print()
-    print(f"{'end to end':<18}{'median ms':>10}{'ci ms':>20}{'top-1 agree':>12}{'max rel err':>12}{'checked':>9}"
-          f"  disturbed")
+    print(f"{'end to end':<18}{'median ms':>10}{'ci ms':>20}{'top-1 agree':>12}{'(majority)':>11}{'max rel err':>12}"
+          f"{'checked':>9}  disturbed")
     for r in e2e:
         ci = f"[{r['ci_ms'][0]:.3g}, {r['ci_ms'][1]:.3g}]" if r.get("ci_ms") else "-"
         print(f"{r['name']:<18}{fmt(r['median_ms']):>10}{ci:>20}{fmt(r['top1_agreement'], '.4f'):>12}"
+              f"{fmt(r.get('top1_majority_share'), '.4f'):>11}"
               f"{fmt(r['max_rel_err'], '.4f'):>12}{str(r['numerics_ok']):>9}  {','.join(r.get('disturbed_by') or [])}")
     for r in e2e:
         print(f"  {r['name']}: {r['note']}")

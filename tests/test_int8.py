@@ -69,6 +69,7 @@ def test_top1_agreement_counts_pixels_and_images():
     assert quant.top1_agreement([same], [ref]) == 1.0
     assert quant.top1_agreement([flipped], [ref]) == 0.75
     assert quant.top1_agreement([np.array([[0.0, 1.0]])], [np.array([[1.0, 0.0]])]) == 0.0
+    assert quant.majority_share([ref]) == 0.75  # three of four pixels are class 0
 
 
 def test_bad_scales_and_inputs_fail_clearly():
@@ -154,7 +155,7 @@ def test_int8_end_to_end_hybrid_and_ort_static_quantisation(device, tiny_unet):
     assert set(rows) == {"int8_hybrid", "onnxruntime", "onnxruntime_int8"}
     for row in rows.values():
         assert row["median_ms"] > 0, row["note"]
-        assert 0.0 <= row["top1_agreement"] <= 1.0
+        assert 0.0 <= row["top1_agreement"] <= 1.0 and 0.0 < row["top1_majority_share"] <= 1.0
     assert rows["onnxruntime"]["numerics_ok"] is True and rows["onnxruntime"]["max_rel_err"] < 1e-3
     assert rows["int8_hybrid"]["numerics_ok"] is True, rows["int8_hybrid"]["note"]
     assert set(rows["int8_hybrid"]["plan"].values()) <= {"qnnpack:int8", "tvm:int8"}
@@ -169,3 +170,13 @@ def test_int8_end_to_end_refuses_no_inputs(tiny_unet):
         int8_end_to_end(tiny_unet, None, 2, TINY, inputs=0)
     with pytest.raises(Int8E2EError, match="unknown int8 peer"):
         int8_end_to_end(tiny_unet, None, 2, TINY, peers=("tflite",))
+
+
+def test_the_hybrid_check_holds_for_the_int8_model_and_fails_for_a_scaled_one(tiny_unet):
+    from workbench.int8_e2e import hybrid_numerics
+
+    calibration = quant.calibrate_model(tiny_unet, count=2)
+    inputs = quant.model_inputs(tiny_unet, 2, 11)
+    exact = [quant.simulated_int8(tiny_unet, calibration, x) for x in inputs]
+    assert hybrid_numerics(tiny_unet, calibration, exact, inputs)["ok"] is True
+    assert hybrid_numerics(tiny_unet, calibration, [y * 1.3 for y in exact], inputs)["ok"] is False

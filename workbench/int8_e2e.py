@@ -6,7 +6,9 @@ numerics_ok, note.
 
 - `top1_agreement`: on `inputs` (default 64) seeded random inputs, the share of argmaxes over
   the output's channel axis that match the float32 reference's (per pixel for a segmentation
-  map); `max_rel_err`: the largest max |y - y_float32| / max |y_float32| over those inputs.
+  map); `top1_majority_share`: the share of float32's most common class, what a constant answer
+  would agree on (the random-weight UNet answers class 0 on 99.99% of its pixels, so there its
+  agreement is near 1 whatever the error); `max_rel_err`: the largest max |y - y_float32| / max |y_float32| over those inputs.
 - `onnxruntime` (float32) and `onnxruntime_int8` (`quantize_static`: QDQ, per-channel int8
   weights, uint8 activations, MinMax calibration over the same calibration inputs as ours),
   each built, run and timed in a fresh process of its own (thread pools of different
@@ -17,8 +19,12 @@ numerics_ok, note.
   with the model's calibration (the protocol in measure.py), the other ops in float32, built
   as one Relax model (quantise -> int8 kernel -> dequantise per conv) and run over RPC on the
   device. Its `numerics_ok` compares it with the exact simulated int8 model
-  (quant.simulated_int8) on the first CHECK_INPUTS inputs: an off-by-one step in one layer can
-  grow through the layers after it, so the bound is HYBRID_TOLERANCE of max |reference|.
+  (quant.simulated_int8) on the first CHECK_INPUTS inputs. Each int8 kernel is checked to one
+  output step per layer; end to end, the rare one-step differences (the kernel requantises in
+  float32, the reference in float64) spread: measured on the reference UNet, 2e-6 of the
+  elements differ after the second conv, 2.6% after the eighth and about half at the output,
+  by 0.65 steps on average (max 7 steps). So the bound is on the mean: mean |hybrid - simulated|
+  <= HYBRID_MEAN_TOLERANCE of max |simulated| (the UNet: 0.4%); the max is reported beside it.
   The peers' quantisations are their own (other rounding, other calibration rules): only
   their distance from float32 is reported, `numerics_ok` stays None.
 """
@@ -42,7 +48,7 @@ log = logging.getLogger(__name__)
 EVAL_INPUTS = 64
 EVAL_SEED = 7  # evaluation inputs; calibration uses quant.CALIBRATION_SEED
 CHECK_INPUTS = 2  # inputs the hybrid is checked on against the simulated int8 model
-HYBRID_TOLERANCE = 0.05  # max |hybrid - simulated int8| / max |simulated|
+HYBRID_MEAN_TOLERANCE = 0.01  # mean |hybrid - simulated int8| / max |simulated| (see above)
 PEERS = ("onnxruntime", "onnxruntime_int8", "torch_qnnpack")
 
 
@@ -259,6 +265,8 @@ def _row(name: str, run: dict, references: list[np.ndarray], note: str, numerics
     return {"name": name, "median_ms": figures["median_ms"], "ci_ms": figures["ci_ms"],
             "repeats_ms": [float(r) for r in run["repeats_ms"]],
             "top1_agreement": quant.top1_agreement(run["outputs"], references),
+            # What always answering float32's most common class would score: agreement near it says little.
+            "top1_majority_share": quant.majority_share(references),
             "max_rel_err": quant.max_rel_error(run["outputs"], references),
             "numerics_ok": numerics_ok, "note": note,
             "disturbed": figures["spread"] > stats.SPREAD_LIMIT,
@@ -267,10 +275,15 @@ def _row(name: str, run: dict, references: list[np.ndarray], note: str, numerics
 
 def hybrid_numerics(model: Model, calibration: dict, outputs: list[np.ndarray], inputs: list[np.ndarray]) -> dict:
     """The hybrid's outputs against the exact simulated int8 model on the first CHECK_INPUTS inputs."""
-    errors = [quant.quant_error(y, quant.simulated_int8(model, calibration, a))
-              for y, a in zip(outputs[:CHECK_INPUTS], inputs[:CHECK_INPUTS])]
-    worst = max(errors)
-    return {"ok": bool(np.isfinite(worst) and worst <= HYBRID_TOLERANCE), "rel_err_vs_int8_reference": worst}
+    means, maxes = [], []
+    for y, a in zip(outputs[:CHECK_INPUTS], inputs[:CHECK_INPUTS]):
+        ref = quant.simulated_int8(model, calibration, a).astype(np.float64)
+        diff, scale = np.abs(np.asarray(y, np.float64) - ref), float(np.max(np.abs(ref))) or 1.0
+        means.append(float(diff.mean()) / scale)
+        maxes.append(float(diff.max()) / scale)
+    mean = max(means)
+    return {"ok": bool(np.isfinite(mean) and mean <= HYBRID_MEAN_TOLERANCE), "mean_rel_err_vs_int8_reference": mean,
+            "max_rel_err_vs_int8_reference": max(maxes)}
 
 
 def measure_int8_layers(model: Model, device, calibration: dict, threads: int, timing: TimingConfig,
@@ -325,8 +338,8 @@ def int8_end_to_end(model: Model, device, threads: int, timing: TimingConfig = T
     check = hybrid_numerics(model, calibration, run["outputs"], eval_inputs)
     counts = {impl: list(chosen.values()).count(impl) for impl in sorted(set(chosen.values()))}
     note = (f"convs: {counts}; quantise -> int8 conv -> dequantise per conv, other ops float32; over RPC; "
-            f"vs simulated int8 model: rel err {check['rel_err_vs_int8_reference']:.3g} "
-            f"(bound {HYBRID_TOLERANCE:g})")
+            f"vs the simulated int8 model: mean rel err {check['mean_rel_err_vs_int8_reference']:.3g} "
+            f"(bound {HYBRID_MEAN_TOLERANCE:g}), max {check['max_rel_err_vs_int8_reference']:.3g}")
     row = _row("int8_hybrid", run, references, note, check["ok"])
     row["plan"] = chosen
     rows.append(row)

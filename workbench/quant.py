@@ -288,6 +288,12 @@ def top1_agreement(outputs: list[np.ndarray], references: list[np.ndarray]) -> f
     return agree / total if total else float("nan")
 
 
+def majority_share(references: list[np.ndarray]) -> float:
+    """The share of argmaxes (as top1_agreement counts them) that are the most common class."""
+    classes = np.concatenate([np.asarray(r).reshape(r.shape[0], r.shape[1], -1).argmax(1).ravel() for r in references])
+    return float(np.bincount(classes).max() / classes.size) if classes.size else float("nan")
+
+
 def max_rel_error(outputs: list[np.ndarray], references: list[np.ndarray]) -> float:
     """The largest per-input max |y - ref| / max |ref|."""
     return max(quant_error(y, ref) for y, ref in zip(outputs, references))
