@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from .errors import WorkbenchError
+
 QNNPACK_CONV = "workbench.int8.qnnpack_conv"
 SET_THREADS = "workbench.int8.set_threads"
 ENGINE = "qnnpack"
@@ -33,7 +35,7 @@ ENGINE = "qnnpack"
 _STATE: dict = {"threads": None, "packed": {}}
 
 
-class QNNPACKUnavailable(RuntimeError):
+class QNNPACKUnavailable(WorkbenchError, RuntimeError):
     """This torch build has no QNNPACK engine."""
 
 
