@@ -180,3 +180,14 @@ def test_the_hybrid_check_holds_for_the_int8_model_and_fails_for_a_scaled_one(ti
     exact = [quant.simulated_int8(tiny_unet, calibration, x) for x in inputs]
     assert hybrid_numerics(tiny_unet, calibration, exact, inputs)["ok"] is True
     assert hybrid_numerics(tiny_unet, calibration, [y * 1.3 for y in exact], inputs)["ok"] is False
+
+
+def test_a_hybrid_mixing_qnnpack_and_tvm_int8_runs_over_rpc(device, grouped_model):
+    from workbench.int8_e2e import int8_end_to_end
+
+    rows = int8_end_to_end(grouped_model, device, 2, TINY, inputs=2, calibration_inputs=2, peers=())
+    (row,) = rows
+    # Grouped convs have only QNNPACK; the dense 1x1 conv goes to whichever int8 kernel was faster.
+    assert row["plan"]["grouped"] == row["plan"]["depthwise"] == "qnnpack:int8"
+    assert row["numerics_ok"] is True, row["note"]
+    assert row["median_ms"] > 0 and 0.0 <= row["top1_agreement"] <= 1.0

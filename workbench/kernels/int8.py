@@ -121,7 +121,8 @@ class QNNPACKCandidate(Int8Candidate):
     def emit_kernel(self, bb, conv, lq, q):
         from tvm import relax
 
-        args = [q, *(relax.const(a) for a in qnnpack_constants(lq)),
+        # dtype given: relax.const turns float64 arrays into float32 by default.
+        args = [q, *(relax.const(a, str(a.dtype)) for a in qnnpack_constants(lq)),
                 *(relax.prim_value(int(v)) for v in (conv.stride, conv.pad, conv.groups))]
         return relax.call_dps_packed(int8_device.QNNPACK_CONV, args, relax.TensorType(conv.output_shape, "uint8"))
 
@@ -204,7 +205,7 @@ class TVMInt8Candidate(Int8Candidate):
         target = getattr(self, "_target", None)
         name = symbol(f"conv_{conv.name}_int8")
         gv = bb.add_func(final_kernel(self.prim_func(conv, lq, target), name), name)
-        args = [q, *(relax.const(a) for a in tvm_constants(lq))]
+        args = [q, *(relax.const(a, str(a.dtype)) for a in tvm_constants(lq))]
         return relax.call_tir(gv, args, relax.TensorType(conv.output_shape, "uint8"))
 
     def emit(self, bb, group, values, weight, bias, target):
