@@ -142,7 +142,7 @@ class Measurement:
     disturbed: bool = False
     disturbed_by: list[str] = field(default_factory=list)  # "spread", "load"
     load: list[float] | None = None  # the device's 1-minute load average before and after timing
-    quant_error: float | None = None  # int8: max |dequantised out - float32| / max |float32| (measure.py)
+    quant_error: float | None = None  # int8: max |dequantised out - float32| / max |float32| (quant.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
