@@ -144,6 +144,7 @@ class Measurement:
     disturbed: bool = False
     disturbed_by: list[str] = field(default_factory=list)  # "spread", "load"
     load: list[float] | None = None  # the device's 1-minute load average before and after timing
+    quant_error: float | None = None  # int8: max |dequantised out - float32| / max |float32| (quant.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,14 +185,23 @@ def measure(candidate, case: ConvCase, session, device, timing: TimingConfig) ->
         return result
     try:
         running = candidate.setup(session, case, device)
-        ok, result.max_abs_err, result.rel_err = check_numerics(running.run_once(), case.reference, tolerance)
+        out = running.run_once()
+        # An int8 kernel checks against its own quantised reference (Running.own_check) and reports
+        # its distance from float32 as quant_error; every other kernel against case.reference.
+        own = running.own_check(out) if hasattr(running, "own_check") else None
+        if own is None:
+            ok, result.max_abs_err, result.rel_err = check_numerics(out, case.reference, tolerance)
+        else:
+            ok, result.max_abs_err, result.rel_err = own["ok"], own["max_abs_err"], own["rel_err"]
+            result.quant_error = own["quant_error"]
         result.numerics_ok = ok
         result.phases = running.phases()
         if not ok:
             # Timed anyway so the record shows what a wrong kernel would have "won"; it never wins.
             result.status = "wrong"
-            result.note = (f"output differs from the reference: max abs err {result.max_abs_err:.3g}, "
-                           f"relative {result.rel_err:.3g} > {tolerance:g}")
+            result.note = (own or {}).get("note") or (
+                f"output differs from the reference: max abs err {result.max_abs_err:.3g}, "
+                f"relative {result.rel_err:.3g} > {tolerance:g}")
         load_before = device_load(session)
         seconds = list(running.time(timing))
         # Wide interval: time again (bounded), pooling the repeats, before calling it disturbed

@@ -33,6 +33,9 @@ def register_device_functions(threads: int) -> None:
     tvm.register_global_func(measure.TIME_GLOBAL_FUNC, measure.time_global_func, override=True)
     tvm.register_global_func(measure.LOAD_GLOBAL_FUNC, measure.load_average, override=True)  # disturbed?
     tvm.register_global_func(targets.DEVICE_INFO, targets.device_info_json, override=True)  # machine, cores
+    from . import int8_device
+
+    int8_device.register_functions(threads)  # QNNPACK's int8 conv; torch is imported on first use
     try:
         from . import nnpack_tvm
     except ImportError as err:  # the bridge needs torch's library; a server without it still serves TVM

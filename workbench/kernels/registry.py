@@ -24,18 +24,25 @@ def library_candidates(threads: int = 1, machine: str | None = None) -> list[Can
     return nnpack_candidates(threads, machine) + [DefaultCandidate()]
 
 
+def int8_candidates(threads: int = 1, calibration: dict | None = None) -> list[Candidate]:
+    """QNNPACK's and TVM's int8 convs (`qnnpack:int8`, `tvm:int8`); never in a sweep unless asked for."""
+    from .int8 import int8_candidates as make
+
+    return make(threads, calibration)
+
+
 def all_candidates(threads: int = 1, tuning_dir: str | Path | None = None, tuned_layers: list[str] | None = None,
                    trials: int | None = None, target: dict | None = None, emulated: bool = False,
-                   machine: str | None = None) -> list[Candidate]:
+                   machine: str | None = None, int8: bool = False) -> list[Candidate]:
     """NNPACK's algorithms x strategies, TVM's default, every hand schedule, and the tuned schedules:
     MetaSchedule's (`tvm:tuned`) and the knob tuner's (`tvm:hand_tuned`; with the `target`, only
-    where its database has a trial of the conv's shape)."""
+    where its database has a trial of the conv's shape). With `int8`, the int8 kernels too."""
     from .hand import hand_candidates
     from .hand_tuned import HandTunedCandidate
     from .tuned import TunedCandidate
 
     tuned = [TunedCandidate(tuning_dir, tuned_layers, trials), HandTunedCandidate(tuning_dir, target, emulated)]
-    return library_candidates(threads, machine) + hand_candidates() + tuned
+    return library_candidates(threads, machine) + hand_candidates() + tuned + (int8_candidates(threads) if int8 else [])
 
 
 def find(impl: str, candidates: list[Candidate] | None = None) -> Candidate:
