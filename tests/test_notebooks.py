@@ -16,7 +16,8 @@ PARAMETERS = {
     "03_tvm_schedules_and_tuning.ipynb": {**SMALL, "work_dir": None, "trials": 4},
     "04_fused_operators.ipynb": {**SMALL, "work_dir": None},
     "05_hybrid_unet.ipynb": {**SMALL, "work_dir": None, "trials": 4},
-    "06_other_networks.ipynb": {"resolution": 32, "quick": True, "work_dir": None, "trials": 4},
+    "06_other_networks.ipynb": {"resolution": 32, "quick": True, "work_dir": None, "trials": 4,
+                                "int8_networks": ["squeezenet"]},
 }
 # How many lessons each notebook asserts at least at these budgets (claims that noise can overturn at
 # a small budget, or that rest on a measurement flagged disturbed, are shown but not asserted:
