@@ -116,15 +116,16 @@ def test_a_reshape_that_is_no_channel_shuffle_is_refused_with_the_node_name():
 
 
 def test_study_quick_on_a_network_writes_a_report(cluster, tmp_path):
-    """`study --quick --network mobilenet_v2` end to end on a real local cluster (at 32x32 to stay small): the
-    hybrid is checked against PyTorch, the peers ran, the depthwise convs say why NNPACK does not apply."""
+    """`study --quick --network mobilenet_v2 --int8` end to end on a real local cluster (at 32x32 to stay small):
+    the hybrid is checked against PyTorch, the peers ran, the depthwise convs say why NNPACK does not apply, and
+    int8 reports each conv's quantisation error and the int8 hybrid against ONNX Runtime's static quantisation."""
     import json
     import subprocess
     import sys
 
     work = tmp_path / "work"
     proc = subprocess.run([sys.executable, "-m", "workbench", "study", "--quick", "--network", "mobilenet_v2",
-                           "--resolution", "32", "--work-dir", str(work), "--tracker", f"127.0.0.1:{cluster.port}",
+                           "--resolution", "32", "--int8", "--work-dir", str(work), "--tracker", f"127.0.0.1:{cluster.port}",
                            "--key", cluster.key, "--json"], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -138,6 +139,11 @@ def test_study_quick_on_a_network_writes_a_report(cluster, tmp_path):
     assert refused and all(r["status"] == "not_applicable" and "group" in r["note"] for r in refused)
     assert any(r.get("layer") in depthwise and r.get("impl") == "tvm:depthwise" and r.get("numerics_ok")
                for r in records)
+    int8 = {row["name"]: row for row in summary["int8"]["end_to_end"]}
+    assert int8["int8_hybrid"]["numerics_ok"] and 0 <= int8["onnxruntime_int8"]["top1_agreement"] <= 1
+    errors = [row["qnnpack_quant_error"] for row in summary["int8"]["layers"]]
+    assert len(errors) == len(model.convs) and all(e is not None and 0 < e < 0.5 for e in errors)
+    assert "<h2>int8</h2>" in report
 
 
 def test_relu6_is_fused_into_the_conv_and_a_clip_not_from_zero_stays_separate():

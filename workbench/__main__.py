@@ -283,11 +283,15 @@ def cmd_study(args) -> None:
         config.tune = args.tune
     if args.space:
         config.space = args.space
+    config.int8 = args.int8
     work = WorkDir.at(args.work_dir)
     with work.lock("study"), open_device(args.tracker, args.key, args.target, args.threads, args.servers) as device:
         summary = run_study(model, device, work, config, progress=not args.json)
-    shown = ("hybrid_ms", "numerics_ok", "baselines", "ratios", "fusion")
-    _emit(args, summary, lambda: json.dumps({k: summary.get(k) for k in shown}, indent=1) + f"\nreport: {work.report}")
+    shown = {k: summary.get(k) for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios", "fusion")}
+    if "int8" in summary:  # the end-to-end rows, briefly: the per-conv table is in the report
+        shown["int8"] = {r["name"]: {k: r.get(k) for k in ("median_ms", "top1_agreement", "max_rel_err")}
+                         for r in summary["int8"]["end_to_end"]}
+    _emit(args, summary, lambda: json.dumps(shown, indent=1, default=str) + f"\nreport: {work.report}")
 
 
 def cmd_export(args) -> None:
@@ -416,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", choices=("hand", "metaschedule", "all"),
                    help="what tuning searches: the hand schedules' knobs and NNPACK's choices (default), "
                         "MetaSchedule's space, or both")
+    p.add_argument("--int8", action="store_true", help="also int8: QNNPACK and TVM int8 per conv, the int8 hybrid "
+                   "against ONNX Runtime's static quantisation and PyTorch QNNPACK (quantisation error beside each time)")
     _device_args(p, farm=True)
     p.set_defaults(func=cmd_study)
 

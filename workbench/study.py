@@ -49,6 +49,7 @@ class StudyConfig:
     end_to_end_timing: TimingConfig = field(default_factory=lambda: TimingConfig(number=1, repeat=10, min_repeat_ms=100))
     seed: int = 0  # of the tuners' searches (inputs are seeded per layer in measure.ConvCase)
     quick: bool = False
+    int8: bool = False  # also the int8 kernels per conv and the int8 hybrid against the int8 peers
 
     @classmethod
     def quick_run(cls) -> "StudyConfig":
@@ -289,6 +290,12 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     summary.update(device=device.describe(), emulated=device.describe()["emulated"])  # never a board's speed if true
     sections = _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
                          in_model, summary, measured.blocks)
+    if config.int8:  # after the float32 study: its records are the per-conv baseline
+        from . import int8_study
+
+        log.info("int8: QNNPACK and TVM int8 on every conv, the int8 hybrid and peers end to end")
+        summary["int8"] = int8_study.network_int8(model, device, work, config, threads)
+        sections.append(_int8_section(summary["int8"]))
     # FP16 Winograd: measured by `python -m workbench fp16` (a board's too), or an alias here.
     fp16 = fp16_section(work.records.read(FP16_KIND), measured.records)
     write_report(work.report, f"Study: {model.name}", sections + ([fp16] if fp16 else []),
@@ -469,6 +476,19 @@ def _noise_section(records, end_to_end, plan) -> Section:
         f"{len(ties)} of {len(plan.layers)} choices were ties: " + ("; ".join(ties) if ties else "none."),
         *([f"{len(hits)} disturbed per-layer measurements:", frame] if hits else
           ["No per-layer measurement was disturbed."])])
+
+
+def _int8_section(int8: dict) -> Section:
+    end = pd.DataFrame(int8["end_to_end"])
+    shown = [c for c in ("name", "median_ms", "ci_ms", "top1_agreement", "max_rel_err", "numerics_ok", "note")
+             if c in end]
+    return Section("int8", [
+        "Per conv, QNNPACK and TVM's int8 kernel with per-channel weight scales calibrated on seeded inputs: each "
+        "is checked against its own quantised reference (one output step), and its distance from the float32 conv "
+        "(quant_error) is reported beside its time. int8_over_float32 is the faster int8 kernel's time over the "
+        "float32 winner's. End to end: the int8 hybrid and the int8 peers beside float32 ONNX Runtime, in one run; "
+        "top-1 agreement and the largest relative error are against float32.",
+        pd.DataFrame(int8["layers"]), end[shown]])
 
 
 def _conv_classes_section(model, records) -> Section:
