@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from workbench import families, study
+from workbench.errors import WorkbenchError
 from workbench.networks import NETWORKS, network
 from workbench.records import WorkDir
 from workbench.rpc import open_device
 
 GOAL, MOONSHOT = 1.0, 0.7
-INT8_INPUTS = 64
 
 
 def float_figures(summary: dict) -> dict:
@@ -37,10 +37,16 @@ def float_figures(summary: dict) -> dict:
             "disturbed": [n for n, r in rows.items() if r.get("disturbed")], "numerics_ok": hybrid["numerics_ok"]}
 
 
-def int8_figures(model, device, work, config, threads: int) -> dict:
-    from workbench import int8_study
-
-    return int8_study.network_int8(model, device, work, config, threads, inputs=INT8_INPUTS)
+def int8_figures(int8: dict) -> dict:
+    """Per conv int8/float32 (the faster int8 kernel over the float32 winner) and each kernel's quantisation
+    error; end to end each row's time, top-1 agreement with float32 (64 inputs) and largest relative error."""
+    layers = [{k: row.get(k) for k in ("layer", "class", "float32_ms", "qnnpack_ms", "tvm_ms", "int8_over_float32",
+                                       "qnnpack_quant_error", "tvm_quant_error")} for row in int8["layers"]]
+    ratios = sorted(r["int8_over_float32"] for r in layers if r["int8_over_float32"])
+    end = {r["name"]: {k: r.get(k) for k in ("median_ms", "ci_ms", "top1_agreement", "max_rel_err", "numerics_ok",
+                                              "disturbed")} for r in int8["end_to_end"]}
+    return {"per_conv": layers, "int8_over_float32_median": ratios[len(ratios) // 2] if ratios else None,
+            "end_to_end": end}
 
 
 def main() -> int:
@@ -54,23 +60,25 @@ def main() -> int:
     parser.add_argument("--no-int8", action="store_true")
     args = parser.parse_args()
     names = [n.strip() for n in args.networks.split(",") if n.strip()]
-    unknown = [n for n in names if n not in NETWORKS]
-    if unknown:
-        print(f"error: unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}", file=sys.stderr)
+    try:  # every model and setting checked before the device starts
+        models = {name: network(name, args.resolution) for name in names}
+        config = study.StudyConfig.quick_run() if args.quick else study.StudyConfig()
+        if args.trials is not None:
+            config.trials = args.trials
+        config.check()
+    except (WorkbenchError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    config = study.StudyConfig.quick_run() if args.quick else study.StudyConfig()
-    if args.trials is not None:
-        config.trials = args.trials
+    config.int8 = not args.no_int8  # in the study's run: the float32 hybrid is timed beside the int8 one
     results, started = {}, time.time()
     with open_device(None, None, None, args.threads) as device:
-        for name in names:
-            model = network(name, args.resolution)
+        for name, model in models.items():
             work = WorkDir.at(Path(args.work_dir) / name)
             summary = study.run_study(model, device, work, config, progress=True)
             shares = families.flop_shares(model).set_index("class")["share"].round(3).to_dict()
             results[name] = {"model": model.name, "conv_flop_shares": shares, "float32": float_figures(summary)}
-            if not args.no_int8:
-                results[name]["int8"] = int8_figures(model, device, work, config, args.threads)
+            if "int8" in summary:
+                results[name]["int8"] = int8_figures(summary["int8"])
             print(json.dumps({name: results[name]}, indent=1, default=str), flush=True)
     results["_run"] = {"seconds": round(time.time() - started, 1), "quick": args.quick, "trials": config.trials,
                        "resolution": args.resolution, "threads": args.threads}

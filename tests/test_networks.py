@@ -205,3 +205,15 @@ def test_a_batchnorm_is_not_folded_into_a_conv_read_elsewhere_through_an_identit
                               [numpy_helper.from_array(v, k) for k, v in values.items()])
     with pytest.raises(ModelError, match=r"node 'bn'.*nothing else reads"):
         from_onnx_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_the_composer_and_the_plan_editor_keep_the_relu6_fusion():
+    from workbench import composer, widgets
+    from workbench.plan import Plan
+
+    model = networks.network("mobilenet_v2", 32)
+    capped = [b for b in composer.blocks(model) if b.kind == "conv + ReLU6"]
+    assert len(capped) == 35 and all(b.toggles == {"clip": ("clip",)} for b in capped)
+    plan = Plan.uniform(model, "tvm:default")
+    assert sum(entry.fuse == ("clip",) for entry in plan.layers.values()) == 35
+    assert widgets.PlanEditor(model, plan).plan.fusions() == plan.fusions()

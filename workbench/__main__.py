@@ -27,7 +27,7 @@ def _load_model(path: str | None, network: str | None = None, resolution: int | 
         raise UserError("--resolution sizes a --network (the UNet and ONNX files carry their own size); "
                         "pass --network too, or leave --resolution out")
     if network is not None:
-        return defined_network(network, resolution or RESOLUTION)
+        return defined_network(network, RESOLUTION if resolution is None else resolution)
     # Only a missing --model means the reference UNet: an empty path is an error, not a default.
     model = load_onnx(path) if path is not None else reference_unet()
     for note in model.notes:  # renamed layers, say: the names the user will see in results
@@ -215,8 +215,9 @@ def cmd_fp16(args) -> None:
     from .report import device_line
     from .rpc import open_device
 
-    model = _load_model(args.model) if args.model is not None else fp16.probe_model()
-    layers = _layer_names(args.layers) or (None if args.model is not None else list(fp16.PROBE_LAYERS))
+    chosen = args.model is not None or args.network is not None
+    model = _load_model(args.model, args.network, args.resolution) if chosen else fp16.probe_model()
+    layers = _layer_names(args.layers) or (None if chosen else list(fp16.PROBE_LAYERS))
     layers = fp16.winograd_layers(model, layers)  # a conv FP16 Winograd cannot run fails before a device starts
     work = WorkDir.at(args.work_dir)
     with work.lock("fp16"), open_device(args.tracker, args.key, args.target, args.threads) as device:
@@ -368,6 +369,8 @@ def cmd_board(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .networks import NETWORKS
+
     parser = _Parser(prog="python -m workbench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -392,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fp16", help="the error NNPACK's FP16 Winograd (wt8x8_fp16) adds over wt8x8 on a device, "
                        "and whether it really stores FP16 there (x86: an alias)")
     p.add_argument("--model", help="an ONNX file (default: a tiny UNet, its 16->16 conv at 24x24 and 64->64 at 12x12)")
-    p.add_argument("--layers", help="comma-separated 3x3 stride-1 conv names (default: every such conv of --model)")
+    p.add_argument("--network", choices=NETWORKS, help="a network defined here instead (SqueezeNet has 3x3 convs)")
+    p.add_argument("--resolution", type=int, help="the --network's input size (default 224)")
+    p.add_argument("--layers", help="comma-separated 3x3 stride-1 conv names (default: every such conv of the model)")
     _common(p, "--work-dir", "--json")
     _device_args(p)
     p.set_defaults(func=cmd_fp16)

@@ -237,9 +237,12 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | None = None,
                       notebooks: Path = NOTEBOOKS) -> list[Path]:
-    """Run every notebook (papermill) on the finished study's work dir, at the study's budget (`quick`,
+    """Run the notebooks (papermill) on the finished study's work dir, at the study's budget (`quick`,
     trials, threads, and its model file when it had one); the executed copies land in `out`. Each
-    notebook reuses the study's records and tuning databases, so only what it adds is measured."""
+    notebook reuses the study's records and tuning databases, so only what it adds is measured.
+
+    A study of the reference UNet or an ONNX file runs notebooks 01-05; a `--network` study runs
+    notebook 06 on that network at its resolution (its int8 part only when the study ran `--int8`)."""
     import papermill
 
     work = WorkDir.at(work_dir)
@@ -250,12 +253,17 @@ def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | Non
     # keep their own, or the quick one, and resume from the study's databases.
     wanted = {"work_dir": str(work.root.resolve()), "quick": bool(budget.get("quick")),
               "trials": 4 if budget.get("quick") else None, "threads": summary.get("threads"),
-              "model_path": (str(Path(command[command.index("--model") + 1]).resolve())
-                             if "--model" in command[:-1] else None)}
+              "model_path": str(Path(_flag(command, "--model")).resolve()) if _flag(command, "--model") else None}
+    network = _flag(command, "--network")
+    if network:  # notebook 06 on this network, reading the study's own work dir
+        wanted.update(networks=[network], resolution=int(_flag(command, "--resolution") or 224),
+                      int8_networks=[network] if "--int8" in command else [], network_work_dir=str(work.root.resolve()))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     executed = []
     for path in sorted(Path(notebooks).glob("*.ipynb")):
+        if path.name.startswith(NETWORKS_NOTEBOOK) != bool(network):
+            continue
         declared = notebook_parameters(path)  # only the parameters this notebook has
         parameters = {k: v for k, v in wanted.items() if k in declared and v is not None}
         try:
@@ -271,6 +279,12 @@ def execute_notebooks(work_dir: str | Path, out: str | Path, summary: dict | Non
 
 
 CELL_TIMEOUT_S = 3600  # one notebook cell; a hung device call ends the write-up instead of hanging it
+NETWORKS_NOTEBOOK = "06_"  # the other networks' notebook: run for a --network study only
+
+
+def _flag(command: list[str], name: str) -> str | None:
+    """The value given to `name` on the study's command line (None when absent)."""
+    return command[command.index(name) + 1] if name in command[:-1] else None
 
 
 def notebook_parameters(path: Path) -> set[str]:

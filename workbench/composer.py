@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 IMPLS = schedules.SCHEDULES  # the hand schedules: the implementations with knobs
-ALL_EPILOGUE = ("relu", "resize", "add")
+ALL_EPILOGUE = ("relu", "clip", "resize", "add")
 
 
 class ComposerError(WorkbenchError, ValueError):
@@ -72,7 +72,7 @@ class Block:
             return "decoder reduce conv"
         if self.prologue:
             return "conv after a pool"
-        return "conv + ReLU" if self.epilogue == ("relu",) else "conv"
+        return {("relu",): "conv + ReLU", ("clip",): "conv + ReLU6"}.get(self.epilogue, "conv")
 
     @property
     def title(self) -> str:

@@ -14,6 +14,7 @@ from . import intensity
 from .model import Layer, Model
 
 CLASSES = ("3x3 stride 1", "depthwise", "1x1", "strided or other")
+WINNER_COLUMNS = ["layer", "class", "winner", "library", "best_ms", "nnpack_ms", "tvm_ms", "nnpack_note"]
 
 
 def conv_class(layer: Layer) -> str:
@@ -49,7 +50,7 @@ def winners_by_class(model: Model, records: list[dict]) -> pd.DataFrame:
     rows = []
     for layer in model.convs:
         mine = [r for r in records if r.get("layer") == layer.name]
-        ok = [r for r in mine if r.get("numerics_ok") and r.get("median_ms")]
+        ok = [r for r in mine if r.get("numerics_ok") and r.get("median_ms") and not r.get("fusion")]
         best = min(ok, key=lambda r: r["median_ms"], default=None)
         nnpack = min((r for r in ok if r["impl"].startswith("nnpack:")), key=lambda r: r["median_ms"], default=None)
         tvm = min((r for r in ok if r["impl"].startswith("tvm:")), key=lambda r: r["median_ms"], default=None)
@@ -61,7 +62,7 @@ def winners_by_class(model: Model, records: list[dict]) -> pd.DataFrame:
                      "nnpack_ms": nnpack["median_ms"] if nnpack else None,
                      "tvm_ms": tvm["median_ms"] if tvm else None,
                      "nnpack_note": "" if nnpack else (refused or "no NNPACK record")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=WINNER_COLUMNS)
 
 
 def library_count(winners: pd.DataFrame) -> pd.DataFrame:

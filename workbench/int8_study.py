@@ -43,20 +43,23 @@ def layer_rows(model: Model, float_best: dict[str, dict], int8_records: list[dic
             short = impl.split(":")[0]
             row[f"{short}_ms"] = record.get("median_ms") if record.get("numerics_ok") else None
             row[f"{short}_quant_error"] = record.get("quant_error")
-            if record.get("status") == "not_applicable":
-                row[f"{short}_note"] = record.get("note")
+            if record.get("status") in ("not_applicable", "wrong", "failed", "crashed"):
+                row[f"{short}_note"] = f"{record['status']}: {record.get('note') or ''}".strip(": ")
         int8_times = [row[f"{i.split(':')[0]}_ms"] for i in INT8_IMPLS if row[f"{i.split(':')[0]}_ms"]]
         row["int8_over_float32"] = min(int8_times) / row["float32_ms"] if int8_times and row["float32_ms"] else None
         rows.append(row)
     return rows
 
 
-def network_int8(model: Model, device, work: WorkDir, config, threads: int, inputs: int = EVAL_INPUTS) -> dict:
+def network_int8(model: Model, device, work: WorkDir, config, threads: int, inputs: int = EVAL_INPUTS,
+                 float_hybrid=None) -> dict:
     """Calibrate, measure both int8 kernels on every conv, then the int8 hybrid and the int8 peers end to end
-    ({"layers": rows, "end_to_end": rows, "calibration": digest})."""
+    ({"layers": rows, "end_to_end": rows, "calibration": digest}). `float_hybrid`, the study's compiled float32
+    hybrid, is timed in the same run as the int8 one (row `float32_hybrid`)."""
     calibration = quant.calibrate_model(model)
     records = measure_int8_layers(model, device, calibration, threads, config.timing)
+    extra = {"float32_hybrid": float_hybrid} if float_hybrid is not None else None
     end_to_end = int8_end_to_end(model, device, threads, config.end_to_end_timing, inputs=inputs,
-                                 layer_records=records, calibration=calibration)
+                                 layer_records=records, calibration=calibration, extra=extra)
     return {"layers": layer_rows(model, float_winners(model, work), records), "end_to_end": end_to_end,
             "calibration": quant.digest(calibration)}

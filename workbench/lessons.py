@@ -352,7 +352,9 @@ def network_lessons(shares: pd.DataFrame, winners: pd.DataFrame, records: list[d
                "depthwise" not in by_class or by_class.idxmin() == "depthwise",
                ", ".join(f"{c}: {v:.1f} FLOP/B" for c, v in by_class.items())),
         Lesson("NNPACK never runs a depthwise conv: every NNPACK record there is 'not applicable', with the reason.",
-               all(r.get("status") == "not_applicable" and r.get("note") for r in nnpack_on_depthwise),
+               # With depthwise convs, NNPACK must have been tried on them (and refused) for this to hold.
+               (depthwise.empty or bool(nnpack_on_depthwise))
+               and all(r.get("status") == "not_applicable" and r.get("note") for r in nnpack_on_depthwise),
                f"{len(nnpack_on_depthwise)} NNPACK records on {len(depthwise)} depthwise convs"
                + (f"; e.g. {nnpack_on_depthwise[0].get('note')!r}" if nnpack_on_depthwise else "")),
         _checked_before_timed(records),

@@ -18,6 +18,7 @@ from .model import Model, from_onnx_proto
 
 NETWORKS = ("mobilenet_v2", "squeezenet", "shufflenet_v2")
 RESOLUTION = 224
+MAX_RESOLUTION = 1024  # 1x3x1024x1024: larger exports take minutes and gigabytes
 
 
 class NetworkError(WorkbenchError, ValueError):
@@ -29,9 +30,10 @@ def network(name: str, resolution: int = RESOLUTION, classes: int = 1000, seed: 
     if name not in NETWORKS:
         raise NetworkError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)} (or pass an ONNX file "
                            "with --model)")
-    if not isinstance(resolution, int) or resolution < 32 or resolution % 32:
-        raise NetworkError(f"resolution {resolution!r} must be a multiple of 32, at least 32 (the networks "
-                           "downsample by 32); 224 is the usual")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 32 <= resolution <= MAX_RESOLUTION \
+            or resolution % 32:
+        raise NetworkError(f"resolution {resolution!r} must be a multiple of 32 from 32 to {MAX_RESOLUTION} (the "
+                           "networks downsample by 32); 224 is the usual")
     return _imported(name, resolution, classes, seed)
 
 

@@ -294,7 +294,8 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
         from . import int8_study
 
         log.info("int8: QNNPACK and TVM int8 on every conv, the int8 hybrid and peers end to end")
-        summary["int8"] = int8_study.network_int8(model, device, work, config, threads)
+        summary["int8"] = int8_study.network_int8(model, device, work, config, threads,
+                                                  float_hybrid=executables["hybrid"])
         sections.append(_int8_section(summary["int8"]))
     # FP16 Winograd: measured by `python -m workbench fp16` (a board's too), or an alias here.
     fp16 = fp16_section(work.records.read(FP16_KIND), measured.records)
