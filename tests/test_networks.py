@@ -217,3 +217,19 @@ def test_the_composer_and_the_plan_editor_keep_the_relu6_fusion():
     plan = Plan.uniform(model, "tvm:default")
     assert sum(entry.fuse == ("clip",) for entry in plan.layers.values()) == 35
     assert widgets.PlanEditor(model, plan).plan.fusions() == plan.fusions()
+
+
+@pytest.mark.parametrize("out_features", [1000, 10, 7])
+def test_the_fully_connected_kernel_computes_the_gemm(out_features):
+    """The classifier's kernel (weights transposed, parallel and vectorised over outputs) against numpy."""
+    import tvm
+
+    from workbench.build import gemm_func
+    from workbench.targets import host_target
+
+    rng = np.random.default_rng(out_features)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((1, 64), (out_features, 64), (out_features,)))
+    run = tvm.compile(gemm_func(out_features, 64), target=tvm.target.Target(host_target(1)))
+    y = tvm.runtime.empty((1, out_features), "float32", tvm.cpu())
+    run["main"](*(tvm.runtime.tensor(a) for a in (x, np.ascontiguousarray(w.T), b)), y)
+    assert np.allclose(y.numpy(), x @ w.T + b, rtol=1e-5, atol=1e-5)

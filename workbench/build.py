@@ -58,7 +58,7 @@ def build_hybrid(model: Model, plan: Plan, target, candidates: list[Candidate] |
                 elif layer.name in hand:
                     values[layer.name] = fused.elementwise_kernel(hand[layer.name]).emit(bb, hand[layer.name], values)
                 elif layer.op == "gemm":
-                    expr = gemm_op(layer, values[layer.inputs[0]], *model.params[layer.name])
+                    expr = gemm_op(bb, layer, values[layer.inputs[0]], *model.params[layer.name])
                     values[layer.name] = bb.emit(expr, symbol(layer.name))
                 elif layer.name not in absorbed and layer.name not in in_hand:
                     expr = relax_op(layer, [values[s] for s in layer.inputs])
@@ -138,11 +138,49 @@ def _widened_op(layer: Layer, args: list):
     raise PlanError(f"layer {layer.name!r}: op {layer.op!r} needs its weights; see gemm_op")
 
 
-def gemm_op(layer: Layer, x, weight, bias):
-    """A fully connected layer: x @ weight.T + bias, the weights embedded as constants."""
+GEMM_LANES = 8  # output features per vector (measured: 0.07 ms for 1024 -> 1000, 0.16 with 40)
+
+
+def gemm_op(bb, layer: Layer, x, weight, bias):
+    """A fully connected layer, x @ weight.T + bias, as a scheduled kernel (weights embedded as constants).
+
+    Relax's legalized matmul is a serial dot product per output: 1.5 ms for ShuffleNet's 1024 -> 1000
+    classifier. Here the weight is stored transposed, (in, out), so each input feature scales a
+    contiguous row of outputs: blocks of outputs run in parallel, vectorised along the block.
+    """
+    import numpy as np
     from tvm import relax
 
-    return relax.op.linear(x, relax.const(weight), relax.const(bias))
+    from .kernels.tvm_kernel import final_kernel
+
+    name = symbol(f"gemm_{layer.name}")
+    gv = bb.add_func(final_kernel(gemm_func(*weight.shape), name), name)
+    args = [x, relax.const(np.ascontiguousarray(weight.T)), relax.const(bias)]
+    return relax.call_tir(gv, args, relax.TensorType(layer.output_shape, "float32"))
+
+
+def gemm_func(out_features: int, in_features: int):
+    """PrimFunc (x (1, in), weight (in, out), bias (out,), y (1, out)), parallel and vectorised over outputs."""
+    import tvm
+    from tvm import te
+
+    x = te.placeholder((1, in_features), "float32", name="x")
+    w = te.placeholder((in_features, out_features), "float32", name="w")
+    b = te.placeholder((out_features,), "float32", name="b")
+    k = te.reduce_axis((0, in_features), name="k")
+    dot = te.compute((1, out_features), lambda n, j: te.sum(x[n, k] * w[k, j], axis=k), name="dot")
+    y = te.compute((1, out_features), lambda n, j: dot[n, j] + b[j], name="y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, w, b, y]))
+    block = sch.get_sblock("dot")
+    n, j, kk = sch.get_loops(block)
+    lanes = next(n for n in (GEMM_LANES, 4, 2, 1) if out_features % n == 0)
+    jo, ji = sch.split(j, [None, lanes])
+    sch.reorder(jo, kk, ji)
+    sch.parallel(jo)
+    sch.vectorize(ji)  # before the init is split off: vectorize needs the whole reduction block
+    sch.decompose_reduction(block, kk)
+    sch.reverse_compute_at(sch.get_sblock("y"), jo)
+    return sch.mod["main"]
 
 
 def compile_hybrid(mod, target=None, fuse_ops: bool | None = None):
