@@ -97,7 +97,6 @@ def test_a_torch_export_with_folding_on_imports_its_split_flatten_and_pools():
 
 def test_a_reshape_that_is_no_channel_shuffle_is_refused_with_the_node_name():
     import onnx
-    import torch
     import torch.nn as nn
 
     class Wrong(nn.Module):
@@ -192,7 +191,6 @@ def test_the_networks_import_from_other_opsets(name, opset):
 
 
 def test_a_batchnorm_is_not_folded_into_a_conv_read_elsewhere_through_an_identity():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     values = {"w": np.ones((2, 2, 1, 1), np.float32), **{k: np.ones(2, np.float32) for k in ("s", "b", "m", "v")}}

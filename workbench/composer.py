@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import schedules
+from . import depthwise, schedules  # noqa: F401 (importing depthwise registers tvm:depthwise with schedules)
 from .errors import WorkbenchError
 from .fusion import PROLOGUE_OPS, Fusion, fusible_chain, fused_layers, prologue_chain, prologue_layers
 from .measure import ConvCase, TimingConfig

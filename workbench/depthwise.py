@@ -24,6 +24,7 @@ reads input channel k // multiplier.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -243,3 +244,6 @@ def schedule_steps(sch, layer: S.ConvLayer, knobs: DepthwiseKnobs) -> Iterator[s
     yield f"padding{' + NCHW[%dc] re-layout' % knobs.oc_bn if knobs.layout == 'nchwc' else ''}: {knobs.pad}"
     sch.decompose_reduction(conv, kh)
     yield "decompose reduction: zero the accumulators before the kernel window"
+
+
+S.PROVIDERS[S.DEPTHWISE] = sys.modules[__name__]  # schedules.py dispatches tvm:depthwise here

@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import (MAX_ELEMENTS, Layer, ModelError, _attrs, _text, _window_attrs, clip_layer, flatten_layer, gemm_layer,
+from .layers import (MAX_ELEMENTS, Layer, ModelError, _attrs, _text, _window_attrs, clip_layer, flatten_layer, gemm_layer,
                     global_pool_layer, shuffle_layer, slice_layer, window_layer)
 
+# Shape arithmetic exporters write (Shape -> Gather -> Div -> Slice for a torch chunk, say): evaluated
+# at import when every input is known, so only the feature-map ops become layers.
+_FOLDABLE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub", "Mul", "Div", "Cast",
+                 "Slice", "Floor", "Ceil", "Reshape", "ConstantOfShape", "Range")
 SHUFFLE_PERM = [0, 2, 1, 3, 4]
 _SHUFFLE_HOW = ("a Reshape to 5-D is read only as ShuffleNet's channel shuffle: Reshape to (N, groups, C/groups, "
                 "H, W), Transpose with perm [0, 2, 1, 3, 4], Reshape back to (N, C, H, W)")
@@ -57,8 +61,6 @@ def readers_of(graph) -> dict:
 def fold(node, state: GraphState) -> bool:
     """Evaluate a node whose inputs are all known values (a Shape reads a feature map's shape); False if
     it computes on feature maps."""
-    from .model import _FOLDABLE_OPS
-
     if node.op_type not in _FOLDABLE_OPS:
         return False
     inputs = [t for t in node.input if t]

@@ -136,11 +136,16 @@ def _check_impl(impl: str) -> None:
         raise ScheduleError(f"unknown implementation {impl!r}; choose one of {SCHEDULES}")
 
 
-def _depthwise():
-    """workbench.depthwise, imported when first needed (it builds on this module)."""
-    from . import depthwise
+# Schedules written in their own module on top of this one register here when imported (depthwise.py
+# does), so this module never imports them: name -> module with the functions dispatched to below.
+PROVIDERS: dict = {}
 
-    return depthwise
+
+def _depthwise():
+    """workbench.depthwise, registered when it is imported (kernels/hand.py, knob_tuning.py, composer.py do)."""
+    if DEPTHWISE not in PROVIDERS:
+        raise ScheduleError("the depthwise schedule is not loaded: import workbench.depthwise first")
+    return PROVIDERS[DEPTHWISE]
 
 
 def winograd_m(impl: str) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .. import schedules
+from .. import depthwise, schedules  # noqa: F401 (importing depthwise registers tvm:depthwise with schedules)
 from .base import KnobsError
 from .tvm_kernel import FactoryCandidate, TVMCandidate
 
