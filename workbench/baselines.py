@@ -161,8 +161,7 @@ def _tvm_executable(name: str, model: Model, target):
     if name == "nnpack_everywhere":
         plan = nnpack_everywhere_plan(model)
         return compile_hybrid(build_hybrid(model, plan, target), target), \
-            "build_hybrid, every conv nnpack:auto (precompute), ReLU fused, Relax FuseOps on" + \
-            "".join(f"; {note}" for note in plan.notes[-1:] if "cannot run" in note)
+            f"build_hybrid, Relax FuseOps on; {plan.notes[-1]}"  # the note names convs NNPACK cannot run
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     return tvm.compile(relax_module(model), target=target), \
         "TVM ONNX importer + tvm.compile default pipeline: no schedules, no fusion"
