@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from processes import group_alive
-from workbench import tuning
+from workbench import interrupts, tuning
 from workbench.compare import KIND, compare
 from workbench.kernels.default import DefaultCandidate, default_conv_func
 from workbench.kernels.registry import library_candidates
@@ -288,6 +288,29 @@ def test_tuning_survives_a_server_killed_mid_search(cluster, tmp_path):
 
 
 # ---------------------------------------------------------------- Ctrl-C and an absent tracker
+
+def swallowing_kernel(layer, relu, weight):
+    """What TVM's RPC client can do with a Ctrl-C that arrives while it waits: the KeyboardInterrupt
+    comes out as its own error. The signal handler has noted it (interrupts.py)."""
+    interrupts.note(KeyboardInterrupt)
+    raise AttributeError("Module has no function 'workbench.nnpack.set_threads'")
+
+
+def test_an_interrupt_turned_into_another_error_still_stops_the_sweep(cluster, small_model, tmp_path):
+    store = RecordStore(tmp_path / "records.jsonl")
+    layer = small_model.convs[0].name
+    candidates = [FactoryCandidate("tvm:before", plain_conv), FactoryCandidate("tvm:swallowed", swallowing_kernel),
+                  DefaultCandidate()]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bounded(120, compare, small_model, cluster.device(), [layer], candidates=candidates, timing=QUICK,
+                    store=store, progress=False)
+    finally:
+        interrupts.reset()
+    # What was measured before is kept; the interrupted candidate is no "failed" result, nothing after it ran.
+    assert keys_in(store) == [(layer, "tvm:before")]
+
+
 
 def _workbench(*args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "workbench", *args], stdout=subprocess.PIPE,

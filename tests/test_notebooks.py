@@ -19,16 +19,24 @@ PARAMETERS = {
     "06_other_networks.ipynb": {"resolution": 32, "quick": True, "work_dir": None, "trials": 4,
                                 "int8_networks": ["squeezenet"]},
 }
-# How many lessons each notebook asserts at least at these budgets (claims that noise can overturn at
-# a small budget, or that rest on a measurement flagged disturbed, are shown but not asserted:
-# lessons.Lesson.asserted).
+# How many lessons each notebook shows, and how many it asserts whatever the noise: a timing claim
+# that noise can overturn at a small budget, or that rests on a measurement flagged disturbed, is
+# shown but not asserted (lessons.Lesson.asserted); on a calm machine it is asserted too.
+SHOWN = {
+    "01_layers_and_roofline.ipynb": 3,
+    "02_nnpack_algorithms.ipynb": 5,
+    "03_tvm_schedules_and_tuning.ipynb": 6,
+    "04_fused_operators.ipynb": 3,
+    "05_hybrid_unet.ipynb": 4,
+    "06_other_networks.ipynb": 4,
+}
 ASSERTED = {
     "01_layers_and_roofline.ipynb": 3,
-    "02_nnpack_algorithms.ipynb": 4,
-    "03_tvm_schedules_and_tuning.ipynb": 4,
-    "04_fused_operators.ipynb": 3,
-    "05_hybrid_unet.ipynb": 3,  # against the peers is shown, not asserted, on the tests' tiny model
-    "06_other_networks.ipynb": 4,  # the hybrid against a single library is shown, not asserted, at 32x32
+    "02_nnpack_algorithms.ipynb": 3,
+    "03_tvm_schedules_and_tuning.ipynb": 3,
+    "04_fused_operators.ipynb": 1,
+    "05_hybrid_unet.ipynb": 2,
+    "06_other_networks.ipynb": 4,
 }
 
 
@@ -49,6 +57,7 @@ def test_notebook_runs(name, tmp_path):
     found = lessons.from_notebook(executed)
     for lesson in found:  # shown with -s, and beside a failure
         print(lessons.Lesson(**lesson).line())
+    assert len(found) >= SHOWN[name], [lesson["claim"] for lesson in found]
     asserted = [lesson for lesson in found if lesson["asserted"]]
     assert len(asserted) >= ASSERTED[name], [lesson["claim"] for lesson in found]
     failed = [f"{lesson['claim']} ({lesson['evidence']})" for lesson in asserted if not lesson["holds"]]

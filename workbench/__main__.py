@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from . import interrupts
 from .errors import UserError, WorkbenchError
 from .threads import check_positive, resolve_threads
 
@@ -475,21 +476,33 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # MetaSchedule logs every batch at INFO; the progress bar says enough
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    # SIGTERM unwinds like Ctrl-C, so the local cluster and the tuning workers are stopped too.
+    # SIGTERM unwinds like Ctrl-C, so the local cluster and the tuning workers are stopped too. Both
+    # are also noted (interrupts.py): an exception raised inside a TVM call can come out as another error.
+    interrupts.reset()
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _interrupted)
     kept = _nothing_written
     try:
         check_arguments(args)  # once, here, before anything starts; resolved values passed down
         kept = _kept_counter(args)
         args.func(args)
+        interrupts.check()  # a Ctrl-C that a C layer turned into another error still ends the run as one
     except WorkbenchError as err:  # anything else is a bug: let it surface with its traceback
+        if interrupts.pending():  # the device "failed" because the interrupt reached it too
+            return _interrupted_exit(kept, interrupts.first())
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up message
-        print(f"\ninterrupted: {kept()}; run the same command again to resume", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        return _interrupted_exit(kept, type(stop))
+    finally:
+        interrupts.reset()  # a library call after main() in the same process starts afresh
     return 0
+
+
+def _interrupted_exit(kept, kind: type) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up message
+    print(f"\ninterrupted: {kept()}; run the same command again to resume", file=sys.stderr)
+    return 143 if issubclass(kind, Terminated) else 130
 
 
 class Terminated(KeyboardInterrupt):
@@ -497,7 +510,13 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(signum, frame):
+    interrupts.note(Terminated)
     raise Terminated()
+
+
+def _interrupted(signum, frame):
+    interrupts.note(KeyboardInterrupt)
+    raise KeyboardInterrupt()
 
 
 def _nothing_written() -> str:

@@ -13,7 +13,7 @@ import time
 
 import pandas as pd
 
-from . import stats
+from . import interrupts, stats
 from .fusion import Fusion
 from .kernels.base import Candidate
 from .measure import FINAL, ConvCase, Measurement, TimingConfig, measure, usable
@@ -203,6 +203,7 @@ def measure_surviving(candidate, case: ConvCase, sessions: SessionKeeper, device
             session = sessions.get()
             with hang_guard(device, sessions.server) as hung:
                 result = measure(candidate, case, session, device, timing)
+            interrupts.check()  # a Ctrl-C inside the call may have come out as this "failure"
             if hung:
                 raise SessionLost("the guard ended the server")
             # A failure while the device died under it (an orphaned session process answering
@@ -213,6 +214,7 @@ def measure_surviving(candidate, case: ConvCase, sessions: SessionKeeper, device
         except SessionLost as err:
             reasons.append(f"no answer from the device within {hung[0]:.0f}s" if hung
                            else short_reason(err.__cause__ or err))
+        interrupts.check()  # the session died of the Ctrl-C that reached the server too: stop, do not revive
         # Outside the except block, so the dead session's remote objects can be collected.
         log.warning("%s on %s: session lost (%s); reviving the device", candidate.impl, case.layer.name, reasons[-1])
         session = None

@@ -225,6 +225,8 @@ def fusion_figures(end_to_end: list[dict], plan: Plan, records: list[dict],
 
     figures["ci_ms"] = {r["name"]: list(interval(r)) for r in end_to_end
                         if r["name"] in (*FUSION_BUILDS, "hybrid") and interval(r)}
+    figures["disturbed"] = [r["name"] for r in end_to_end if r["name"] in (*FUSION_BUILDS, "hybrid")
+                            and r.get("disturbed")]
     return figures
 
 
