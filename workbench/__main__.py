@@ -486,7 +486,6 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)  # once, here, before anything starts; resolved values passed down
         kept = _kept_counter(args)
         args.func(args)
-        interrupts.check()  # a Ctrl-C that a C layer turned into another error still ends the run as one
     except WorkbenchError as err:  # anything else is a bug: let it surface with its traceback
         if interrupts.pending():  # the device "failed" because the interrupt reached it too
             return _interrupted_exit(kept, interrupts.first())
