@@ -75,6 +75,7 @@ def _disturbed(*measurements) -> bool:
 
 
 DISTURBED_NOTE = "; a measurement was disturbed"
+TINY_MODEL_MS = 1.0  # whole models faster than this: one burst of other work can decide a comparison
 
 
 # ---------------------------------------------------------------- 01: layers and the roofline
@@ -306,13 +307,15 @@ def fusion_lessons(results: list, nnpack_calls: dict[str, dict], effect: dict) -
             "Whole model: the 2018 groups are not slower than every op as its own kernel, by more than noise.",
             not stats.clearly_below(tuple(spans["unfused"]), tuple(spans["groups_2018"])),
             f"unfused {_fmt(spans['unfused'])}, 2018 groups {_fmt(spans['groups_2018'])}"
-            + (DISTURBED_NOTE if disturbed else ""), asserted=not disturbed))
+            + (DISTURBED_NOTE if disturbed else ""),
+            # Each build is timed in its own second: under a millisecond (the tests' tiny model), a burst of
+            # other work in that second slowed the 2018 groups from 0.52 to 0.86 ms once, with a narrow
+            # interval and no load signal. Asserted on models of real size, like the hybrid's (notebook 05).
+            asserted=not disturbed and min(spans["unfused"][0], spans["groups_2018"][0]) >= TINY_MODEL_MS))
     return lessons
 
 
 # ---------------------------------------------------------------- 05: the hybrid
-
-TINY_MODEL_MS = 1.0
 
 def hybrid_lessons(end_to_end: list[dict], plan, edges: list[str]) -> list[Lesson]:
     """From the end-to-end rows (with intervals) and the hybrid plan (notebook 05)."""
