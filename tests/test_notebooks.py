@@ -20,8 +20,9 @@ PARAMETERS = {
                                 "int8_networks": ["squeezenet"]},
 }
 # How many lessons each notebook shows, and how many it asserts whatever the noise: a timing claim
-# that noise can overturn at a small budget, or that rests on a measurement flagged disturbed, is
-# shown but not asserted (lessons.Lesson.asserted); on a calm machine it is asserted too.
+# that noise can overturn at a small budget (a margin under 2x between kernels timed in separate
+# windows, or a whole model under a millisecond), or that rests on a measurement flagged disturbed,
+# is shown but not asserted (lessons.Lesson.asserted); at a real budget on a calm machine it is.
 SHOWN = {
     "01_layers_and_roofline.ipynb": 3,
     "02_nnpack_algorithms.ipynb": 5,

@@ -283,7 +283,7 @@ def _knob_tuner_lessons(here: list[dict], quick: bool) -> list[Lesson]:
 
 # ---------------------------------------------------------------- 04: fused operators
 
-def fusion_lessons(results: list, nnpack_calls: dict[str, dict], effect: dict) -> list[Lesson]:
+def fusion_lessons(results: list, nnpack_calls: dict[str, dict], effect: dict, quick: bool = False) -> list[Lesson]:
     """From the composer's results (composer.Result), NNPACK's identity and fused-ReLU calls, and
     study.fusion_effect's figures (notebook 04)."""
     timed = [r for r in results if r.median_ms is not None]
@@ -299,7 +299,10 @@ def fusion_lessons(results: list, nnpack_calls: dict[str, dict], effect: dict) -
             "NNPACK with the ReLU fused into its output transform is not slower than the identity call the 2018 "
             "study made, by more than noise (and it saves the separate ReLU pass).", _not_slower(fused, "", identity),
             f"fused {_fmt(stats.interval(fused))}, identity {_fmt(stats.interval(identity))}"
-            + (DISTURBED_NOTE if _disturbed(fused, identity) else ""), asserted=not _disturbed(fused, identity)))
+            + (DISTURBED_NOTE if _disturbed(fused, identity) else ""),
+            # One call, with and without its ReLU, each timed in its own fraction of a second: at a quick
+            # budget a burst of other work in one window decides it. A real budget does.
+            asserted=not (quick or _disturbed(fused, identity))))
     spans = effect.get("ci_ms") or {}
     if "unfused" in spans and "groups_2018" in spans:
         disturbed = bool({"unfused", "groups_2018"} & set(effect.get("disturbed", [])))
@@ -349,8 +352,9 @@ def hybrid_lessons(end_to_end: list[dict], plan, edges: list[str]) -> list[Lesso
                f"hybrid {_fmt(stats.interval(hybrid))}, untuned "
                f"{_fmt(stats.interval(rows['tvm_untuned'])) if 'tvm_untuned' in rows else '-'}"
                + (DISTURBED_NOTE if disturbed else ""),
-               # A disturbed interval (measured again and still wide: other work on the cores) decides nothing.
-               asserted=not disturbed),
+               # A disturbed interval (measured again and still wide: other work on the cores) decides nothing,
+               # and under a millisecond (the tiny model) neither does one build's second of timing.
+               asserted=not disturbed and hybrid["median_ms"] >= TINY_MODEL_MS),
         Lesson("None of the few-channel, large-image edge convs goes to NNPACK: its transforms cost more than they "
                "save there.", not on_nnpack,
                f"edge convs: {', '.join(f'{layer} {plan.impl(layer)}' for layer in edges)}"),
