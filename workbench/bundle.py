@@ -28,6 +28,7 @@ from .paths import make_dir
 from .records import RecordStore, WorkDir, environment
 
 RECORDS_KIND = "conv_measurement"  # compare.KIND (not imported: compare pulls in the device layer)
+RUNOFF_KIND = "runoff"  # runoff.KIND: a conv's close contenders timed again, interleaved
 E2E_KIND = "end_to_end"  # study.E2E_KIND
 FILES = ("report.html", "records.jsonl", "plan.json", "study.json", "tuning.json", "environment.json",
          "reproduce.sh")
@@ -416,6 +417,7 @@ def read_bundle(path: str | Path) -> dict:
     read = {"plan": _json(path / "plan.json"), "study": _json(path / "study.json"),
             "environment": _json(environment_file) if environment_file.is_file() else {},
             "records": [r for r in records if r.get("kind") == RECORDS_KIND],
+            "runoff": [r for r in records if r.get("kind") == RUNOFF_KIND],
             "end_to_end": _latest_e2e(records)}
     rows = read["plan"].get("layers") if isinstance(read["plan"], dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "layer" in r and "impl" in r for r in rows):
@@ -450,6 +452,11 @@ def _isolated(records: list[dict]) -> dict:
         if key not in found or record["median_ms"] < found[key]["median_ms"]:
             found[key] = record
     return found
+
+
+def _latest_runoff(records: list[dict]) -> dict:
+    """(layer, impl) -> its newest runoff record (usable ones)."""
+    return {(r["layer"], r["impl"]): r for r in usable(records)}
 
 
 def _figure(record: dict | None) -> dict | None:
@@ -489,8 +496,15 @@ def _verdict(layer: str, old: dict, new: dict | None, timed: list[dict], ties: l
     both = [t for t in timed if key_a in t and key_b in t]
     if not both:
         return "not measured in both"
-    overlapping = any(stats.overlap(stats.interval(t[key_a]), stats.interval(t[key_b])) for t in both)
+    overlapping = any(not _apart(t[key_a], t[key_b]) for t in both)
     return "within noise" if overlapping else "clear"
+
+
+def _apart(x: dict, y: dict) -> bool:
+    """Two records told apart beyond noise: round by round if one runoff timed both, else by their intervals."""
+    if stats.same_runoff([x, y]):
+        return stats.slower_in_rounds(x, y) or stats.slower_in_rounds(y, x)
+    return not stats.overlap(stats.interval(x), stats.interval(y))
 
 
 def diff_bundles(a: str | Path, b: str | Path) -> dict:
@@ -498,7 +512,8 @@ def diff_bundles(a: str | Path, b: str | Path) -> dict:
     end to end, environment."""
     first, second = read_bundle(a), read_bundle(b)
     entries = [_entries(bundle["plan"]) for bundle in (first, second)]
-    timed = [_isolated(bundle["records"]) for bundle in (first, second)]
+    # A conv's runoff records (the plan chose among them) stand for its sweep records of the same kernels.
+    timed = [{**_isolated(bundle["records"]), **_latest_runoff(bundle["runoff"])} for bundle in (first, second)]
     ties = [_ties(bundle["plan"]) for bundle in (first, second)]
     changes, layers = [], []
     for layer, old in entries[0].items():

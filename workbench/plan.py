@@ -25,6 +25,11 @@ a pre-transformed kernel (`precompute`) before one transformed per call), then t
 implementation id in alphabetical order. Every tie is written in `Plan.notes`. A fold
 (`fold_where_faster`) likewise happens only where the folded kernel's interval lies wholly
 below the separate kernels' summed interval; an overlap keeps the 2018 way and is noted.
+
+A conv with a runoff (runoff.py: its close contenders timed again in interleaved rounds) is
+chosen among its runoff records, compared round by round: a contender ties with the fastest
+unless the interval of their median per-round time ratio lies above 1 (a slow spell of the
+machine slows both within a round, and cancels in the ratio).
 """
 
 from __future__ import annotations
@@ -415,6 +420,12 @@ def choose(layer: str, records: list[dict]) -> Choice:
     ranked = sorted(records, key=lambda r: (r["median_ms"], tie_key(r)))
     fastest = ranked[0]
     others = [r for r in ranked[1:] if r["impl"] != fastest["impl"]]
+    if stats.same_runoff(records):
+        tied = [r for r in others if not stats.slower_in_rounds(r, fastest)]
+        runner_up = others[0] if others else None
+        if not tied:
+            return Choice(layer, fastest, fastest, runner_up=runner_up)
+        return Choice(layer, min([fastest, *tied], key=tie_key), fastest, tied, runner_up)
     # The contenders are the records no other record clearly beats: their interval starts at or below
     # the lowest interval's end. A chain of overlaps (A with B, B with C, C clearly above A) never
     # lets C in, whichever of A or B noise made the fastest.
@@ -441,6 +452,10 @@ def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: lis
         if (rec.get("rel_err") or 0.0) > PLAN_MAX_REL_ERR:
             continue
         found.setdefault(name, []).append(rec)
+    if not folded:  # a conv with a runoff (runoff.py) is chosen among its runoff's records only
+        for name, recs in found.items():
+            runoffs = [r for r in recs if r.get("runoff")]
+            found[name] = runoffs or recs
     return found
 
 

@@ -87,3 +87,17 @@ def show(record: dict, digits: int = 3) -> str:
         return "-"
     text = f"{median:.{digits}g} ms"
     return text + (f" [{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]" if ci and ci[0] != ci[1] else "")
+
+
+def same_runoff(records: list[dict]) -> bool:
+    """Records of one runoff (runoff.py): timed in the same interleaved rounds, comparable round by round."""
+    rounds = {len(r.get("repeats_ms") or []) for r in records}
+    return (len(records) > 1 and all(r.get("runoff") for r in records) and len(rounds) == 1 and min(rounds) > 1
+            and len({tuple(r.get("contenders") or ()) for r in records}) == 1)
+
+
+def slower_in_rounds(record: dict, other: dict) -> bool:
+    """Of two records of one runoff: the interval of the median per-round ratio record/other lies above 1.
+    A slow spell of the machine slows both in the rounds it covers, so it cancels in the ratio."""
+    ratios = [a / b for a, b in zip(record["repeats_ms"], other["repeats_ms"]) if b > 0]
+    return bool(ratios) and median_ci(ratios)[1] > 1.0

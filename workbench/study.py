@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from . import baselines, blocks, compare, families, hybrid, intensity, knob_records, knob_tuning, plots, tuning
+from . import baselines, blocks, compare, families, hybrid, intensity, knob_records, knob_tuning, plots, runoff, tuning
 from .build import build_hybrid, compile_hybrid
 from .ceilings import measure_ceilings
 from .errors import UserError
@@ -121,10 +121,11 @@ class LayerResults:
     tuning: list = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)  # folded blocks and the separate kernels (blocks.py)
+    runoff: list[dict] = field(default_factory=list)  # close contenders timed again, interleaved (runoff.py)
 
     @property
     def all(self) -> list[dict]:
-        return self.records + self.blocks
+        return self.records + self.runoff + self.blocks
 
 
 def measure_layers(model: Model, device, work: WorkDir, config: StudyConfig, progress: bool = True) -> LayerResults:
@@ -137,10 +138,12 @@ def measure_layers(model: Model, device, work: WorkDir, config: StudyConfig, pro
     candidates = study_candidates(model, device, work, config)
     records = compare.compare(model, device, candidates=candidates, timing=config.timing, store=work.records,
                               progress=progress)
+    log.info("runoffs: each conv's close contenders timed again, interleaved")
+    final = runoff.run_runoffs(model, device, records, candidates, config.timing, work.records, progress=progress)
     log.info("blocks: folded into their convs, and the separate fused kernels")
     folded = blocks.measure_blocks(model, device, records, candidates, config.timing, work.records,
                                    progress=progress)
-    return LayerResults(tune_results, records, folded)
+    return LayerResults(tune_results, records, folded, final)
 
 
 # The hybrid plan built at each fusion level (plan.FUSION_LEVELS), timed end to end beside it.

@@ -1,0 +1,155 @@
+"""The runoff: a conv's close contenders timed again, interleaved, before the plan chooses.
+
+Why: on a shared machine a kernel's speed can change for a second or more at a time (measured
+here: the same Winograd kernel, same buffers, 0.17 ms for a few timings, then 0.40 ms for the
+next few, then 0.17 again), while each sweep measurement lasts about a quarter of a second. Its
+repeats then agree with each other, its interval is narrow, and two runs of the study can call
+opposite winners "clear". In the runoff every contender is set up in one session and timed in
+rounds, one timing of each per round, the order rotating: a slow spell slows every contender it
+covers, so it widens their intervals together instead of deciding the winner.
+
+Contenders of a conv: the sweep's fastest record, every record it ties with (plan.choose), and
+any other implementation within RUNOFF_WITHIN of the fastest median (at most MAX_CONTENDERS).
+Each gets a record of kind "runoff" (`runoff: true`, `contenders`: the impls of its runoff);
+the plan chooses a conv among its runoff records when it has them (plan._candidates_of).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import interrupts
+from .kernels.base import Candidate
+from .measure import ConvCase, Measurement, TimingConfig, annotate, check_numerics, device_load
+from .model import Model
+from .records import RecordStore
+from .rpc import SessionKeeper
+
+log = logging.getLogger(__name__)
+
+KIND = "runoff"
+RUNOFF_WITHIN = 2.0  # a record this much slower than the fastest median is still a contender (a slow
+# spell of the machine can double one sweep measurement)
+MAX_CONTENDERS = 4
+EXTRA_ROUNDS = 4  # rounds beyond the sweep's repeats (9 at the default timing: a 96% interval within min..max)
+
+
+def contenders(records: list[dict]) -> list[dict]:
+    """One conv's contenders among its usable isolated records: the fastest per implementation,
+    the choice's ties, and whatever lies within RUNOFF_WITHIN of the fastest median."""
+    from .plan import choose
+
+    best: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: r["median_ms"]):
+        best.setdefault(record["impl"], record)
+    if len(best) < 2:
+        return []
+    choice = choose(records[0]["layer"], list(best.values()))
+    chosen = {r["impl"] for r in [choice.fastest, *choice.tied]}
+    limit = choice.fastest["median_ms"] * RUNOFF_WITHIN
+    picked = [r for r in best.values() if r["impl"] in chosen or r["median_ms"] <= limit]  # fastest first
+    return picked[:MAX_CONTENDERS] if len(picked) > 1 else []
+
+
+def rounds_for(timing: TimingConfig) -> int:
+    return timing.repeat + EXTRA_ROUNDS
+
+
+def run_runoffs(model: Model, device, records: list[dict], candidates: list[Candidate], timing: TimingConfig,
+                store: RecordStore | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Every conv's runoff (resuming from the store's runoff records of the same contenders); the records."""
+    from tqdm.auto import tqdm
+
+    from .plan import _candidates_of
+
+    convs = {c.name: c for c in model.convs}
+    by_impl = {c.impl: c for c in candidates}
+    context = _context(model, device)
+    done = _done(store, context)
+    results: list[dict] = []
+    todo = []
+    for name, recs in _candidates_of(records, convs, candidates, folded=False).items():
+        field = [r for r in contenders(recs) if r["impl"] in by_impl]
+        impls = sorted(r["impl"] for r in field)
+        if len(impls) < 2:
+            continue
+        kept = [done.get((name, impl)) for impl in impls]
+        if all(r is not None and r.get("contenders") == impls and r.get("config", "") == by_impl[r["impl"]].config_for(
+                convs[name]) for r in kept):
+            results += kept
+        else:
+            todo.append((convs[name], [by_impl[impl] for impl in impls]))
+    with tqdm(total=len(todo), desc="runoffs", disable=not progress, unit="conv") as bar, \
+            SessionKeeper(device) as sessions:
+        for layer, field in todo:
+            interrupts.check()
+            bar.set_postfix_str(f"{layer.name}: {len(field)} contenders", refresh=False)
+            try:
+                found = _runoff(model, device, sessions, layer, field, timing, seed)
+            except Exception as err:  # noqa: BLE001 - the plan falls back to the sweep's records of this conv
+                interrupts.check()  # a Ctrl-C that came out as another error stops the run
+                log.warning("runoff of %s skipped: %s", layer.name, err)
+                sessions.lost()
+                found = []
+            for record in found:
+                record = {**context, **record, "runoff": True, "contenders": sorted(c.impl for c in field)}
+                if store is not None:
+                    record = store.append(KIND, record)
+                results.append(record)
+            bar.update()
+    return results
+
+
+def _context(model: Model, device) -> dict:
+    threads = int(device.target.get("num-cores") or 1)
+    return {"model": model.name, "model_fingerprint": model.fingerprint, "device": device.describe(),
+            "threads": threads, "emulated": bool(getattr(device, "emulated", False))}
+
+
+def _done(store: RecordStore | None, context: dict) -> dict:
+    if store is None:
+        return {}
+    where = {"model_fingerprint": context["model_fingerprint"], "threads": context["threads"],
+             "device.target": context["device"]["target"], "emulated": context["emulated"]}
+    return store.latest(KIND, ("layer", "impl"), where)
+
+
+def _runoff(model: Model, device, sessions: SessionKeeper, layer, field: list[Candidate], timing: TimingConfig,
+            seed: int) -> list[dict]:
+    """Set up every contender in one session, check each, then time them in rotating rounds."""
+    case = ConvCase.from_model(model, layer, seed)
+    session = sessions.get()
+    running, results = {}, {}
+    for candidate in field:
+        result = Measurement(layer.name, candidate.impl, "ok", tolerance=candidate.tolerance_for(layer),
+                             note=candidate.note, alias_of=candidate.alias_of, config=candidate.config_for(layer))
+        try:
+            running[candidate.impl] = candidate.setup(session, case, device)
+            ok, result.max_abs_err, result.rel_err = check_numerics(
+                running[candidate.impl].run_once(), case.reference, result.tolerance)
+        except Exception as err:  # noqa: BLE001 - measured in the sweep; here it only drops out
+            log.warning("runoff of %s: %s dropped out (%s)", layer.name, candidate.impl, err)
+            running.pop(candidate.impl, None)
+            continue
+        result.numerics_ok = ok
+        if ok:
+            results[candidate.impl] = result
+        else:
+            running.pop(candidate.impl)
+    if len(running) < 2:
+        return []
+    one = TimingConfig(number=timing.number, repeat=1, min_repeat_ms=timing.min_repeat_ms, extra_rounds=0)
+    order = list(running)
+    times: dict[str, list[float]] = {impl: [] for impl in order}
+    loads = [device_load(session)]
+    for round_ in range(rounds_for(timing)):
+        interrupts.check()
+        shift = round_ % len(order)
+        for impl in order[shift:] + order[:shift]:
+            times[impl] += [s * 1e3 for s in running[impl].time(one)]
+    loads.append(device_load(session))
+    for impl, result in results.items():
+        result.repeats_ms = times[impl]
+        annotate(result, result.repeats_ms, loads)
+        result.gflops = case.flops / (result.median_ms * 1e-3) / 1e9
+    return [{**r.to_dict(), "flops": case.flops} for r in results.values()]
