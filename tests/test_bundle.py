@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workbench import bundle, compare
+from workbench import bundle, compare, runoff, stats
 from workbench.__main__ import main
 from workbench.kernels.registry import all_candidates
 from workbench.measure import TimingConfig
@@ -85,6 +85,25 @@ def test_two_runs_agree_where_the_winner_is_clear_and_the_diff_says_so(small_mod
     assert json.loads(capsys.readouterr().out)["plan_changes"] == json.loads(json.dumps(diff["plan_changes"]))
     assert main(["report", "--compare", str(out_a), str(out_a)]) == 0
     assert "plan: the same in both" in capsys.readouterr().out
+
+
+def test_the_runoff_times_close_contenders_in_rounds_and_resumes(small_model, device, tmp_path):
+    candidates = [c for c in all_candidates(2) if c.impl in IMPLS]
+    store = WorkDir.at(tmp_path / "w").records
+    records = compare.compare(small_model, device, candidates=candidates, timing=TIMING, store=store, progress=False)
+    final = runoff.run_runoffs(small_model, device, records, candidates, TIMING, store, progress=False)
+    layers = {r["layer"] for r in final}
+    assert layers  # NNPACK's strategies of one algorithm are close on every conv of this model
+    picks = choices(small_model, records + final)
+    for layer in layers:
+        mine = [r for r in final if r["layer"] == layer]
+        assert stats.same_runoff(mine) and sorted(r["impl"] for r in mine) == mine[0]["contenders"]
+        assert all(len(r["repeats_ms"]) == runoff.rounds_for(TIMING) and r["numerics_ok"] for r in mine)
+        assert picks[layer].record.get("runoff")  # the plan chose among the runoff's records
+    lines = store.path.read_bytes().count(b"\n")
+    again = runoff.run_runoffs(small_model, device, records, candidates, TIMING, store, progress=False)
+    assert store.path.read_bytes().count(b"\n") == lines  # resumed: nothing timed again
+    assert choose_plan(small_model, records + again).layers == choose_plan(small_model, records + final).layers
 
 
 def test_report_without_a_study_is_one_line_exit_2(tmp_path, capsys):

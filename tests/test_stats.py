@@ -134,6 +134,46 @@ def test_overlapping_intervals_tie_and_the_tie_break_decides(small_model):
     assert choose_plan(small_model, records[::-1]).layers == plan.layers
 
 
+def _runoff_record(layer, impl, repeats, contenders):
+    record = _record(layer, impl, float(np.median(repeats)), repeats=list(repeats))
+    record["ci_ms"] = list(stats.median_ci(repeats)[1:3])
+    return {**record, "runoff": True, "contenders": sorted(contenders)}
+
+
+def test_a_runoff_is_compared_round_by_round_so_a_slow_spell_cannot_decide(small_model):
+    layer = small_model.convs[0].name
+    spell = [1.0, 1.0, 2.5, 2.5, 2.5, 1.0, 1.0, 1.0, 1.0]  # the machine slow for three rounds
+    both = (W4, W6)
+    faster = [_runoff_record(layer, W6, spell, both), _runoff_record(layer, W4, [t * 1.1 for t in spell], both)]
+    assert stats.overlap(stats.interval(faster[0]), stats.interval(faster[1]))  # unpaired: they would tie
+    assert stats.same_runoff(faster) and stats.slower_in_rounds(faster[1], faster[0])
+    plan = choose_plan(small_model, faster)
+    assert plan.impl(layer) == W6 and not any(n.startswith(f"{layer}:") for n in plan.notes)  # clear, by rounds
+    wobble = [1.0, 0.97, 1.02, 1.03, 0.98, 1.01, 0.99, 1.04, 0.96]
+    same = [_runoff_record(layer, W6, spell, both),
+            _runoff_record(layer, W4, [t * w for t, w in zip(spell, wobble)], both)]
+    assert not stats.slower_in_rounds(same[0], same[1]) and not stats.slower_in_rounds(same[1], same[0])
+    plan = choose_plan(small_model, same)
+    assert plan.impl(layer) == W4 and any(n.startswith(f"{layer}: {W4} and {W6} tie") for n in plan.notes)
+    # The sweep's records of the same conv do not count once it has a runoff: there W4 looked far faster.
+    sweep = [_record(layer, W4, 0.5, (0.49, 0.51)), _record(layer, W6, 1.0, (0.99, 1.01))]
+    assert choose_plan(small_model, sweep + faster).impl(layer) == W6
+
+
+def test_runoff_contenders_are_the_fastest_kernels_within_reach():
+    from workbench import runoff
+
+    layer = "c"
+    records = [_record(layer, W6, 1.0, (0.98, 1.02)), _record(layer, W6, 1.3, (1.2, 1.4)),
+               _record(layer, W4, 1.9, (1.8, 2.0)), _record(layer, "tvm:winograd_2", 1.5, (1.4, 1.6)),
+               _record(layer, "tvm:direct_nchw", 1.2, (1.1, 1.3)), _record(layer, "tvm:default", 2.5, (2.4, 2.6)),
+               _record(layer, "nnpack:wt8x8:compute", 1.95, (1.9, 2.0))]
+    picked = runoff.contenders(records)
+    assert [r["impl"] for r in picked] == [W6, "tvm:direct_nchw", "tvm:winograd_2", W4]  # at most 4, fastest first
+    assert picked[0]["median_ms"] == 1.0  # an implementation's fastest record stands for it
+    assert runoff.contenders([_record(layer, W6, 1.0), _record(layer, W4, 2.5)]) == []  # nothing within reach
+
+
 def test_a_chain_of_overlaps_never_lets_a_clearly_slower_kernel_win(small_model):
     # A overlaps B, B overlaps C, C lies wholly above A: whichever of A or B noise makes the
     # fastest, C (fewest transforms) is clearly beaten and must not win the tie-break.

@@ -92,6 +92,7 @@ def test_a_rerun_resumes_without_tuning_or_measuring_layers_again(study, tmp_pat
     after = _kinds(study["work"])
     assert after["conv_measurement"] == before["conv_measurement"]
     assert after["block_measurement"] == before["block_measurement"]
+    assert after.get("runoff") == before.get("runoff")  # the runoffs are reused too
     assert after["end_to_end"] > before["end_to_end"]  # only the end-to-end comparison is measured again
     # The same records give the same plan, and the bundles of the two runs say so.
     again = tmp_path / "again"

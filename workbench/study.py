@@ -294,7 +294,7 @@ def run_study(model: Model, device, work: WorkDir, config: StudyConfig, progress
     summary["tuning"] = tuning_summary(model, device, work, config, measured.tuning)
     summary.update(device=device.describe(), emulated=device.describe()["emulated"])  # never a board's speed if true
     sections = _sections(model, layers, ceilings, measured.records, measured.tuning, chosen["hybrid"], end_to_end,
-                         in_model, summary, measured.blocks)
+                         in_model, summary, measured.blocks, measured.runoff)
     if config.int8:  # after the float32 study: its records are the per-conv baseline
         from . import int8_study
 
@@ -463,7 +463,16 @@ def _disturbed_warning(records, end_to_end) -> list[str]:
             "on an idle machine."]
 
 
-def _noise_section(records, end_to_end, plan) -> Section:
+def _runoff_table(runoff_records, plan) -> pd.DataFrame:
+    """Each runoff's contenders: median and interval over the rounds, and which one the plan took."""
+    rows = [{"layer": r["layer"], "impl": r["impl"], "median_ms": r["median_ms"], "ci_ms": compare._ci_text(r),
+             "rounds": len(r.get("repeats_ms") or []), "disturbed": r.get("disturbed"),
+             "chosen": plan.impl(r["layer"]) == r["impl"] if r["layer"] in plan.layers else False}
+            for r in runoff_records]
+    return pd.DataFrame(rows)
+
+
+def _noise_section(records, end_to_end, plan, runoff_records=()) -> Section:
     from .stats import SPREAD_LIMIT
 
     ties = [n for n in plan.notes if "tie (intervals overlap)" in n]
@@ -480,6 +489,10 @@ def _noise_section(records, end_to_end, plan) -> Section:
         "takes the fastest implementation only where its interval lies below all others'; where they overlap, the "
         "tie-break picks the one with fewer transforms, then by id.",
         f"{len(ties)} of {len(plan.layers)} choices were ties: " + ("; ".join(ties) if ties else "none."),
+        *([f"The runoff: {len({r['layer'] for r in runoff_records})} convs had close contenders, timed again in "
+           "interleaved rounds (one timing of each per round); the plan chose among them round by round (a "
+           "contender ties unless the interval of its median per-round ratio to the fastest lies above 1).",
+           _runoff_table(runoff_records, plan)] if runoff_records else []),
         *([f"{len(hits)} disturbed per-layer measurements:", frame] if hits else
           ["No per-layer measurement was disturbed."])])
 
@@ -508,7 +521,7 @@ def _conv_classes_section(model, records) -> Section:
 
 
 def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, in_model, summary,
-              block_records=()) -> list[Section]:
+              block_records=(), runoff_records=()) -> list[Section]:
     frame = pd.DataFrame(records)
     good = pd.DataFrame(usable(records))
     best_per_library = good.loc[good.groupby(["layer", good.impl.str.split(":").str[0]]).gflops.idxmax()]
@@ -524,7 +537,7 @@ def _sections(model, layers, ceilings, records, tune_results, plan, end_to_end, 
             *_disturbed_warning(records, end_to_end),
             {k: summary[k] for k in ("hybrid_ms", "numerics_ok", "baselines", "ratios")}]),
         Section("End to end", [plots.end_to_end_bars(e2e), e2e]),
-        _noise_section(records, end_to_end, plan),
+        _noise_section(records, end_to_end, plan, runoff_records),
         Section("Layers and the roofline", [
             ceilings.summary(), plots.roofline(ceilings, layers, best_per_library[["layer", "impl", "gflops"]],
                                                title=model.name),
