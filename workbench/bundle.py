@@ -29,6 +29,7 @@ from .records import RecordStore, WorkDir, environment
 
 RECORDS_KIND = "conv_measurement"  # compare.KIND (not imported: compare pulls in the device layer)
 RUNOFF_KIND = "runoff"  # runoff.KIND: a conv's close contenders timed again, interleaved
+BLOCKS_KIND = "block_measurement"  # blocks.KIND: a conv with its pool or resize+add folded in
 E2E_KIND = "end_to_end"  # study.E2E_KIND
 FILES = ("report.html", "records.jsonl", "plan.json", "study.json", "tuning.json", "environment.json",
          "reproduce.sh")
@@ -418,6 +419,7 @@ def read_bundle(path: str | Path) -> dict:
             "environment": _json(environment_file) if environment_file.is_file() else {},
             "records": [r for r in records if r.get("kind") == RECORDS_KIND],
             "runoff": [r for r in records if r.get("kind") == RUNOFF_KIND],
+            "blocks": [r for r in records if r.get("kind") == BLOCKS_KIND],
             "end_to_end": _latest_e2e(records)}
     rows = read["plan"].get("layers") if isinstance(read["plan"], dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "layer" in r and "impl" in r for r in rows):
@@ -483,7 +485,28 @@ def _entries(plan: dict) -> dict[str, dict]:
             for row in plan["layers"]}
 
 
-def _verdict(layer: str, old: dict, new: dict | None, timed: list[dict], ties: list[set]) -> str:
+def _folds(entry: dict) -> bool:
+    """A plan entry whose conv computes a pool before it or a resize+add after it (beyond its ReLU)."""
+    return bool(entry.get("prologue")) or any(op != "relu" for op in entry.get("fuse") or [])
+
+
+def _fold_ops(entry: dict) -> tuple:
+    return tuple(entry.get("prologue") or []), tuple(entry.get("fuse") or [])
+
+
+def _blocks(records: list[dict]) -> dict:
+    """(layer, impl, (prologue, epilogue)) -> the fastest usable folded-block record."""
+    found = {}
+    for record in usable(records):
+        key = (record["layer"], record["impl"], (tuple(record.get("prologue") or []),
+                                                 tuple(record.get("epilogue") or [])))
+        if record.get("fusion") and (key not in found or record["median_ms"] < found[key]["median_ms"]):
+            found[key] = record
+    return found
+
+
+def _verdict(layer: str, old: dict, new: dict | None, timed: list[dict], ties: list[set],
+             folded: list[dict] = ()) -> str:
     """Why a plan entry differs: within noise (a tie, or the two implementations' intervals overlapped in
     a run that measured both), clear, or not known (not measured in both, or only knobs or fusion changed)."""
     if new is None:
@@ -493,6 +516,9 @@ def _verdict(layer: str, old: dict, new: dict | None, timed: list[dict], ties: l
     if old["impl"] == new["impl"]:
         return "same implementation, other " + "/".join(p for p in ENTRY_PARTS[1:] if old[p] != new[p])
     key_a, key_b = (layer, old["impl"]), (layer, new["impl"])
+    if _folds(old) or _folds(new):  # a fold's kernel was chosen among the folded blocks' records
+        key_a, key_b = (*key_a, _fold_ops(old)), (*key_b, _fold_ops(new))
+        timed = folded
     both = [t for t in timed if key_a in t and key_b in t]
     if not both:
         return "not measured in both"
@@ -515,6 +541,7 @@ def diff_bundles(a: str | Path, b: str | Path) -> dict:
     # A conv's runoff records (the plan chose among them) stand for its sweep records of the same kernels.
     timed = [{**_isolated(bundle["records"]), **_latest_runoff(bundle["runoff"])} for bundle in (first, second)]
     ties = [_ties(bundle["plan"]) for bundle in (first, second)]
+    folded = [_blocks(bundle["blocks"]) for bundle in (first, second)]
     changes, layers = [], []
     for layer, old in entries[0].items():
         new = entries[1].get(layer)
@@ -522,7 +549,7 @@ def diff_bundles(a: str | Path, b: str | Path) -> dict:
                "b": {**(new or {"impl": None}), **(_figure(timed[1].get((layer, (new or {}).get("impl")))) or {})}}
         if old != new:
             row["changed"] = [p for p in ENTRY_PARTS if (new or {}).get(p) != old[p]]
-            row["verdict"] = _verdict(layer, old, new, timed, ties)
+            row["verdict"] = _verdict(layer, old, new, timed, ties, folded)
             row["within_noise"] = row["verdict"] == "within noise"
             row["tie_in"] = [name for name, t in zip("ab", ties) if layer in t]
             changes.append(row)

@@ -28,8 +28,8 @@ below the separate kernels' summed interval; an overlap keeps the 2018 way and i
 
 A conv with a runoff (runoff.py: its close contenders timed again in interleaved rounds) is
 chosen among its runoff records, compared round by round: a contender ties with the fastest
-unless the interval of their median per-round time ratio lies above 1 (a slow spell of the
-machine slows both within a round, and cancels in the ratio).
+unless the interval of their median per-round time ratio lies above 1.02 (a slow spell of the
+machine slows both within a round, and cancels in the ratio; 2% is not worth a different plan).
 """
 
 from __future__ import annotations
@@ -442,8 +442,10 @@ def choose(layer: str, records: list[dict]) -> Choice:
 PLAN_MAX_REL_ERR = 1e-3
 
 
-def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool) -> dict:
-    """conv name -> its usable records, among isolated (`folded` False) or folded-block records."""
+def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: list[Candidate], folded: bool,
+                   runoff: bool = True) -> dict:
+    """conv name -> its usable records, among isolated (`folded` False) or folded-block records; with
+    `runoff`, a conv's runoff records replace its sweep records."""
     found: dict[str, list] = {}
     for rec in usable(records):
         name = rec.get("layer")
@@ -452,7 +454,7 @@ def _candidates_of(records: list[dict], convs: dict[str, Layer], candidates: lis
         if (rec.get("rel_err") or 0.0) > PLAN_MAX_REL_ERR:
             continue
         found.setdefault(name, []).append(rec)
-    if not folded:  # a conv with a runoff (runoff.py) is chosen among its runoff's records only
+    if runoff and not folded:  # a conv with a runoff (runoff.py) is chosen among its runoff's records only
         for name, recs in found.items():
             runoffs = [r for r in recs if r.get("runoff")]
             found[name] = runoffs or recs
@@ -480,8 +482,10 @@ def fold_where_faster(model: Model, plan: Plan, records: list[dict], candidates:
     records): the folded interval must lie wholly below the separate times' summed interval.
     An overlap keeps the 2018 way and is noted as a tie."""
     convs = {c.name: c for c in model.convs}
-    isolated = {}  # conv -> the fastest record of the plan's implementation for it
-    for name, recs in _candidates_of(records, convs, candidates, folded=False).items():
+    # conv -> the fastest record of the plan's implementation for it, sweep or runoff: a runoff timed in a slow
+    # spell of the machine is no measure of the time a block measured at another moment saves.
+    isolated = {}
+    for name, recs in _candidates_of(records, convs, candidates, folded=False, runoff=False).items():
         mine = [r for r in recs if r["impl"] == plan.impl(name)]
         if mine:
             isolated[name] = min(mine, key=lambda r: r["median_ms"])

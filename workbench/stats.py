@@ -96,8 +96,12 @@ def same_runoff(records: list[dict]) -> bool:
             and len({tuple(r.get("contenders") or ()) for r in records}) == 1)
 
 
+# A kernel less than this much slower round by round is not worth a different plan: a tie.
+RUNOFF_MARGIN = 0.02
+
+
 def slower_in_rounds(record: dict, other: dict) -> bool:
-    """Of two records of one runoff: the interval of the median per-round ratio record/other lies above 1.
-    A slow spell of the machine slows both in the rounds it covers, so it cancels in the ratio."""
+    """Of two records of one runoff: the interval of the median per-round ratio record/other lies above
+    1 + RUNOFF_MARGIN. A slow spell of the machine slows both in the rounds it covers: it cancels in the ratio."""
     ratios = [a / b for a, b in zip(record["repeats_ms"], other["repeats_ms"]) if b > 0]
-    return bool(ratios) and median_ci(ratios)[1] > 1.0
+    return bool(ratios) and median_ci(ratios)[1] > 1.0 + RUNOFF_MARGIN
