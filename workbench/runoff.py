@@ -23,7 +23,7 @@ from .kernels.base import Candidate
 from .measure import ConvCase, Measurement, TimingConfig, annotate, check_numerics, device_load
 from .model import Model
 from .records import RecordStore
-from .rpc import SessionKeeper
+from .rpc import SessionKeeper, hang_guard, is_transport_failure
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ def run_runoffs(model: Model, device, records: list[dict], candidates: list[Cand
             interrupts.check()
             bar.set_postfix_str(f"{layer.name}: {len(field)} contenders", refresh=False)
             try:
-                found = _runoff(model, device, sessions, layer, field, timing, seed)
+                session = sessions.get()
+                with hang_guard(device, sessions.server):  # bounded: a hung call ends its server
+                    found = _runoff(model, device, session, layer, field, timing, seed)
             except Exception as err:  # noqa: BLE001 - the plan falls back to the sweep's records of this conv
                 interrupts.check()  # a Ctrl-C that came out as another error stops the run
                 log.warning("runoff of %s skipped: %s", layer.name, err)
@@ -114,11 +116,10 @@ def _done(store: RecordStore | None, context: dict) -> dict:
     return store.latest(KIND, ("layer", "impl"), where)
 
 
-def _runoff(model: Model, device, sessions: SessionKeeper, layer, field: list[Candidate], timing: TimingConfig,
+def _runoff(model: Model, device, session, layer, field: list[Candidate], timing: TimingConfig,
             seed: int) -> list[dict]:
     """Set up every contender in one session, check each, then time them in rotating rounds."""
     case = ConvCase.from_model(model, layer, seed)
-    session = sessions.get()
     running, results = {}, {}
     for candidate in field:
         result = Measurement(layer.name, candidate.impl, "ok", tolerance=candidate.tolerance_for(layer),
@@ -128,6 +129,8 @@ def _runoff(model: Model, device, sessions: SessionKeeper, layer, field: list[Ca
             ok, result.max_abs_err, result.rel_err = check_numerics(
                 running[candidate.impl].run_once(), case.reference, result.tolerance)
         except Exception as err:  # noqa: BLE001 - measured in the sweep; here it only drops out
+            if is_transport_failure(err, session):
+                raise  # the session died: the caller revives the device
             log.warning("runoff of %s: %s dropped out (%s)", layer.name, candidate.impl, err)
             running.pop(candidate.impl, None)
             continue
