@@ -160,18 +160,24 @@ def test_a_runoff_is_compared_round_by_round_so_a_slow_spell_cannot_decide(small
     assert choose_plan(small_model, sweep + faster).impl(layer) == W6
 
 
-def test_runoff_contenders_are_the_fastest_kernels_within_reach():
+def test_runoff_contenders_are_each_familys_fastest_then_the_kernels_within_reach():
     from workbench import runoff
 
     layer = "c"
     records = [_record(layer, W6, 1.0, (0.98, 1.02)), _record(layer, W6, 1.3, (1.2, 1.4)),
                _record(layer, W4, 1.9, (1.8, 2.0)), _record(layer, "tvm:winograd_2", 1.5, (1.4, 1.6)),
-               _record(layer, "tvm:direct_nchw", 1.2, (1.1, 1.3)), _record(layer, "tvm:default", 2.5, (2.4, 2.6)),
-               _record(layer, "nnpack:wt8x8:compute", 1.95, (1.9, 2.0))]
+               _record(layer, "tvm:direct_nchw", 1.2, (1.1, 1.3)), _record(layer, "tvm:default", 4.5, (4.4, 4.6)),
+               _record(layer, "nnpack:wt8x8:compute", 1.95, (1.9, 2.0)),
+               _record(layer, "nnpack:ft16x16:compute", 1.7, (1.6, 1.8))]
     picked = runoff.contenders(records)
-    assert [r["impl"] for r in picked] == [W6, "tvm:direct_nchw", "tvm:winograd_2", W4]  # at most 4, fastest first
-    assert picked[0]["median_ms"] == 1.0  # an implementation's fastest record stands for it
-    assert runoff.contenders([_record(layer, W6, 1.0), _record(layer, W4, 2.5)]) == []  # nothing within reach
+    # Each family's fastest (Winograd, direct, NNPACK; the untuned default is beyond reach), then the rest
+    # within 2x, fastest first, five in all; an implementation's fastest record stands for it.
+    assert [r["impl"] for r in picked] == [W6, "tvm:direct_nchw", "tvm:winograd_2", "nnpack:ft16x16:compute", W4]
+    assert picked[0]["median_ms"] == 1.0
+    # A slow spell over all of one library's kernels in the sweep: its fastest still gets a rematch.
+    spell = [_record(layer, "nnpack:ft16x16:precompute", 0.59), _record(layer, W6, 1.5), _record(layer, W4, 1.8)]
+    assert [r["impl"] for r in runoff.contenders(spell)] == ["nnpack:ft16x16:precompute", W6]
+    assert runoff.contenders([_record(layer, W6, 1.0), _record(layer, W4, 2.5)]) == []  # one family, beyond reach
 
 
 def test_a_chain_of_overlaps_never_lets_a_clearly_slower_kernel_win(small_model):

@@ -8,8 +8,11 @@ opposite winners "clear". In the runoff every contender is set up in one session
 rounds, one timing of each per round, the order rotating: a slow spell slows every contender it
 covers, so it widens their intervals together instead of deciding the winner.
 
-Contenders of a conv: the sweep's fastest record, every record it ties with (plan.choose), and
-any other implementation within RUNOFF_WITHIN of the fastest median (at most MAX_CONTENDERS).
+Contenders of a conv: the fastest record of each family (NNPACK, TVM direct, TVM Winograd, the
+knob tuner's, ...) within FAMILY_WITHIN of the best, then the records the sweep's choice ties
+with (plan.choose) and any other implementation within RUNOFF_WITHIN of the fastest median, up to
+MAX_CONTENDERS. Families first: a spell can cover all of one library's kernels of a conv in the
+sweep (seen: every TVM kernel of dec1_conv at 2x, so NNPACK's FFT looked fastest).
 Each gets a record of kind "runoff" (`runoff: true`, `contenders`: the impls of its runoff);
 the plan chooses a conv among its runoff records when it has them (plan._candidates_of).
 """
@@ -30,13 +33,26 @@ log = logging.getLogger(__name__)
 KIND = "runoff"
 RUNOFF_WITHIN = 2.0  # a record this much slower than the fastest median is still a contender (a slow
 # spell of the machine can double one sweep measurement)
-MAX_CONTENDERS = 4
+FAMILY_WITHIN = 4.0  # each family's fastest within this of the best is a contender (spells reach 2.5-3.8x)
+MAX_CONTENDERS = 5
 EXTRA_ROUNDS = 4  # rounds beyond the sweep's repeats (9 at the default timing: a 96% interval within min..max)
 
 
+def family(impl: str) -> str:
+    """The kind of kernel an implementation is: NNPACK, TVM's direct or Winograd schedules, or its own."""
+    if impl.startswith("nnpack:"):
+        return "nnpack"
+    for kind in ("tvm:direct", "tvm:winograd"):
+        if impl.startswith(kind):
+            return kind
+    return impl
+
+
 def contenders(records: list[dict]) -> list[dict]:
-    """One conv's contenders among its usable isolated records: the fastest per implementation,
-    the choice's ties, and whatever lies within RUNOFF_WITHIN of the fastest median."""
+    """One conv's contenders among its usable isolated records (fastest first): the fastest of each
+    family within FAMILY_WITHIN of the best (a slow spell can cover all of one library's kernels of a
+    conv in the sweep), then the choice's ties and whatever lies within RUNOFF_WITHIN, up to
+    MAX_CONTENDERS in all."""
     from .plan import choose
 
     best: dict[str, dict] = {}
@@ -45,10 +61,16 @@ def contenders(records: list[dict]) -> list[dict]:
     if len(best) < 2:
         return []
     choice = choose(records[0]["layer"], list(best.values()))
-    chosen = {r["impl"] for r in [choice.fastest, *choice.tied]}
-    limit = choice.fastest["median_ms"] * RUNOFF_WITHIN
-    picked = [r for r in best.values() if r["impl"] in chosen or r["median_ms"] <= limit]  # fastest first
-    return picked[:MAX_CONTENDERS] if len(picked) > 1 else []
+    fastest = choice.fastest["median_ms"]
+    heads: dict[str, dict] = {}
+    for record in best.values():
+        if record["median_ms"] <= fastest * FAMILY_WITHIN:
+            heads.setdefault(family(record["impl"]), record)
+    tied = {r["impl"] for r in [choice.fastest, *choice.tied]}
+    extras = [r for r in best.values() if r not in heads.values()
+              and (r["impl"] in tied or r["median_ms"] <= fastest * RUNOFF_WITHIN)]
+    picked = list(heads.values()) + extras[:max(0, MAX_CONTENDERS - len(heads))]
+    return sorted(picked, key=lambda r: r["median_ms"]) if len(picked) > 1 else []
 
 
 def rounds_for(timing: TimingConfig) -> int:
