@@ -5,8 +5,9 @@ here: the same Winograd kernel, same buffers, 0.17 ms for a few timings, then 0.
 next few, then 0.17 again), while each sweep measurement lasts about a quarter of a second. Its
 repeats then agree with each other, its interval is narrow, and two runs of the study can call
 opposite winners "clear". In the runoff every contender is set up in one session and timed in
-rounds, one timing of each per round, the order rotating: a slow spell slows every contender it
-covers, so it widens their intervals together instead of deciding the winner.
+rounds, one timing of each per round, the order rotating, and the plan compares them round by
+round (stats.slower_in_rounds): a slow spell slows every contender within a round and cancels in
+the ratio instead of deciding the winner.
 
 Contenders of a conv: the fastest record of each family (NNPACK, TVM direct, TVM Winograd, the
 knob tuner's, ...) within FAMILY_WITHIN of the best, then the records the sweep's choice ties
@@ -142,39 +143,36 @@ def _runoff(model: Model, device, session, layer, field: list[Candidate], timing
             seed: int) -> list[dict]:
     """Set up every contender in one session, check each, then time them in rotating rounds."""
     case = ConvCase.from_model(model, layer, seed)
-    running, results = {}, {}
+    entered = {}  # impl -> (its Measurement, its running kernel): those set up and checked
     for candidate in field:
-        result = Measurement(layer.name, candidate.impl, "ok", tolerance=candidate.tolerance_for(layer),
-                             note=candidate.note, alias_of=candidate.alias_of, config=candidate.config_for(layer))
         try:
-            running[candidate.impl] = candidate.setup(session, case, device)
-            ok, result.max_abs_err, result.rel_err = check_numerics(
-                running[candidate.impl].run_once(), case.reference, result.tolerance)
+            running = candidate.setup(session, case, device)
+            ok, max_abs_err, rel_err = check_numerics(running.run_once(), case.reference,
+                                                      candidate.tolerance_for(layer))
         except Exception as err:  # noqa: BLE001 - measured in the sweep; here it only drops out
             if is_transport_failure(err, session):
                 raise  # the session died: the caller revives the device
             log.warning("runoff of %s: %s dropped out (%s)", layer.name, candidate.impl, err)
-            running.pop(candidate.impl, None)
             continue
-        result.numerics_ok = ok
         if ok:
-            results[candidate.impl] = result
-        else:
-            running.pop(candidate.impl)
-    if len(running) < 2:
+            entered[candidate.impl] = (Measurement(
+                layer.name, candidate.impl, "ok", numerics_ok=True, max_abs_err=max_abs_err, rel_err=rel_err,
+                tolerance=candidate.tolerance_for(layer), note=candidate.note, alias_of=candidate.alias_of,
+                config=candidate.config_for(layer)), running)
+    if len(entered) < 2:
         return []
     one = TimingConfig(number=timing.number, repeat=1, min_repeat_ms=timing.min_repeat_ms, extra_rounds=0)
-    order = list(running)
+    order = list(entered)
     times: dict[str, list[float]] = {impl: [] for impl in order}
     loads = [device_load(session)]
     for round_ in range(rounds_for(timing)):
         interrupts.check()
         shift = round_ % len(order)
         for impl in order[shift:] + order[:shift]:
-            times[impl] += [s * 1e3 for s in running[impl].time(one)]
+            times[impl] += [s * 1e3 for s in entered[impl][1].time(one)]
     loads.append(device_load(session))
-    for impl, result in results.items():
+    for impl, (result, _) in entered.items():
         result.repeats_ms = times[impl]
         annotate(result, result.repeats_ms, loads)
         result.gflops = case.flops / (result.median_ms * 1e-3) / 1e9
-    return [{**r.to_dict(), "flops": case.flops} for r in results.values()]
+    return [{**result.to_dict(), "flops": case.flops} for result, _ in entered.values()]
