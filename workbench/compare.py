@@ -49,6 +49,13 @@ def measure_one(model: Model, device, layer: str, candidate: Candidate, timing: 
 
 # ---------------------------------------------------------------- the study
 
+def record_context(model: Model, device) -> dict:
+    """What every per-layer record says of where it was measured. Timings of an emulated device are
+    labelled at the top of every record: never a board's speed."""
+    return {"model": model.name, "model_fingerprint": model.fingerprint, "device": device.describe(),
+            "threads": int(device.target.get("num-cores") or 1), "emulated": bool(getattr(device, "emulated", False))}
+
+
 def compare(model: Model, device, layers: list[str] | None = None, candidates: list[Candidate] | None = None,
             timing: TimingConfig = TimingConfig(), store: RecordStore | None = None, resume: bool = True,
             seed: int = 0, progress: bool = True) -> list[dict]:
@@ -65,9 +72,7 @@ def compare(model: Model, device, layers: list[str] | None = None, candidates: l
     # The name is the file's stem: two different files named small.onnx share it, so every record
     # also carries the model's content fingerprint, and only records with the same one are reused.
     fingerprint = model.fingerprint
-    # Timings of an emulated device are labelled at the top of every record: never a board's speed.
-    context = {"model": model.name, "model_fingerprint": fingerprint, "device": device.describe(), "threads": threads,
-               "emulated": bool(getattr(device, "emulated", False))}
+    context = record_context(model, device)
     wanted = {(l.name, c.impl): (l, c) for l in convs for c in candidates}
     # Records of another model with the same name, or of another target (an armv7 run in the same
     # work dir, say), are never reused here; records from before fingerprints are measured again.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 
 from . import interrupts
+from .compare import record_context
 from .kernels.base import Candidate
 from .measure import ConvCase, Measurement, TimingConfig, annotate, check_numerics, device_load
 from .model import Model
@@ -87,7 +88,7 @@ def run_runoffs(model: Model, device, records: list[dict], candidates: list[Cand
 
     convs = {c.name: c for c in model.convs}
     by_impl = {c.impl: c for c in candidates}
-    context = _context(model, device)
+    context = record_context(model, device)
     done = _done(store, context)
     results: list[dict] = []
     todo = []
@@ -123,12 +124,6 @@ def run_runoffs(model: Model, device, records: list[dict], candidates: list[Cand
                 results.append(record)
             bar.update()
     return results
-
-
-def _context(model: Model, device) -> dict:
-    threads = int(device.target.get("num-cores") or 1)
-    return {"model": model.name, "model_fingerprint": model.fingerprint, "device": device.describe(),
-            "threads": threads, "emulated": bool(getattr(device, "emulated", False))}
 
 
 def _done(store: RecordStore | None, context: dict) -> dict:
